@@ -1,0 +1,3 @@
+from dbdeck.cli import main
+
+main()

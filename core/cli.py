@@ -1,0 +1,263 @@
+"""The `dbdeck` command line: root group, global options, per-command executables.
+
+Global options (--config, --dry-run, -v/--verbose, --format) are accepted at every level:
+``dbdeck --dry-run sync-prod-to-dev``, ``dbdeck sync-prod-to-dev --dry-run`` and the drop-in
+executable ``sync-prod-to-dev --dry-run`` all mean the same. Configuration is loaded on first use,
+so --help and --version never import psycopg, pymysql or a plugin's internals.
+"""
+
+import json
+import logging
+import sys
+
+import click
+
+from . import __version__, secrets
+from .errors import EXIT_FAILED, EXIT_USAGE, DbdeckError
+
+log = logging.getLogger("dbdeck")
+
+
+class App:
+    """Per-invocation state shared by every command: options, config, runner, plugins."""
+
+    def __init__(self):
+        self.config_path = None
+        self.dry_run = False
+        self.verbosity = 0
+        self.format = "text"
+        self._config = None
+        self._runner = None
+        self._manager = None
+
+    @property
+    def plugin_manager(self):
+        if self._manager is None:
+            from .pluginmanager import make_manager
+
+            self._manager = make_manager()
+        return self._manager
+
+    @property
+    def config(self):
+        if self._config is None:
+            from . import config as config_module
+
+            sections = []
+            for result in self.plugin_manager.hook.config_section():
+                sections.extend(result if isinstance(result, (list, tuple)) else [result])
+            self._config = config_module.load(self.config_path, sections)
+        return self._config
+
+    @property
+    def runner(self):
+        if self._runner is None:
+            from .run import Runner
+
+            self._runner = Runner(dry_run=self.dry_run, echo=click.echo)
+        return self._runner
+
+    def endpoint(self, ref, key="endpoint"):
+        """An Endpoint from a name under `endpoints:` or an inline mapping in a plugin's section."""
+        from .config import EndpointConfig, validate_model
+        from .endpoints import Endpoint
+
+        if isinstance(ref, str):
+            return Endpoint(ref, self.config.endpoint_config(ref), self.runner)
+        if isinstance(ref, dict):
+            ref = validate_model(EndpointConfig, ref, key.split("."))
+        return Endpoint(key.rsplit(".", 1)[-1], ref, self.runner)
+
+    def lock(self, job_name):
+        """The job lock for job_name, under the configured run dir."""
+        from .lock import JobLock
+
+        return JobLock(job_name, self.config.core.run_dir)
+
+    def notify(self, event):
+        log.log(logging.WARNING if event.severity != "info" else logging.INFO, "%s: %s", event.kind, event.message)
+        self.plugin_manager.hook.notify(event=event)
+
+    def emit(self, data, text=None):
+        """Print a result: JSON with --format json, otherwise text (a string or a callable)."""
+        if self.format == "json":
+            click.echo(secrets.mask(json.dumps(data, indent=2, default=str, sort_keys=False)))
+        else:
+            click.echo(secrets.mask(text() if callable(text) else (text if text is not None else str(data))))
+
+
+pass_app = click.make_pass_decorator(App, ensure=True)
+
+
+def _set(attribute, transform=lambda v: v):
+    def callback(ctx, param, value):
+        if value in (None, False, 0, ()):
+            return
+        app = ctx.ensure_object(App)
+        if attribute == "verbosity":
+            app.verbosity += value
+            from . import log as log_module
+
+            log_module.setup(app.verbosity)
+        else:
+            setattr(app, attribute, transform(value))
+
+    return callback
+
+
+def global_options():
+    """Fresh Option objects for one command (click params must not be shared between commands)."""
+    return [
+        click.Option(["--config", "-c"], metavar="FILE", expose_value=False, callback=_set("config_path"),
+                     help="Config file (default: $DBDECK_CONFIG, ./etc/dbdeck.yaml, /etc/dbdeck/dbdeck.yaml)."),
+        click.Option(["--dry-run", "-n"], is_flag=True, expose_value=False, callback=_set("dry_run"),
+                     help="Print every step and command instead of changing anything."),
+        click.Option(["--verbose", "-v"], count=True, expose_value=False, callback=_set("verbosity"),
+                     help="More log output (-vv for debug, including each command run)."),
+        click.Option(["--format", "output_format"], type=click.Choice(["text", "json"]), expose_value=False,
+                     callback=_set("format"), help="Output format for results and status."),
+    ]
+
+
+def _with_global_options(command):
+    taken = {opt for p in command.params for opt in getattr(p, "opts", [])}
+    for option in global_options():
+        if not taken.intersection(option.opts):
+            command.params.append(option)
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _with_global_options(sub)
+    return command
+
+
+@click.group(name="dbdeck", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="dbdeck", message="%(prog)s %(version)s")
+def root():
+    """dbdeck: prod-to-dev cloning, table sync, PostgreSQL replication and failover, Compose deploys.
+
+    Every command takes --config FILE, --dry-run, -v and --format text|json, before or after its name.
+    Exit codes: 0 ok, 1 failed, 2 usage or configuration error, 75 another run of the job is still going.
+    """
+
+
+@root.command("plugins")
+@pass_app
+def plugins_command(app):
+    """List the loaded plugins with their versions and hooks."""
+    from .pluginmanager import describe
+
+    rows = describe(app.plugin_manager)
+    app.emit(rows, lambda: "\n".join(f"{r['name']:<20} {r['version']:<10} {r['source']:<12} {', '.join(r['hooks'])}"
+                                      for r in rows))
+
+
+@root.group("config")
+def config_group():
+    """Check or show the effective configuration."""
+
+
+@config_group.command("check")
+@pass_app
+def config_check(app):
+    """Validate the config file; exit 2 with file:line: key: problem when it is wrong."""
+    config = app.config
+    app.emit({"file": config.where(), "ok": True, "endpoints": sorted(config.endpoints)},
+             f"{config.where()}: OK ({len(config.endpoints)} endpoints, {len(config.sections())} sections)")
+
+
+@config_group.command("show")
+@pass_app
+def config_show(app):
+    """Print the effective configuration (defaults, overrides applied; secrets masked)."""
+    from .config import dump
+
+    data = dump(app.config)
+    if app.format == "json":
+        app.emit(data)
+    else:
+        import yaml
+
+        click.echo(f"# {app.config.where()}")
+        click.echo(secrets.mask(yaml.safe_dump(data, sort_keys=False)))
+
+
+@root.command("endpoints")
+@click.argument("names", nargs=-1)
+@pass_app
+def endpoints_command(app, names):
+    """Show each configured endpoint (password masked), whether it answers, and its server version."""
+    wanted = names or sorted(app.config.endpoints)
+    rows = []
+    for name in wanted:
+        endpoint = app.endpoint(name)
+        ok, detail = endpoint.ping()
+        rows.append({"name": name, "kind": endpoint.kind, "role": endpoint.role, "target": endpoint.describe(),
+                     "reachable": ok, "version" if ok else "error": detail})
+    app.emit(rows, lambda: "\n".join(
+        f"{'up  ' if r['reachable'] else 'DOWN'} {r['target']}  {r.get('version') or r.get('error')}" for r in rows))
+    if not all(r["reachable"] for r in rows):
+        sys.exit(EXIT_FAILED)
+
+
+_registered = False
+
+
+def build_cli():
+    """The root group with every plugin's commands and the global options everywhere."""
+    global _registered
+    if not _registered:
+        from .pluginmanager import make_manager
+
+        manager = make_manager()
+        manager.hook.register_commands(cli=root)
+        _with_global_options(root)
+        for command in root.commands.values():
+            _with_global_options(command)
+        _registered = True
+    return root
+
+
+def run_command(command, args=None, prog_name=None):
+    """Invoke a click command, mapping dbdeck's exceptions to exit codes and masked one-line errors."""
+    from . import log as log_module
+
+    log_module.setup(0)
+    try:
+        command.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return EXIT_FAILED
+    except DbdeckError as exc:
+        click.echo(f"{prog_name or 'dbdeck'}: error: {secrets.mask(str(exc))}", err=True)
+        if logging.getLogger("dbdeck").isEnabledFor(logging.DEBUG):
+            import traceback
+
+            click.echo(secrets.mask(traceback.format_exc()), err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        return 130
+    return 0
+
+
+def main(argv=None):
+    sys.exit(run_command(build_cli(), argv, prog_name="dbdeck"))
+
+
+def main_for(command_name):
+    """An entry point running one plugin command as its own executable (bin/<command>)."""
+
+    def entry(argv=None):
+        cli = build_cli()
+        command = cli.get_command(None, command_name)
+        if command is None:
+            click.echo(f"dbdeck: no command {command_name!r} is registered (is its plugin installed?)", err=True)
+            sys.exit(EXIT_USAGE)
+        sys.exit(run_command(command, argv, prog_name=command_name))
+
+    return entry

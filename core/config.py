@@ -1,0 +1,349 @@
+"""Configuration: YAML file, ${VAR} interpolation, .env files, environment overrides, validation.
+
+Search order: --config, $DBDECK_CONFIG, ./etc/dbdeck.yaml, /etc/dbdeck/dbdeck.yaml. With no file
+found, every section takes its defaults (and the seeds' environment variables still apply).
+
+Each plugin declares its top-level section through the config_section hook: a pydantic model
+(unknown keys rejected) and the environment variables that override keys in it. Every error
+names the file, the line, the key and what was expected, and is raised before anything runs.
+"""
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_validator, model_validator
+
+from . import secrets
+from .errors import ConfigError
+
+SEARCH_PATHS = (Path("etc/dbdeck.yaml"), Path("/etc/dbdeck/dbdeck.yaml"))
+_SECRET_KEY_HINTS = ("password", "secret", "token", "dsn", "url")
+_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|\$\$")
+
+
+class Section(BaseModel):
+    """Base for every configuration section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+@dataclass(frozen=True)
+class ConfigSection:
+    """What a plugin returns from config_section(): its key, its model, and its env overrides.
+
+    env maps an environment variable to a dotted key inside the section, e.g.
+    {"PROD_DB_CONTAINER": "source.container"}; a set variable overrides the YAML value.
+    """
+
+    name: str
+    model: type
+    env: dict = field(default_factory=dict)
+    description: str = ""
+
+
+class EndpointConfig(Section):
+    """How to reach one database: a DSN, host/port, and/or a Docker container for client tools."""
+
+    kind: Literal["postgresql", "mysql"] = "postgresql"
+    dsn: SecretStr | None = None
+    host: str | None = None
+    port: int | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    database: str | None = None
+    container: str | None = None
+    docker_user: str | None = None
+    role: Literal["production", "staging", "development", "test", "sandbox"] | None = None
+    connect_timeout: int = 10
+    options: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _one_way_to_each_thing(self):
+        if self.dsn is not None and self.host is not None:
+            raise ValueError("give either dsn or host/port, not both")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give either password or password_file, not both")
+        if self.password_file is not None:
+            self.password = SecretStr(_read_secret_file(self.password_file))
+            self.password_file = self.password_file
+        for value in (self.password, self.dsn):
+            secrets.register(value)
+        return self
+
+    @field_validator("port")
+    @classmethod
+    def _port_range(cls, value):
+        if value is not None and not 0 < value < 65536:
+            raise ValueError("port must be between 1 and 65535")
+        return value
+
+
+class CoreSettings(Section):
+    """The `dbdeck:` section: settings shared by every command."""
+
+    run_dir: Path | None = None
+    log_dir: Path | None = None
+    env_files: list[Path] = []
+
+
+def _read_secret_file(path):
+    try:
+        return Path(path).read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read password file {path}: {exc.strerror}") from None
+
+
+CORE_SECTIONS = (
+    ConfigSection("dbdeck", CoreSettings, description="settings shared by every command"),
+)
+
+
+class Config:
+    """The validated configuration: one model instance per section."""
+
+    def __init__(self, path, sections, endpoints):
+        self.path = path
+        self._sections = sections
+        self.endpoints = endpoints
+
+    @property
+    def core(self):
+        return self._sections["dbdeck"]
+
+    def section(self, name):
+        return self._sections[name]
+
+    def sections(self):
+        return dict(self._sections)
+
+    def endpoint_config(self, name):
+        if name not in self.endpoints:
+            known = ", ".join(sorted(self.endpoints)) or "none"
+            raise ConfigError(f"{self.where()}: no endpoint named {name!r} under endpoints: (known: {known})")
+        return self.endpoints[name]
+
+    def where(self):
+        return str(self.path) if self.path else "(no config file)"
+
+
+def find_config_file(explicit=None, environ=None):
+    """The config file to use, or None when none exists (defaults only)."""
+    environ = os.environ if environ is None else environ
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found (given with --config)")
+        return path
+    if environ.get("DBDECK_CONFIG"):
+        path = Path(environ["DBDECK_CONFIG"])
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found (given by $DBDECK_CONFIG)")
+        return path
+    for path in SEARCH_PATHS:
+        if path.is_file():
+            return path
+    return None
+
+
+def load(explicit=None, sections=(), environ=None):
+    """Find, read, interpolate, override and validate. Raises ConfigError with file:line: key: problem."""
+    environ = dict(os.environ if environ is None else environ)
+    path = find_config_file(explicit, environ)
+    raw, lines = _read_yaml(path) if path else ({}, {})
+    where = _Where(path, lines)
+
+    all_sections = {s.name: s for s in (*CORE_SECTIONS, *sections)}
+    all_sections.setdefault("endpoints", None)
+    unknown = sorted(set(raw) - set(all_sections))
+    if unknown:
+        known = ", ".join(sorted(all_sections))
+        raise ConfigError(f"{where.at((unknown[0],))}: unknown section {unknown[0]!r} (expected one of: {known})")
+
+    env_files = (raw.get("dbdeck") or {}).get("env_files") or []
+    environ = _with_env_files(env_files, path, environ, where)
+    raw = _interpolate(raw, environ, where, ())
+
+    for spec in all_sections.values():
+        if spec is None:
+            continue
+        for variable, dotted in spec.env.items():
+            if environ.get(variable) not in (None, ""):
+                _set_dotted(raw, (spec.name, *dotted.split(".")), environ[variable])
+
+    validated = {}
+    for name, spec in all_sections.items():
+        if spec is None:
+            continue
+        value = raw.get(name)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where.at((name,))}: {name}: expected a mapping of settings, got {_kind(value)}")
+        validated[name] = _validate(spec.model, value, (name,), where)
+
+    endpoints_raw = raw.get("endpoints") or {}
+    if not isinstance(endpoints_raw, dict):
+        raise ConfigError(f"{where.at(('endpoints',))}: endpoints: expected a mapping of name -> endpoint, "
+                          f"got {_kind(endpoints_raw)}")
+    endpoints = {}
+    for name, value in endpoints_raw.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where.at(('endpoints', name))}: endpoints.{name}: expected a mapping "
+                              f"(dsn/host/container/...), got {_kind(value)}")
+        endpoints[name] = _validate(EndpointConfig, value, ("endpoints", name), where)
+    return Config(path, validated, endpoints)
+
+
+def validate_model(model, value, key_path, where=None):
+    """Validate one value (e.g. an inline endpoint inside a plugin section) with the same error style."""
+    return _validate(model, value, tuple(key_path), where or _Where(None, {}))
+
+
+class _Where:
+    def __init__(self, path, lines):
+        self.path = path
+        self.lines = lines
+
+    def at(self, key_path):
+        line = None
+        for depth in range(len(key_path), 0, -1):
+            line = self.lines.get(tuple(str(k) for k in key_path[:depth]))
+            if line is not None:
+                break
+        name = str(self.path) if self.path else "(environment)"
+        return f"{name}:{line}" if line is not None else name
+
+
+def _read_yaml(path):
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        location = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{location}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping of sections at the top level, got {_kind(data)}")
+    lines = {}
+    _record_lines(node, (), lines)
+    return data, lines
+
+
+def _record_lines(node, key_path, lines):
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = (*key_path, str(key_node.value))
+            lines[child] = key_node.start_mark.line + 1
+            _record_lines(value_node, child, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            child = (*key_path, str(index))
+            lines[child] = item.start_mark.line + 1
+            _record_lines(item, child, lines)
+
+
+def _with_env_files(env_files, config_path, environ, where):
+    from dotenv import dotenv_values
+
+    if not isinstance(env_files, list):
+        env_files = [env_files]
+    merged = dict(environ)
+    for index, name in enumerate(env_files):
+        file = Path(str(name))
+        if not file.is_absolute() and config_path is not None:
+            file = config_path.parent / file
+        if not file.is_file():
+            raise ConfigError(f"{where.at(('dbdeck', 'env_files', index))}: dbdeck.env_files[{index}]: "
+                              f"file not found: {file}")
+        for key, value in dotenv_values(file).items():
+            if key not in merged and value is not None:  # the real environment wins over files
+                merged[key] = value
+    return merged
+
+
+def _interpolate(value, environ, where, key_path):
+    if isinstance(value, dict):
+        return {k: _interpolate(v, environ, where, (*key_path, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, environ, where, (*key_path, i)) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def replace(match):
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group("name"), match.group("default")
+        if environ.get(name) not in (None, ""):
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where.at(key_path)}: {_dotted(key_path)}: environment variable {name} is not set "
+                          f"(write ${{{name}:-default}} to give a default)")
+
+    return _INTERPOLATION.sub(replace, value)
+
+
+def _set_dotted(data, key_path, value):
+    node = data
+    for key in key_path[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[key_path[-1]] = value
+
+
+def _validate(model, value, key_path, where):
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = (*key_path, *error["loc"])
+            key = _dotted(loc)
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                allowed = ", ".join(sorted(model.model_fields))
+                message = f"unknown key (expected one of: {allowed})"
+            elif not any(h in key.lower() for h in _SECRET_KEY_HINTS) and error["type"] not in ("missing",):
+                message += f", got {_short(error.get('input'))}"
+            problems.append(f"{where.at(loc)}: {key}: {message}")
+        raise ConfigError("\n".join(problems)) from None
+
+
+def _dotted(key_path):
+    out = ""
+    for key in key_path:
+        out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else str(key))
+    return out
+
+
+def _kind(value):
+    return {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "true/false", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _short(value):
+    text = repr(value) if not isinstance(value, dict) else "a mapping"
+    return secrets.mask(text if len(text) <= 60 else text[:57] + "...")
+
+
+def dump(config):
+    """The effective configuration as plain data, secrets masked (for `dbdeck config show`)."""
+    def plain(model):
+        return model.model_dump(mode="json", exclude_none=True)
+
+    out: dict[str, Any] = {name: plain(model) for name, model in config.sections().items()}
+    out["endpoints"] = {name: plain(ep) for name, ep in config.endpoints.items()}
+    return out

@@ -1,0 +1,282 @@
+"""How to reach a database: by driver (DSN or host/port) and/or by client tools in a container.
+
+An Endpoint answers the questions every command asks: connect, run a client tool (pg_dump,
+pg_restore, psql, pg_basebackup, mysql, mysqldump) against it, what server version, is it the same
+database as that other endpoint, and how to print it (password masked).
+
+Client tools get their connection settings through libpq/MySQL environment variables, so the
+password never appears in argv; for a container the variables are forwarded by name only
+(``docker exec -e PGPASSWORD ...`` takes the value from dbdeck's environment).
+"""
+
+import json
+from urllib.parse import unquote, urlsplit
+
+from . import secrets
+from .errors import DbdeckError
+
+# libpq connection keywords and the environment variable each one reads
+_LIBPQ_ENV = {
+    "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER",
+    "password": "PGPASSWORD", "connect_timeout": "PGCONNECT_TIMEOUT", "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "options": "PGOPTIONS",
+    "application_name": "PGAPPNAME", "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "channel_binding": "PGCHANNELBINDING", "passfile": "PGPASSFILE", "gssencmode": "PGGSSENCMODE",
+}
+_POSTGRES_TOOLS = {"psql", "pg_dump", "pg_dumpall", "pg_restore", "pg_basebackup", "pg_isready", "pg_receivewal",
+                   "pg_rewind", "createdb", "dropdb", "vacuumdb", "reindexdb", "clusterdb"}
+_MYSQL_TOOLS = {"mysql", "mysqldump", "mariadb", "mariadb-dump", "mysqladmin", "mariadb-admin"}
+
+
+class Endpoint:
+    def __init__(self, name, config, runner):
+        self.name = name
+        self.config = config
+        self.runner = runner
+        self._params = _connection_params(config)
+        secrets.register(self._params.get("password"))
+
+    # --- what it is -----------------------------------------------------------------------------
+    @property
+    def kind(self):
+        return self.config.kind
+
+    @property
+    def role(self):
+        return self.config.role
+
+    @property
+    def container(self):
+        return self.config.container
+
+    @property
+    def database(self):
+        return self._params.get("dbname")
+
+    @property
+    def user(self):
+        return self._params.get("user")
+
+    @property
+    def has_driver_access(self):
+        return bool(self.config.dsn is not None or self.config.host)
+
+    def describe(self):
+        """A printable form, password masked: 'prod: postgresql://postgres@127.0.0.1:5432/crm'."""
+        p = self._params
+        scheme = "postgresql" if self.kind == "postgresql" else "mysql"
+        where = ""
+        if self.has_driver_access:
+            user = f"{p['user']}@" if p.get("user") else ""
+            port = f":{p['port']}" if p.get("port") else ""
+            where = f"{scheme}://{user}{p.get('host') or ''}{port}/{p.get('dbname') or ''}"
+        if self.container:
+            inside = f"{p.get('user') or 'default user'}/{p.get('dbname') or 'default database'}"
+            where = (where + " " if where else "") + f"container {self.container} ({inside})"
+        role = f" [role {self.role}]" if self.role else ""
+        return secrets.mask(f"{self.name}: {where or '(local defaults)'}{role}")
+
+    __str__ = describe
+
+    # --- driver access --------------------------------------------------------------------------
+    def connect(self, autocommit=True, **overrides):
+        """A psycopg (3) or pymysql connection; only for endpoints with a DSN or host."""
+        if not self.has_driver_access:
+            raise DbdeckError(f"endpoint {self.name} is reached only through docker exec (container "
+                              f"{self.container}); give it a host/port or dsn for a direct connection")
+        params = {**self._params, **overrides}
+        try:
+            if self.kind == "postgresql":
+                import psycopg
+
+                params.setdefault("connect_timeout", self.config.connect_timeout)
+                return psycopg.connect(autocommit=autocommit, **params)
+            import pymysql
+
+            return pymysql.connect(
+                host=params.get("host") or "127.0.0.1", port=int(params.get("port") or 3306),
+                user=params.get("user"), password=params.get("password") or "", database=params.get("dbname"),
+                connect_timeout=self.config.connect_timeout, autocommit=autocommit, charset="utf8mb4")
+        except Exception as exc:
+            raise DbdeckError(f"cannot connect to {self.describe()}: {_first_line(exc)}") from None
+
+    # --- client tools ---------------------------------------------------------------------------
+    def tool_invocation(self, tool, *args, database=True):
+        """(argv, env) to run a client tool against this endpoint; the env holds the password."""
+        if self.kind == "postgresql" and tool not in _POSTGRES_TOOLS:
+            raise DbdeckError(f"{tool} is not a PostgreSQL client tool")
+        if self.kind == "mysql" and tool not in _MYSQL_TOOLS:
+            raise DbdeckError(f"{tool} is not a MySQL/MariaDB client tool")
+        env = self._tool_env(database)
+        argv = [tool]
+        if self.kind == "mysql":
+            argv += self._mysql_args(database)
+        argv += [str(a) for a in args]
+        if self.container:
+            prefix = ["docker", "exec", "-i"]
+            if self.config.docker_user:
+                prefix += ["-u", self.config.docker_user]
+            for name in sorted(env):
+                prefix += ["-e", name]
+            argv = [*prefix, self.container, *argv]
+        return argv, env
+
+    def run_tool(self, tool, *args, stdin=None, stdout=None, timeout=None, read_only=False, check=True,
+                 database=True):
+        argv, env = self.tool_invocation(tool, *args, database=database)
+        return self.runner.run(argv, env=env, stdin=stdin, stdout=stdout, timeout=timeout,
+                               read_only=read_only, check=check)
+
+    def _tool_env(self, database):
+        env = {}
+        if self.kind == "postgresql":
+            for key, value in self._params.items():
+                if key == "dbname" and not database:
+                    continue
+                if key not in _LIBPQ_ENV:
+                    raise DbdeckError(f"endpoint {self.name}: connection option {key!r} has no libpq "
+                                      f"environment variable; client tools cannot use it")
+                env[_LIBPQ_ENV[key]] = str(value)
+            if self.container and not self.has_driver_access:
+                env.pop("PGHOST", None)  # inside the container: its own unix socket
+        elif self._params.get("password"):
+            env["MYSQL_PWD"] = self._params["password"]
+        return env
+
+    def _mysql_args(self, database):
+        p = self._params
+        args = []
+        if p.get("host") and not (self.container and not self.has_driver_access):
+            args += [f"--host={p['host']}", "--protocol=TCP"]
+        if p.get("port"):
+            args.append(f"--port={p['port']}")
+        if p.get("user"):
+            args.append(f"--user={p['user']}")
+        if database and p.get("dbname"):
+            args.append(f"--database={p['dbname']}")
+        return args
+
+    # --- SQL, whichever way the endpoint is reached ---------------------------------------------
+    def query(self, sql_text, params=None):
+        """Run a read-only query and return a list of dicts (also in a dry run)."""
+        if self.has_driver_access:
+            with self.connect() as conn:
+                if self.kind == "postgresql":
+                    from psycopg.rows import dict_row
+
+                    with conn.cursor(row_factory=dict_row) as cur:
+                        cur.execute(sql_text, params)
+                        return cur.fetchall() if cur.description else []
+                import pymysql.cursors
+
+                with conn.cursor(pymysql.cursors.DictCursor) as cur:
+                    cur.execute(sql_text, params)
+                    return list(cur.fetchall())
+        if params:
+            raise DbdeckError("query parameters need a direct connection; compose literals with psycopg.sql")
+        return self._query_with_tool(_as_text(sql_text))
+
+    def execute(self, sql_text, params=None, read_only=False):
+        """Run a statement that changes something; in a dry run it is printed, not run."""
+        text = _as_text(sql_text)
+        if self.runner.dry_run and not read_only:
+            self.runner.say(f"would execute on {self.name}: {text}")
+            return
+        if self.has_driver_access:
+            with self.connect() as conn:
+                with conn.cursor() as cur:
+                    cur.execute(sql_text if self.kind == "postgresql" else text, params)
+            return
+        if params:
+            raise DbdeckError("query parameters need a direct connection; compose literals with psycopg.sql")
+        tool = "psql" if self.kind == "postgresql" else "mysql"
+        args = ["-X", "-q", "-v", "ON_ERROR_STOP=1"] if tool == "psql" else []
+        self.run_tool(tool, *args, stdin=text, read_only=True)
+
+    def _query_with_tool(self, text):
+        if self.kind == "postgresql":
+            wrapped = f"SELECT coalesce(json_agg(q), '[]'::json) FROM ({text.rstrip().rstrip(';')}) AS q"
+            result = self.run_tool("psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                                   stdin=wrapped, read_only=True)
+            return json.loads(result.stdout or "[]")
+        result = self.run_tool("mysql", "--batch", "--raw", stdin=text, read_only=True)
+        lines = result.stdout.splitlines()
+        if not lines:
+            return []
+        header = lines[0].split("\t")
+        return [dict(zip(header, (None if v == "NULL" else v for v in line.split("\t")))) for line in lines[1:]]
+
+    def server_version(self):
+        """The server's version string, e.g. '15.18' or '10.11.19-MariaDB'."""
+        if self.kind == "postgresql":
+            return str(self.query("SELECT current_setting('server_version') AS v")[0]["v"])
+        return str(self.query("SELECT VERSION() AS v")[0]["v"])
+
+    def identity(self):
+        """What makes two endpoints the same database: (server id, database name)."""
+        if self.kind == "postgresql":
+            row = self.query("SELECT (SELECT system_identifier::text FROM pg_control_system()) AS server, "
+                             "current_database() AS db")[0]
+        else:
+            row = self.query("SELECT @@server_uuid AS server, DATABASE() AS db")[0] if self._has_server_uuid() \
+                else self.query("SELECT CONCAT(@@hostname, ':', @@port, ':', @@datadir) AS server, DATABASE() AS db")[0]
+        return (str(row["server"]), str(row["db"]))
+
+    def _has_server_uuid(self):
+        try:
+            self.query("SELECT @@server_uuid AS u")
+            return True
+        except DbdeckError:
+            return False
+
+    def ping(self):
+        """(ok, detail): whether a trivial query succeeds, and the version or the error."""
+        try:
+            return True, self.server_version()
+        except DbdeckError as exc:
+            return False, secrets.mask(str(exc))
+
+
+def _connection_params(config):
+    params = {}
+    if config.dsn is not None:
+        dsn = config.dsn.get_secret_value()
+        params = _parse_mysql_url(dsn) if config.kind == "mysql" else _parse_libpq(dsn)
+    for key, field_name in (("host", "host"), ("port", "port"), ("user", "user"), ("dbname", "database")):
+        value = getattr(config, field_name)
+        if value is not None:
+            params[key] = value
+    if config.password is not None:
+        params["password"] = config.password.get_secret_value()
+    params.update(config.options)
+    return params
+
+
+def _parse_libpq(dsn):
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return conninfo_to_dict(dsn)
+    except Exception as exc:
+        raise DbdeckError(f"malformed PostgreSQL DSN ({secrets.mask(dsn)}): {_first_line(exc)}") from None
+
+
+def _parse_mysql_url(dsn):
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("mysql", "mariadb"):
+        raise DbdeckError(f"malformed MySQL DSN ({secrets.mask(dsn)}): expected mysql://user:password@host:port/db")
+    params = {"host": parts.hostname, "port": parts.port, "user": unquote(parts.username or "") or None,
+              "password": unquote(parts.password) if parts.password else None,
+              "dbname": parts.path.lstrip("/") or None}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _as_text(sql_text):
+    if isinstance(sql_text, str):
+        return sql_text
+    return sql_text.as_string(None)  # psycopg.sql.Composable: identifiers and literals already quoted
+
+
+def _first_line(exc):
+    text = str(exc).strip().splitlines()
+    return secrets.mask(text[0] if text else type(exc).__name__)

@@ -1,0 +1,57 @@
+"""The contract between the dbdeck core and its plugins (built-in and third-party).
+
+A plugin is a module or object with functions decorated by ``dbdeck.hookspecs.hookimpl``.
+Built-in plugins are listed in DEFAULT_PLUGINS; others are found through the ``dbdeck.plugins``
+entry-point group. Keep plugin modules light at import time: heavy imports (psycopg, pymysql,
+the plugin's own internals) belong inside command bodies, so ``dbdeck --help`` stays fast.
+"""
+
+import pluggy
+
+PROJECT = "dbdeck"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+DEFAULT_PLUGINS = (
+    "dbdeck.plugins.sandbox",
+)
+
+
+@hookspec
+def register_commands(cli):
+    """Add this plugin's click commands or groups to ``cli`` (the root ``dbdeck`` group).
+
+    Each command becomes ``dbdeck <name>`` and, through ``main_for(name)``, its own executable.
+    The core adds the global options (--config, --dry-run, -v, --format) to every command.
+    """
+
+
+@hookspec
+def config_section():
+    """Return a ``dbdeck.config.ConfigSection`` (or a list of them) for this plugin's YAML section.
+
+    The section's pydantic model gives defaults and validation (unknown keys are errors);
+    its ``env`` mapping lets the seeds' environment variables override keys in it.
+    """
+
+
+@hookspec
+def scheduled_jobs(config):
+    """Return default jobs this plugin wants scheduled, as a list of dicts
+    (``name``, ``command`` argv list, ``every`` interval or ``cron`` expression), given the loaded config.
+    """
+
+
+@hookspec
+def notify(event):
+    """Deliver a ``dbdeck.events.Event`` (failover happened, deploy rolled back, sync failed...).
+
+    Called for every event; a plugin sends mail, a webhook or a chat message and must not raise.
+    """
+
+
+@hookspec
+def row_transformers():
+    """Return a mapping of rule name -> callable(value, **options) used to anonymise rows
+    (sync-prod-to-dev's per-column rules). Later plugins may add rules; a clash is an error.
+    """

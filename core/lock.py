@@ -1,0 +1,93 @@
+"""One flock per job, so that a scheduled run never overlaps the previous one.
+
+The lock is tied to an open file descriptor: the kernel releases it when the process dies,
+even on kill -9, so there is never a stale lock to clean up by hand. The file keeps the holder's
+pid, start time and command for the "already running" message.
+"""
+
+import fcntl
+import json
+import os
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+
+from . import secrets
+from .errors import LockBusy
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def default_run_dir():
+    if os.geteuid() == 0:
+        return Path("/run/dbdeck")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime, "dbdeck") if runtime else Path(f"/tmp/dbdeck-{os.geteuid()}")
+
+
+class JobLock:
+    def __init__(self, name, run_dir=None):
+        self.name = name
+        self.run_dir = Path(run_dir) if run_dir else default_run_dir()
+        self.path = self.run_dir / f"{_SAFE_NAME.sub('_', name)}.lock"
+        self._fd = None
+
+    def acquire(self):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise LockBusy(f"{self.name} is already running{_describe(holder)}; not starting a second run "
+                           f"(lock {self.path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": secrets.mask(" ".join(sys.argv)),
+        }).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self):
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+    def holder(self):
+        """Who holds the lock now (a dict), or None when nobody does."""
+        if not self.path.exists():
+            return None
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _read_holder(fd) or {}
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _read_holder(fd):
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+
+
+def _describe(holder):
+    if not holder:
+        return ""
+    return f" (pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')})"

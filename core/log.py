@@ -1,0 +1,92 @@
+"""Logging: stderr for people and journald, plus the seeds' per-day files where configured.
+
+Every handler formats through MaskingFormatter, so a password that slips into a message, an
+argument or an exception's text is replaced by *** before it reaches any output.
+"""
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import secrets
+
+_STDERR_FORMAT = "%(levelname)s %(message)s"
+_FILE_FORMAT = "[%(asctime)s] %(levelname)s %(name)s: %(message)s"
+
+
+class MaskingFormatter(logging.Formatter):
+    def format(self, record):
+        return secrets.mask(super().format(record))
+
+
+class DailyFileHandler(logging.Handler):
+    """Appends to <directory>/<prefix>-YYYYMMDD.log, switching file when the date changes.
+
+    Unlike TimedRotatingFileHandler it never renames files, matching the seeds' layout
+    (tail -f /var/log/crm-sync/sync-$(date +%Y%m%d).log keeps working).
+    """
+
+    def __init__(self, directory, prefix, mode=0o640):
+        super().__init__()
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.mode = mode
+        self._day = None
+        self._stream = None
+
+    def path_for(self, day):
+        return self.directory / f"{self.prefix}-{day}.log"
+
+    def emit(self, record):
+        try:
+            day = time.strftime("%Y%m%d", time.localtime(record.created))
+            if day != self._day:
+                self._open(day)
+            self._stream.write(self.format(record) + "\n")
+            self._stream.flush()
+        except Exception:  # logging must never take the job down
+            self.handleError(record)
+
+    def _open(self, day):
+        if self._stream:
+            self._stream.close()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path_for(day), os.O_WRONLY | os.O_APPEND | os.O_CREAT, self.mode)
+        self._stream = os.fdopen(fd, "a", encoding="utf-8")
+        self._day = day
+
+    def close(self):
+        if self._stream:
+            self._stream.close()
+            self._stream = None
+        super().close()
+
+
+def setup(verbosity=0):
+    """Configure the root dbdeck logger for stderr; call once per process."""
+    logger = logging.getLogger("dbdeck")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_dbdeck_stderr", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._dbdeck_stderr = True
+    handler.setFormatter(MaskingFormatter(_STDERR_FORMAT))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity >= 1 else logging.WARNING)
+    handler.setLevel(logger.level)
+    logger.propagate = False
+    return logger
+
+
+def add_daily_file(directory, prefix, level=logging.INFO):
+    """Also log to <directory>/<prefix>-YYYYMMDD.log (e.g. /var/log/crm-sync/sync-20261123.log)."""
+    logger = logging.getLogger("dbdeck")
+    handler = DailyFileHandler(directory, prefix)
+    handler.setFormatter(MaskingFormatter(_FILE_FORMAT))
+    handler.setLevel(level)
+    logger.addHandler(handler)
+    if logger.level > level or logger.level == logging.NOTSET:
+        logger.setLevel(level)
+    return handler

@@ -1,0 +1,177 @@
+"""The one place where dbdeck runs external programs.
+
+Every pg_dump, psql, docker, rsync or ssh call goes through Runner.run(), which
+
+* passes secrets through the environment or stdin, never argv;
+* in dry-run mode prints the command (secrets masked) instead of running it, unless the caller
+  declares the command read-only (pre-checks still run in a dry run);
+* applies a timeout;
+* turns failures into CommandFailed with the command line and stderr masked: sh's own exception
+  text contains the full command line, so it is never re-raised as is.
+"""
+
+import logging
+import os
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import secrets
+from .errors import CommandFailed, CommandTimeout, DbdeckError
+
+log = logging.getLogger("dbdeck.run")
+
+_STDERR_TAIL_CHARS = 2000
+
+
+@dataclass
+class Result:
+    argv: list
+    returncode: int = 0
+    stdout: str = ""
+    stderr: str = ""
+    dry_run: bool = False
+
+    @property
+    def ok(self):
+        return self.returncode == 0
+
+
+@dataclass
+class Daemon:
+    """A long-running program started with Runner.start_daemon()."""
+
+    argv: list
+    pid: int
+    log_path: Path | None = None
+    _popen: subprocess.Popen | None = field(default=None, repr=False)
+
+    def poll(self):
+        return self._popen.poll() if self._popen else None
+
+
+def printable(argv, env=None):
+    """A shell-quoted, masked rendering of a command, with the names (only) of extra variables."""
+    line = " ".join(shlex.quote(str(a)) for a in argv)
+    if env:
+        line = " ".join(f"{k}=***" for k in sorted(env)) + " " + line
+    return secrets.mask(line)
+
+
+class Runner:
+    """Runs external commands; one instance per invocation, carrying the dry-run flag."""
+
+    def __init__(self, dry_run=False, echo=None, default_timeout=None):
+        self.dry_run = dry_run
+        self.default_timeout = default_timeout
+        self._echo = echo or (lambda line: print(line, flush=True))
+
+    def say(self, message):
+        """Print one dry-run line (or a plan step) the way every command does."""
+        self._echo(f"[dry-run] {secrets.mask(message)}" if self.dry_run else secrets.mask(message))
+
+    def run(self, argv, *, env=None, stdin=None, stdout=None, timeout=None, cwd=None,
+            as_user=None, check=True, read_only=False, binary=False):
+        """Run argv and wait for it.
+
+        env      extra variables (secrets go here, e.g. PGPASSWORD); merged over os.environ
+        stdin    str/bytes or an open file passed to the program's standard input
+        stdout   an open binary file to stream standard output into instead of capturing it
+        as_user  run as this OS user (through runuser) when dbdeck runs as root
+        read_only  the command changes nothing, so it also runs in a dry run
+        """
+        argv = [str(a) for a in argv]
+        if as_user and os.geteuid() == 0:
+            argv = ["runuser", "-u", as_user, "--", *argv]
+        for value in (env or {}).values():
+            secrets.register(value)
+        if self.dry_run and not read_only:
+            self.say(f"would run: {printable(argv, env)}")
+            return Result(argv=argv, dry_run=True)
+        log.debug("running: %s", printable(argv, env))
+        return self._run_with_sh(argv, env=env, stdin=stdin, stdout=stdout,
+                                 timeout=timeout or self.default_timeout, cwd=cwd, check=check, binary=binary)
+
+    def _run_with_sh(self, argv, *, env, stdin, stdout, timeout, cwd, check, binary):
+        import sh
+
+        try:
+            program = sh.Command(argv[0])
+        except sh.CommandNotFound:
+            raise CommandFailed(f"program not found: {argv[0]} (is it installed and on PATH?)",
+                                argv=argv, returncode=127) from None
+        kwargs = dict(
+            _env={**os.environ, **(env or {})},
+            _timeout=timeout,
+            _cwd=str(cwd) if cwd else None,
+            _ok_code=list(range(0, 256)),
+            _return_cmd=True,
+            _tty_out=False,
+        )
+        if stdin is not None:
+            kwargs["_in"] = stdin
+        if stdout is not None:
+            kwargs["_out"] = stdout
+        try:
+            done = program(*argv[1:], **kwargs)
+        except sh.TimeoutException:
+            raise CommandTimeout(f"timed out after {timeout}s: {printable(argv)}", argv=argv) from None
+        except sh.SignalException as exc:
+            stderr = _decode(exc.stderr)
+            raise CommandFailed(
+                f"killed by signal {-exc.exit_code}: {printable(argv)}{_tail(stderr)}",
+                argv=argv, returncode=exc.exit_code, stderr=secrets.mask(stderr)) from None
+        except sh.ErrorReturnCode as exc:  # pragma: no cover - _ok_code admits every status
+            raise CommandFailed(f"failed: {printable(argv)}", argv=argv, returncode=exc.exit_code) from None
+        out = b"" if stdout is not None else (done.stdout or b"")
+        result = Result(argv=argv, returncode=done.exit_code,
+                        stdout=out if binary else _decode(out), stderr=_decode(done.stderr))
+        if check and result.returncode != 0:
+            raise CommandFailed(
+                f"exit status {result.returncode}: {printable(argv)}{_tail(result.stderr)}",
+                argv=argv, returncode=result.returncode, stderr=secrets.mask(result.stderr))
+        return result
+
+    def start_daemon(self, argv, *, log_path, env=None, as_user=None, cwd=None):
+        """Start a server that outlives dbdeck (its own session, output to log_path)."""
+        argv = [str(a) for a in argv]
+        if as_user and os.geteuid() == 0:
+            argv = ["runuser", "-u", as_user, "--", *argv]
+        if self.dry_run:
+            self.say(f"would start: {printable(argv, env)}")
+            return Daemon(argv=argv, pid=0, log_path=log_path)
+        log.debug("starting: %s", printable(argv, env))
+        try:
+            with open(log_path, "ab") as out:
+                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
+        except FileNotFoundError:
+            raise CommandFailed(f"program not found: {argv[0]} (is it installed and on PATH?)",
+                                argv=argv, returncode=127) from None
+        return Daemon(argv=argv, pid=popen.pid, log_path=Path(log_path), _popen=popen)
+
+
+def _decode(data):
+    if data is None:
+        return ""
+    if isinstance(data, str):
+        return data
+    return data.decode("utf-8", errors="replace")
+
+
+def _tail(stderr):
+    stderr = (stderr or "").strip()
+    if not stderr:
+        return ""
+    if len(stderr) > _STDERR_TAIL_CHARS:
+        stderr = "..." + stderr[-_STDERR_TAIL_CHARS:]
+    return "\n" + secrets.mask(stderr)
+
+
+def require_program(name, package):
+    """Fail with an install hint when a program dbdeck needs is missing."""
+    import shutil
+
+    if shutil.which(name) is None:
+        raise DbdeckError(f"{name} not found on PATH; install it with: apt-get install {package}")

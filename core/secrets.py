@@ -1,0 +1,48 @@
+"""Masking of secrets in anything that may be printed: logs, errors, command lines.
+
+Known secret values are registered once (passwords read from config or generated) and replaced
+wherever they appear; on top of that, URL passwords and key=value passwords are masked by shape,
+so a DSN typed straight into a config file is safe to print even before it was registered.
+"""
+
+import re
+import threading
+
+MASK = "***"
+_MIN_SECRET_LENGTH = 3
+
+_lock = threading.Lock()
+_known: set[str] = set()
+
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]+)(?=@)")
+_KEY_VALUE_PASSWORD = re.compile(
+    r"(?P<head>\b(?:password|passwd|pwd|pgpassword|mysql_pwd|secret|token)\s*[=:]\s*)"
+    r"(?P<secret>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;&]+)",
+    re.IGNORECASE,
+)
+
+
+def register(secret):
+    """Remember a secret value so that mask() hides it wherever it appears later."""
+    if secret is None:
+        return
+    value = secret.get_secret_value() if hasattr(secret, "get_secret_value") else str(secret)
+    if len(value) >= _MIN_SECRET_LENGTH:
+        with _lock:
+            _known.add(value)
+
+
+def mask(text):
+    """Return text with every registered secret and every password-shaped value replaced by ***."""
+    if text is None:
+        return text
+    if not isinstance(text, str):
+        text = str(text)
+    with _lock:
+        known = sorted(_known, key=len, reverse=True)
+    for value in known:
+        if value in text:
+            text = text.replace(value, MASK)
+    text = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+    text = _KEY_VALUE_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+    return text

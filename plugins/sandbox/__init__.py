@@ -1,0 +1,12 @@
+"""Sandbox plugin: `dbdeck sandbox up|status|down`, throwaway local servers for the demo and tests."""
+
+import click
+
+from dbdeck.hookspecs import hookimpl
+
+
+@hookimpl
+def register_commands(cli):
+    from .commands import sandbox
+
+    cli.add_command(sandbox)

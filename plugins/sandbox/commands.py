@@ -1,0 +1,79 @@
+"""Click commands of the sandbox plugin (light: the servers module is imported on use)."""
+
+import click
+
+from dbdeck.cli import pass_app
+from dbdeck.errors import EXIT_FAILED
+
+DEFAULT_DIR = ".dbdeck-sandbox"
+dir_option = click.option("--dir", "directory", default=DEFAULT_DIR, show_default=True, type=click.Path(),
+                          help="Where the sandbox keeps its state, config, secrets and data.")
+
+
+def _sandbox(app, directory):
+    from .sandbox import Sandbox
+
+    return Sandbox(directory, app.runner)
+
+
+@click.group("sandbox")
+def sandbox():
+    """Throwaway local servers: PostgreSQL prod and dev, a primary+standby pair, a MariaDB tenant.
+
+    `up` writes DIR/dbdeck.yaml pointing at them; use it with --config to try any command safely.
+    """
+
+
+@sandbox.command("up")
+@dir_option
+@click.option("--only", multiple=True, type=click.Choice(["prod", "dev", "primary", "standby", "tenant"]),
+              help="Start only these servers (repeatable; default: all).")
+@click.option("--no-sample-data", is_flag=True, help="Leave the databases empty.")
+@pass_app
+def up(app, directory, only, no_sample_data):
+    """Start the sandbox servers (idempotent: restarts stopped ones)."""
+    from .sandbox import COMPONENTS
+
+    box = _sandbox(app, directory)
+    box.up(components=tuple(only) or tuple(COMPONENTS), sample_data=not no_sample_data,
+           progress=lambda line: click.echo(f"sandbox: {line}", err=True))
+    _show(app, box.status())
+
+
+@sandbox.command("status")
+@dir_option
+@pass_app
+def status(app, directory):
+    """Show each sandbox server, its port and whether it runs (exit 1 if any is down)."""
+    box = _sandbox(app, directory)
+    result = box.status()
+    if result is None:
+        app.emit({"dir": str(box.dir), "servers": []}, f"no sandbox at {box.dir} (run `dbdeck sandbox up`)")
+        raise SystemExit(EXIT_FAILED)
+    _show(app, result)
+    if not all(s["running"] for s in result["servers"]):
+        raise SystemExit(EXIT_FAILED)
+
+
+@sandbox.command("down")
+@dir_option
+@pass_app
+def down(app, directory):
+    """Stop every sandbox server and delete its data."""
+    box = _sandbox(app, directory)
+    existed = box.down(progress=lambda line: click.echo(f"sandbox: {line}", err=True))
+    app.emit({"dir": str(box.dir), "removed": existed},
+             f"sandbox at {box.dir} removed" if existed else f"no sandbox at {box.dir}")
+
+
+def _show(app, result):
+    def text():
+        lines = [f"sandbox {result['dir']}", f"config  {result['config']}"]
+        for s in result["servers"]:
+            state = "running" if s["running"] else "STOPPED"
+            role = " (standby, read-only)" if s.get("in_recovery") else ""
+            lines.append(f"  {s['name']:<8} {s['kind']:<10} 127.0.0.1:{s['port']:<6} {s['database']:<16} "
+                         f"{state}{role}")
+        return "\n".join(lines)
+
+    app.emit(result, text)

@@ -1,0 +1,228 @@
+"""`dbdeck sandbox`: a set of throwaway servers and a ready config file pointing at them.
+
+Layout of the sandbox directory (default ./.dbdeck-sandbox):
+
+    state.json        what runs where (ports, data dirs)
+    dbdeck.yaml       endpoints prod, dev, primary, standby, tenant (passwords by password_file)
+    secrets/          generated passwords, 0600
+    data/             server data directories (or a directory under /var/tmp when, as root,
+                      the sandbox path is not traversable by the postgres/mysql users)
+"""
+
+import json
+import os
+import secrets as token
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from dbdeck import secrets
+from dbdeck.errors import DbdeckError
+
+from .servers import MariaDBServer, PostgresServer, free_port, traversable_by_others
+
+STATE_VERSION = 1
+REPLICATION_USER = "replicator"
+REPLICATION_SLOT = "replica_slot"
+SAMPLE_DIR = Path(__file__).parent
+
+# name -> (kind, database, role, description)
+COMPONENTS = {
+    "prod": ("postgresql", "crm_production", "production", "PostgreSQL 'prod' (CRM production database)"),
+    "dev": ("postgresql", "crm_development", "development", "PostgreSQL 'dev' (CRM development database)"),
+    "primary": ("postgresql", "conecta_db", None, "streaming-replication primary"),
+    "standby": ("postgresql", "conecta_db", None, "hot standby of 'primary'"),
+    "tenant": ("mysql", "tenant_exatron", None, "MariaDB tenant database (instance 'exatron')"),
+}
+
+
+def new_password():
+    value = token.token_urlsafe(18)
+    secrets.register(value)
+    return value
+
+
+class Sandbox:
+    def __init__(self, directory, runner):
+        self.dir = Path(directory).absolute()
+        self.runner = runner
+        self.state_path = self.dir / "state.json"
+        self.config_path = self.dir / "dbdeck.yaml"
+        self.secrets_dir = self.dir / "secrets"
+
+    # --- state ----------------------------------------------------------------------------------
+    def load_state(self):
+        if not self.state_path.exists():
+            return None
+        try:
+            return json.loads(self.state_path.read_text())
+        except ValueError as exc:
+            raise DbdeckError(f"{self.state_path}: unreadable sandbox state ({exc}); run `dbdeck sandbox down`")
+
+    def _save_state(self, state):
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.state_path)
+
+    def password(self, name):
+        return (self.secrets_dir / f"{name}.password").read_text().strip()
+
+    def _write_secret(self, name, value):
+        self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.secrets_dir / f"{name}.password"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(value + "\n")
+        return path
+
+    def server(self, name, state=None):
+        state = state or self.load_state()
+        info = state["servers"][name]
+        if info["kind"] == "postgresql":
+            return PostgresServer(info["datadir"], info["port"], self.runner, socket_dir=info["socket_dir"])
+        return MariaDBServer(info["datadir"], info["port"], self.runner)
+
+    # --- up / status / down ---------------------------------------------------------------------
+    def up(self, components=tuple(COMPONENTS), sample_data=True, progress=lambda line: None):
+        state = self.load_state()
+        if state:
+            for name in state["servers"]:
+                server = self.server(name, state)
+                if not server.is_running():
+                    progress(f"starting {name} (port {state['servers'][name]['port']})")
+                    server.start()
+            missing = [c for c in components if c not in state["servers"]]
+            if not missing:
+                return state
+            raise DbdeckError(f"sandbox at {self.dir} exists without {', '.join(missing)}; "
+                              f"run `dbdeck sandbox down` first")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data_root = self.dir / "data"
+        if os.geteuid() == 0 and not traversable_by_others(self.dir):
+            data_root = Path(tempfile.mkdtemp(prefix="dbdeck-sandbox-", dir="/var/tmp"))
+        data_root.mkdir(parents=True, exist_ok=True)
+        os.chmod(data_root, 0o755)
+        state = {"version": STATE_VERSION, "dir": str(self.dir), "data_root": str(data_root), "servers": {}}
+        self._save_state(state)
+        try:
+            for name in ("prod", "dev", "primary"):
+                if name in components or (name == "primary" and "standby" in components):
+                    self._up_postgres(name, data_root, state, progress)
+            if "standby" in components:
+                self._up_standby(data_root, state, progress)
+            if "tenant" in components:
+                self._up_mariadb(data_root, state, progress)
+            self.write_config(state)
+            if sample_data:
+                progress("loading sample data")
+                self.load_sample_data(state)
+        except BaseException:
+            progress("start-up failed; stopping what was started")
+            self.down()
+            raise
+        return state
+
+    def _up_postgres(self, name, data_root, state, progress):
+        port = free_port()
+        progress(f"initdb {name} (PostgreSQL on 127.0.0.1:{port})")
+        server = PostgresServer(data_root / name, port, self.runner, socket_dir=data_root / f"{name}.run")
+        password = new_password()
+        self._write_secret(name, password)
+        server.init(password)
+        server.start()
+        database = COMPONENTS[name][1]
+        server.psql(f'CREATE DATABASE "{database}";')
+        if name == "primary":
+            repl_password = new_password()
+            self._write_secret(REPLICATION_USER, repl_password)
+            server.psql(f"CREATE ROLE {REPLICATION_USER} WITH REPLICATION LOGIN PASSWORD '{repl_password}';\n"
+                        f"SELECT pg_create_physical_replication_slot('{REPLICATION_SLOT}');")
+        state["servers"][name] = {"kind": "postgresql", "port": port, "datadir": str(server.datadir),
+                                  "socket_dir": str(server.socket_dir), "log": str(server.log_path),
+                                  "database": database}
+        self._save_state(state)
+
+    def _up_standby(self, data_root, state, progress):
+        primary = self.server("primary", state)
+        port = free_port()
+        progress(f"pg_basebackup standby of primary (PostgreSQL on 127.0.0.1:{port})")
+        standby = primary.make_standby(data_root / "standby", port, REPLICATION_USER,
+                                       self.password(REPLICATION_USER), slot=REPLICATION_SLOT,
+                                       socket_dir=data_root / "standby.run")
+        self._write_secret("standby", self.password("primary"))
+        standby.start()
+        state["servers"]["standby"] = {"kind": "postgresql", "port": port, "datadir": str(standby.datadir),
+                                       "socket_dir": str(standby.socket_dir), "log": str(standby.log_path),
+                                       "database": COMPONENTS["standby"][1], "standby_of": "primary"}
+        self._save_state(state)
+
+    def _up_mariadb(self, data_root, state, progress):
+        port = free_port()
+        progress(f"mariadb-install-db tenant (MariaDB on 127.0.0.1:{port})")
+        server = MariaDBServer(data_root / "tenant", port, self.runner)
+        server.init()
+        server.start()
+        password = new_password()
+        self._write_secret("tenant", password)
+        database = COMPONENTS["tenant"][1]
+        server.sql(f"CREATE DATABASE `{database}`;\n"
+                   f"CREATE USER 'dbdeck'@'127.0.0.1' IDENTIFIED BY '{password}';\n"
+                   f"GRANT ALL PRIVILEGES ON *.* TO 'dbdeck'@'127.0.0.1' WITH GRANT OPTION;\n")
+        state["servers"]["tenant"] = {"kind": "mysql", "port": port, "datadir": str(server.datadir),
+                                      "log": str(server.log_path), "database": database}
+        self._save_state(state)
+
+    def write_config(self, state):
+        endpoints = {}
+        for name, info in state["servers"].items():
+            kind, database, role, _ = COMPONENTS[name]
+            endpoint = {"kind": kind, "host": "127.0.0.1", "port": info["port"],
+                        "user": "postgres" if kind == "postgresql" else "dbdeck",
+                        "password_file": str(self.secrets_dir / f"{name}.password"), "database": database}
+            if role:
+                endpoint["role"] = role
+            endpoints[name] = endpoint
+        config = {"dbdeck": {"run_dir": str(self.dir / "run"), "log_dir": str(self.dir / "logs")},
+                  "endpoints": endpoints}
+        header = ("# Written by `dbdeck sandbox up`: throwaway servers on 127.0.0.1.\n"
+                  "# Use it with: dbdeck --config .dbdeck-sandbox/dbdeck.yaml <command>\n")
+        self.config_path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+
+    def load_sample_data(self, state):
+        for name, script in (("prod", "sample_prod.sql"), ("dev", "sample_dev.sql"), ("primary", "sample_primary.sql")):
+            if name in state["servers"]:
+                self.server(name, state).psql((SAMPLE_DIR / script).read_text(), database=COMPONENTS[name][1])
+
+    def status(self):
+        state = self.load_state()
+        if not state:
+            return None
+        rows = []
+        for name, info in state["servers"].items():
+            server = self.server(name, state)
+            row = {"name": name, "kind": info["kind"], "host": "127.0.0.1", "port": info["port"],
+                   "database": info["database"], "running": server.is_running(),
+                   "description": COMPONENTS[name][3]}
+            if info["kind"] == "postgresql" and row["running"]:
+                row["in_recovery"] = server.psql("SELECT pg_is_in_recovery();").strip() == "t"
+            rows.append(row)
+        return {"dir": str(self.dir), "config": str(self.config_path), "servers": rows}
+
+    def down(self, progress=lambda line: None):
+        state = self.load_state()
+        if state:
+            # standby first, so the primary's shutdown does not wait on a walsender
+            for name in sorted(state["servers"], key=lambda n: n != "standby"):
+                progress(f"stopping {name}")
+                try:
+                    self.server(name, state).destroy()
+                except DbdeckError as exc:
+                    progress(f"could not stop {name} cleanly: {exc}")
+            data_root = Path(state.get("data_root", ""))
+            if data_root.is_dir() and data_root != self.dir / "data":
+                shutil.rmtree(data_root, ignore_errors=True)
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        return bool(state)
