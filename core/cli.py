@@ -130,7 +130,30 @@ def _with_global_options(command):
     return command
 
 
-@click.group(name="dbdeck", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class PluginGroup(click.Group):
+    """The root group; plugins register their commands on first lookup, so --version loads none."""
+
+    _plugins_loaded = False
+
+    def _ensure_plugins(self):
+        if not self._plugins_loaded:
+            self._plugins_loaded = True
+            from .pluginmanager import make_manager
+
+            make_manager().hook.register_commands(cli=self)
+            for command in self.commands.values():
+                _with_global_options(command)
+
+    def list_commands(self, ctx):
+        self._ensure_plugins()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, name):
+        self._ensure_plugins()
+        return super().get_command(ctx, name)
+
+
+@click.group(name="dbdeck", cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="dbdeck", message="%(prog)s %(version)s")
 def root():
     """dbdeck: prod-to-dev cloning, table sync, PostgreSQL replication and failover, Compose deploys.
@@ -199,21 +222,10 @@ def endpoints_command(app, names):
         sys.exit(EXIT_FAILED)
 
 
-_registered = False
-
-
 def build_cli():
-    """The root group with every plugin's commands and the global options everywhere."""
-    global _registered
-    if not _registered:
-        from .pluginmanager import make_manager
-
-        manager = make_manager()
-        manager.hook.register_commands(cli=root)
+    """The root group with the global options everywhere; plugin commands load on first lookup."""
+    if not any(p.name == "dry_run" for p in root.params if isinstance(p, click.Option)):
         _with_global_options(root)
-        for command in root.commands.values():
-            _with_global_options(command)
-        _registered = True
     return root
 
 

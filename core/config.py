@@ -75,6 +75,13 @@ class EndpointConfig(Section):
             secrets.register(value)
         return self
 
+    @field_validator("password_file")
+    @classmethod
+    def _password_file_readable(cls, value):
+        if value is not None:
+            _read_secret_file(value)
+        return value
+
     @field_validator("port")
     @classmethod
     def _port_range(cls, value):
@@ -316,7 +323,8 @@ def _validate(model, value, key_path, where):
             if error["type"] == "extra_forbidden":
                 allowed = ", ".join(sorted(model.model_fields))
                 message = f"unknown key (expected one of: {allowed})"
-            elif not any(h in key.lower() for h in _SECRET_KEY_HINTS) and error["type"] not in ("missing",):
+            elif (not any(h in key.lower() for h in _SECRET_KEY_HINTS) and error["type"] != "missing"
+                  and not isinstance(error.get("input"), dict)):
                 message += f", got {_short(error.get('input'))}"
             problems.append(f"{where.at(loc)}: {key}: {message}")
         raise ConfigError("\n".join(problems)) from None

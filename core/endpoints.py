@@ -9,6 +9,7 @@ password never appears in argv; for a container the variables are forwarded by n
 (``docker exec -e PGPASSWORD ...`` takes the value from dbdeck's environment).
 """
 
+import contextlib
 import json
 from urllib.parse import unquote, urlsplit
 
@@ -160,7 +161,7 @@ class Endpoint:
     def query(self, sql_text, params=None):
         """Run a read-only query and return a list of dicts (also in a dry run)."""
         if self.has_driver_access:
-            with self.connect() as conn:
+            with self.connect() as conn, self._errors("query"):
                 if self.kind == "postgresql":
                     from psycopg.rows import dict_row
 
@@ -183,15 +184,26 @@ class Endpoint:
             self.runner.say(f"would execute on {self.name}: {text}")
             return
         if self.has_driver_access:
-            with self.connect() as conn:
-                with conn.cursor() as cur:
-                    cur.execute(sql_text if self.kind == "postgresql" else text, params)
+            with self.connect() as conn, self._errors("statement"), conn.cursor() as cur:
+                cur.execute(sql_text if self.kind == "postgresql" else text, params)
             return
         if params:
             raise DbdeckError("query parameters need a direct connection; compose literals with psycopg.sql")
         tool = "psql" if self.kind == "postgresql" else "mysql"
         args = ["-X", "-q", "-v", "ON_ERROR_STOP=1"] if tool == "psql" else []
         self.run_tool(tool, *args, stdin=text, read_only=True)
+
+    @contextlib.contextmanager
+    def _errors(self, what):
+        """Driver errors become one masked DbdeckError line naming the endpoint."""
+        try:
+            yield
+        except DbdeckError:
+            raise
+        except Exception as exc:
+            if not _is_driver_error(exc):
+                raise
+            raise DbdeckError(f"{what} failed on {self.name}: {_first_line(exc)}") from None
 
     def _query_with_tool(self, text):
         if self.kind == "postgresql":
@@ -218,16 +230,9 @@ class Endpoint:
             row = self.query("SELECT (SELECT system_identifier::text FROM pg_control_system()) AS server, "
                              "current_database() AS db")[0]
         else:
-            row = self.query("SELECT @@server_uuid AS server, DATABASE() AS db")[0] if self._has_server_uuid() \
-                else self.query("SELECT CONCAT(@@hostname, ':', @@port, ':', @@datadir) AS server, DATABASE() AS db")[0]
+            # datadir+port identify a server instance on a host; server_uuid is MySQL-only
+            row = self.query("SELECT CONCAT(@@hostname, ':', @@port, ':', @@datadir) AS server, DATABASE() AS db")[0]
         return (str(row["server"]), str(row["db"]))
-
-    def _has_server_uuid(self):
-        try:
-            self.query("SELECT @@server_uuid AS u")
-            return True
-        except DbdeckError:
-            return False
 
     def ping(self):
         """(ok, detail): whether a trivial query succeeds, and the version or the error."""
@@ -275,6 +280,11 @@ def _as_text(sql_text):
     if isinstance(sql_text, str):
         return sql_text
     return sql_text.as_string(None)  # psycopg.sql.Composable: identifiers and literals already quoted
+
+
+def _is_driver_error(exc):
+    module = type(exc).__module__ or ""
+    return module.startswith(("psycopg", "pymysql"))
 
 
 def _first_line(exc):

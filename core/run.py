@@ -55,7 +55,8 @@ def printable(argv, env=None):
     """A shell-quoted, masked rendering of a command, with the names (only) of extra variables."""
     line = " ".join(shlex.quote(str(a)) for a in argv)
     if env:
-        line = " ".join(f"{k}=***" for k in sorted(env)) + " " + line
+        shown = (f"{k}=***" if secrets.is_secret_name(k) else f"{k}={shlex.quote(str(v))}" for k, v in sorted(env.items()))
+        line = " ".join(shown) + " " + line
     return secrets.mask(line)
 
 
@@ -84,8 +85,9 @@ class Runner:
         argv = [str(a) for a in argv]
         if as_user and os.geteuid() == 0:
             argv = ["runuser", "-u", as_user, "--", *argv]
-        for value in (env or {}).values():
-            secrets.register(value)
+        for name, value in (env or {}).items():
+            if secrets.is_secret_name(name):
+                secrets.register(value)
         if self.dry_run and not read_only:
             self.say(f"would run: {printable(argv, env)}")
             return Result(argv=argv, dry_run=True)

@@ -22,6 +22,14 @@ _KEY_VALUE_PASSWORD = re.compile(
 )
 
 
+_SECRET_NAME = re.compile(r"PASS|PWD|SECRET|TOKEN|CREDENTIAL|PRIVATE|API_?KEY", re.IGNORECASE)
+
+
+def is_secret_name(name):
+    """Whether a variable or key name (PGPASSWORD, MYSQL_PWD, API_TOKEN...) holds a secret."""
+    return bool(_SECRET_NAME.search(name))
+
+
 def register(secret):
     """Remember a secret value so that mask() hides it wherever it appears later."""
     if secret is None:

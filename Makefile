@@ -1,0 +1,27 @@
+# The README's commands. Each starts with scripts/bootstrap (idempotent: packages, dockerd, base image, .venv).
+SHELL := /bin/bash
+PYTHON := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench bootstrap unit clean
+
+bootstrap:
+	@scripts/bootstrap
+
+demo: bootstrap
+	@scripts/demo
+
+# pytest exits 5 when it collected nothing: that must fail, never pass quietly.
+test: bootstrap
+	@$(PYTHON) -m pytest $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$status
+
+unit: bootstrap
+	@$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: bootstrap
+	@for script in bench/*.py; do echo "== $$script"; $(PYTHON) "$$script" || exit 1; done
+
+clean:
+	-@bin/dbdeck sandbox down
+	rm -rf .venv *.egg-info .pytest_cache

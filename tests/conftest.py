@@ -1,0 +1,257 @@
+"""Fixtures that start real servers on 127.0.0.1 (the sandbox plugin's code), and Docker/sshd.
+
+A component that is missing fails the test with the command that installs it: nothing is
+silently skipped. `make test` runs scripts/bootstrap first, which installs all of them.
+"""
+
+import os
+import secrets as token
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from dbdeck.config import EndpointConfig
+from dbdeck.endpoints import Endpoint
+from dbdeck.run import Runner
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "bin"
+COMPOSE_DIR = Path(__file__).parent / "integration" / "compose"
+CONTAINER_PREFIX = os.environ.get("DBDECK_TEST_CONTAINER_PREFIX", "")
+
+
+def require(program, package):
+    if shutil.which(program) is None and not Path("/usr/sbin", program).exists():
+        pytest.fail(f"{program} is not installed: run `make test` (scripts/bootstrap) or apt-get install {package}",
+                    pytrace=False)
+
+
+def new_password():
+    # includes characters that need quoting in a DSN, to prove they are passed safely
+    return token.token_urlsafe(12) + "'\" x@:/"
+
+
+@pytest.fixture(scope="session")
+def workdir():
+    """A scratch directory the postgres and mysql OS users can traverse (pytest's tmp dirs are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="dbdeck-test-"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def runner():
+    return Runner()
+
+
+def endpoint(name, port, password, database, kind="postgresql", user=None, runner=None, **extra):
+    config = EndpointConfig(kind=kind, host="127.0.0.1", port=port, password=password, database=database,
+                            user=user or ("postgres" if kind == "postgresql" else "dbdeck"), **extra)
+    return Endpoint(name, config, runner or Runner())
+
+
+class StartedPostgres:
+    def __init__(self, server, password):
+        self.server = server
+        self.password = password
+        self.port = server.port
+
+    def endpoint(self, database="postgres", name="pg", runner=None, **extra):
+        return endpoint(name, self.port, self.password, database, runner=runner, **extra)
+
+
+def _start_postgres(workdir, name, settings=None):
+    from dbdeck.plugins.sandbox.servers import PostgresServer, free_port
+
+    require("pg_ctl", "postgresql")
+    password = new_password()
+    server = PostgresServer(workdir / name, free_port(), Runner(), socket_dir=workdir / f"{name}.run")
+    server.init(password, settings)
+    server.start()
+    return StartedPostgres(server, password)
+
+
+@pytest.fixture(scope="session")
+def pg_server(workdir):
+    """A running PostgreSQL cluster; .endpoint(database) gives a dbdeck Endpoint to it."""
+    started = _start_postgres(workdir, "pg")
+    yield started
+    started.server.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_pair(workdir):
+    """A streaming-replication primary and hot standby (pg_basebackup -R, physical slot)."""
+    primary = _start_postgres(workdir, "primary")
+    repl_password = new_password().replace("'", "")
+    primary.server.psql(f"CREATE ROLE replicator REPLICATION LOGIN PASSWORD '{repl_password}';\n"
+                        "SELECT pg_create_physical_replication_slot('replica_slot');")
+    from dbdeck.plugins.sandbox.servers import free_port
+
+    standby_server = primary.server.make_standby(workdir / "standby", free_port(), "replicator", repl_password,
+                                                 slot="replica_slot", socket_dir=workdir / "standby.run")
+    standby_server.start()
+    standby = StartedPostgres(standby_server, primary.password)
+    yield primary, standby
+    standby_server.destroy()
+    primary.server.destroy()
+
+
+class StartedMariaDB:
+    def __init__(self, server, password):
+        self.server = server
+        self.password = password
+        self.port = server.port
+
+    def endpoint(self, database="tenant", name="tenant", runner=None, **extra):
+        return endpoint(name, self.port, self.password, database, kind="mysql", runner=runner, **extra)
+
+
+@pytest.fixture(scope="session")
+def mariadb_server(workdir):
+    """A running MariaDB server with user `dbdeck` (all privileges) and database `tenant`."""
+    from dbdeck.plugins.sandbox.servers import MariaDBServer, free_port
+
+    require("mariadbd", "mariadb-server")
+    server = MariaDBServer(workdir / "mariadb", free_port(), Runner())
+    server.init()
+    server.start()
+    password = new_password().replace("'", "").replace('"', "")
+    server.sql(f"CREATE DATABASE tenant;\nCREATE USER 'dbdeck'@'127.0.0.1' IDENTIFIED BY '{password}';\n"
+               "GRANT ALL PRIVILEGES ON *.* TO 'dbdeck'@'127.0.0.1';\n")
+    yield StartedMariaDB(server, password)
+    server.destroy()
+
+
+# --- Docker through pytest-docker -------------------------------------------------------------------
+
+def _docker_ready():
+    require("docker", "docker.io")
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        pytest.fail("dockerd is not running: run scripts/bootstrap (it starts dockerd)", pytrace=False)
+    if subprocess.run(["docker", "image", "inspect", "dbdeck-base:latest"], capture_output=True).returncode:
+        pytest.fail("image dbdeck-base:latest is missing: run scripts/build-base-image", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def docker_compose_command():
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return "docker compose"
+    require("docker-compose", "docker-compose")
+    return "docker-compose"
+
+
+@pytest.fixture(scope="session")
+def docker_setup(docker_compose_command):
+    # `--wait` exists only in compose v2; readiness is checked by the fixtures themselves
+    return ["up --build -d"]
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file():
+    return str(COMPOSE_DIR / "crm-postgres.yml")
+
+
+@pytest.fixture(scope="session")
+def docker_compose_project_name():
+    return f"dbdeck-tests-{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def crm_containers(docker_services_ready):
+    """The seeds' crm-postgres and crm-postgres-dev containers, reachable only by docker exec."""
+    names = {"prod": f"{CONTAINER_PREFIX}crm-postgres", "dev": f"{CONTAINER_PREFIX}crm-postgres-dev"}
+    for container in names.values():
+        docker_services_ready.wait_until_responsive(
+            check=lambda c=container: subprocess.run(["docker", "exec", c, "pg_isready", "-U", "postgres"],
+                                                     capture_output=True).returncode == 0,
+            timeout=60, pause=0.3)
+    return names
+
+
+@pytest.fixture(scope="session")
+def docker_services_ready(request):
+    _docker_ready()
+    os.environ.setdefault("DBDECK_TEST_CONTAINER_PREFIX", CONTAINER_PREFIX)
+    return request.getfixturevalue("docker_services")
+
+
+# --- sshd on loopback -------------------------------------------------------------------------------
+
+class Sshd:
+    def __init__(self, port, key, known_hosts, user):
+        self.port = port
+        self.key = key
+        self.known_hosts = known_hosts
+        self.user = user
+
+    def ssh_argv(self, *command):
+        return ["ssh", "-p", str(self.port), "-i", str(self.key), "-o", f"UserKnownHostsFile={self.known_hosts}",
+                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"{self.user}@127.0.0.1", *command]
+
+
+@pytest.fixture(scope="session")
+def sshd(workdir):
+    """An sshd on a loopback port accepting a generated key for the current user."""
+    from dbdeck.plugins.sandbox.servers import free_port, wait_until
+
+    require("sshd", "openssh-server")
+    require("ssh", "openssh-client")
+    base = workdir / "sshd"
+    base.mkdir(mode=0o700)
+    host_key, user_key = base / "host_ed25519", base / "id_ed25519"
+    for key in (host_key, user_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    authorized = base / "authorized_keys"
+    authorized.write_text(Path(f"{user_key}.pub").read_text())
+    os.chmod(authorized, 0o600)
+    port = free_port()
+    config = base / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {authorized}\n"
+        f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+        f"StrictModes no\nUsePAM no\nPidFile {base}/sshd.pid\nSubsystem sftp internal-sftp\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    known_hosts = base / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {Path(f'{host_key}.pub').read_text()}")
+    sshd_path = shutil.which("sshd") or "/usr/sbin/sshd"
+    process = subprocess.Popen([sshd_path, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=open(base / "sshd.log", "wb"))
+    import pwd
+
+    server = Sshd(port, user_key, known_hosts, pwd.getpwuid(os.getuid()).pw_name)
+
+    def answers():
+        return subprocess.run(server.ssh_argv("true"), capture_output=True, timeout=10).returncode == 0
+
+    try:
+        wait_until(answers, 20, f"sshd on port {port} (log {base}/sshd.log)")
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def dbdeck_bin():
+    """Run bin/<command> as a user would; returns a function -> CompletedProcess."""
+
+    def run(*args, command="dbdeck", env=None, cwd=None, input=None, timeout=120):
+        return subprocess.run([str(BIN / command), *map(str, args)], capture_output=True, text=True,
+                              env={**os.environ, **(env or {})}, cwd=cwd, input=input, timeout=timeout)
+
+    return run
+
+
+def wait_for(check, timeout=10.0, pause=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(pause)
+    return False

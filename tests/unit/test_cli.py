@@ -1,0 +1,143 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("psycopg", "pymysql", "pydantic", "yaml", "sh",
+         "dbdeck.plugins.sandbox.sandbox", "dbdeck.plugins.sandbox.servers", "dbdeck.config", "dbdeck.endpoints")
+
+
+def run(*args, env=None, cwd=None):
+    return subprocess.run([str(ROOT / "bin" / "dbdeck"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=60)
+
+
+def imported_by(args):
+    code = textwrap.dedent(f"""
+        import sys
+        from dbdeck.cli import main
+        try:
+            main({args!r})
+        except SystemExit:
+            pass
+        print(",".join(sorted(sys.modules)), file=sys.stderr)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return set(done.stderr.strip().splitlines()[-1].split(","))
+
+
+def test_help_and_version_stay_light():
+    for args in (["--help"], ["--version"]):
+        loaded = imported_by(args)
+        assert not loaded.intersection(HEAVY), f"{args} imported {sorted(loaded.intersection(HEAVY))}"
+
+
+def test_version():
+    done = run("--version")
+    assert done.returncode == 0 and done.stdout.startswith("dbdeck 0.")
+
+
+def test_help_lists_plugin_commands():
+    done = run("--help")
+    assert done.returncode == 0 and "sandbox" in done.stdout and "plugins" in done.stdout
+
+
+def test_global_options_before_or_after_the_command(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("endpoints: {}\n")
+    for args in (["--config", str(cfg), "--format", "json", "config", "check"],
+                 ["config", "check", "--config", str(cfg), "--format", "json"]):
+        done = run(*args)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["file"] == str(cfg)
+
+
+def test_bad_config_exits_2_with_one_line_and_runs_nothing(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("endpoints:\n  prod:\n    port: not-a-port\n")
+    done = run("--config", str(cfg), "endpoints")
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert f"{cfg}:3: endpoints.prod.port: Input should be a valid integer" in done.stderr
+    assert done.stdout == ""
+
+
+def test_config_from_environment_variable(tmp_path):
+    cfg = tmp_path / "env.yaml"
+    cfg.write_text("dbdeck: {unknown_key: 1}\n")
+    done = run("config", "check", env={"DBDECK_CONFIG": str(cfg)})
+    assert done.returncode == 2 and "dbdeck.unknown_key: unknown key" in done.stderr
+
+
+def test_config_show_masks_secrets(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("endpoints:\n  ext:\n    dsn: postgresql://app:show-me-not@db.example/app\n")
+    done = run("--config", str(cfg), "config", "show")
+    assert done.returncode == 0 and "show-me-not" not in done.stdout and "ext" in done.stdout
+
+
+def test_unknown_command_is_a_usage_error():
+    done = run("no-such-command")
+    assert done.returncode == 2 and "No such command" in done.stderr
+
+
+def test_main_for_gives_a_command_its_own_executable(tmp_path):
+    launcher = [sys.executable, "-m", "dbdeck.launch", "sandbox", "status", "--dir", str(tmp_path / "none"),
+                "--format", "json"]
+    done = subprocess.run(launcher, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert json.loads(done.stdout) == {"dir": str(tmp_path / "none"), "servers": []}
+    missing = subprocess.run([sys.executable, "-m", "dbdeck.launch", "not-a-command"], capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 2 and "no command 'not-a-command'" in missing.stderr
+
+
+def test_third_party_plugin_from_entry_point(tmp_path):
+    site = tmp_path / "site"
+    (site / "dbdeck_hello").mkdir(parents=True)
+    (site / "dbdeck_hello" / "__init__.py").write_text(textwrap.dedent("""
+        import click
+        from dbdeck.hookspecs import hookimpl
+
+        @hookimpl
+        def register_commands(cli):
+            @cli.command("hello")
+            def hello():
+                "Say hello from a third-party plugin."
+                click.echo("hello from a plugin")
+    """))
+    dist = site / "dbdeck_hello-1.2.3.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dbdeck-hello\nVersion: 1.2.3\n")
+    (dist / "entry_points.txt").write_text("[dbdeck.plugins]\nhello = dbdeck_hello\n")
+    env = {"PYTHONPATH": str(site)}
+    listed = run("plugins", "--format", "json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    hello = [p for p in json.loads(listed.stdout) if p["module"] == "dbdeck_hello"]
+    assert hello and hello[0]["version"] == "1.2.3" and hello[0]["hooks"] == ["register_commands"]
+    done = run("hello", env=env)
+    assert done.returncode == 0 and done.stdout == "hello from a plugin\n"
+
+
+def test_dry_run_flag_reaches_the_runner(tmp_path):
+    code = textwrap.dedent("""
+        import click, sys
+        from dbdeck.cli import pass_app, run_command, _with_global_options
+
+        @click.command("touch-it")
+        @click.argument("path")
+        @pass_app
+        def touch_it(app, path):
+            app.runner.run(["touch", path])
+
+        sys.exit(run_command(_with_global_options(touch_it), sys.argv[1:], prog_name="touch-it"))
+    """)
+    target = tmp_path / "file"
+    done = subprocess.run([sys.executable, "-c", code, str(target), "--dry-run"], capture_output=True, text=True)
+    assert done.returncode == 0 and not target.exists()
+    assert done.stdout.strip() == f"[dry-run] would run: touch {target}"
+    subprocess.run([sys.executable, "-c", code, str(target)], check=True)
+    assert target.exists()

@@ -1,0 +1,160 @@
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from dbdeck import config
+from dbdeck.config import ConfigSection, Section
+from dbdeck.errors import ConfigError
+
+
+class SyncSection(Section):
+    container: str = "crm-postgres"
+    database: str = "crm_production"
+    batch_size: int = 5000
+    exclude_tables: list[str] = []
+
+
+SYNC = ConfigSection("sync", SyncSection, env={"PROD_DB_CONTAINER": "container", "PROD_DATABASE": "database"})
+
+
+def write(tmp_path, text, name="dbdeck.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def load(path, environ=None, sections=(SYNC,)):
+    return config.load(str(path), sections, environ=environ or {})
+
+
+def test_defaults_apply_when_section_missing(tmp_path):
+    cfg = load(write(tmp_path, "dbdeck: {}\n"))
+    assert cfg.section("sync").batch_size == 5000
+    assert cfg.section("sync").container == "crm-postgres"
+
+
+def test_search_order_explicit_then_env_then_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "etc").mkdir()
+    cwd_file = write(tmp_path / "etc", "sync: {batch_size: 1}\n")
+    env_file = write(tmp_path, "sync: {batch_size: 2}\n", "env.yaml")
+    explicit = write(tmp_path, "sync: {batch_size: 3}\n", "explicit.yaml")
+    assert config.find_config_file(None, {}) == Path("etc/dbdeck.yaml")
+    assert config.find_config_file(None, {"DBDECK_CONFIG": str(env_file)}) == env_file
+    assert config.find_config_file(str(explicit), {"DBDECK_CONFIG": str(env_file)}) == explicit
+    assert config.load(None, (SYNC,), environ={}).section("sync").batch_size == 1
+    assert cwd_file.exists()
+
+
+def test_missing_explicit_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.find_config_file(str(tmp_path / "nope.yaml"), {})
+
+
+def test_interpolation_with_default_and_escape(tmp_path):
+    path = write(tmp_path, "sync:\n  container: ${CONTAINER}\n  database: ${DB:-fallback_db}\n"
+                           "  exclude_tables: ['$${literal}']\n")
+    cfg = load(path, {"CONTAINER": "my-pg"})
+    assert cfg.section("sync").container == "my-pg"
+    assert cfg.section("sync").database == "fallback_db"
+    assert cfg.section("sync").exclude_tables == ["${literal}"]
+
+
+def test_unset_variable_names_file_line_and_key(tmp_path):
+    path = write(tmp_path, "sync:\n  container: ${NOT_SET_ANYWHERE}\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value) == (f"{path}:2: sync.container: environment variable NOT_SET_ANYWHERE is not set "
+                              "(write ${NOT_SET_ANYWHERE:-default} to give a default)")
+
+
+def test_seed_environment_variables_override_yaml(tmp_path):
+    path = write(tmp_path, "sync:\n  container: from-yaml\n  database: from_yaml\n")
+    cfg = load(path, {"PROD_DB_CONTAINER": "from-env"})
+    assert cfg.section("sync").container == "from-env"
+    assert cfg.section("sync").database == "from_yaml"
+
+
+def test_malformed_yaml_is_one_line_with_position(tmp_path):
+    path = write(tmp_path, "sync:\n  container: [unclosed\n  database: x\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:") and "malformed YAML" in message
+    assert "\n" not in message
+
+
+def test_unknown_key_names_line_and_expected_keys(tmp_path):
+    path = write(tmp_path, "sync:\n  container: x\n  batchsize: 10\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value).startswith(f"{path}:3: sync.batchsize: unknown key (expected one of: batch_size,")
+
+
+def test_unknown_section(tmp_path):
+    path = write(tmp_path, "dbdeck: {}\nsyncc: {}\n")
+    with pytest.raises(ConfigError, match=r":2: unknown section 'syncc' \(expected one of: dbdeck, endpoints, sync\)"):
+        load(path)
+
+
+def test_wrong_type_says_what_was_expected(tmp_path):
+    path = write(tmp_path, "sync:\n  batch_size: lots\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value) == f"{path}:2: sync.batch_size: Input should be a valid integer, unable to parse " \
+                             f"string as an integer, got 'lots'"
+
+
+def test_section_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="sync: expected a mapping of settings, got a list"):
+        load(write(tmp_path, "sync: [1, 2]\n"))
+
+
+def test_password_file_is_read_and_never_printed(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("s3cr3t-from-file\n")
+    path = write(tmp_path, f"endpoints:\n  dev:\n    host: 127.0.0.1\n    password_file: {secret}\n")
+    cfg = load(path)
+    endpoint = cfg.endpoint_config("dev")
+    assert endpoint.password.get_secret_value() == "s3cr3t-from-file"
+    assert "s3cr3t" not in repr(endpoint) and "s3cr3t" not in str(config.dump(cfg))
+
+
+def test_unreadable_password_file(tmp_path):
+    path = write(tmp_path, f"endpoints:\n  dev:\n    host: h\n    password_file: {tmp_path}/missing\n")
+    with pytest.raises(ConfigError, match=r":4: endpoints.dev.password_file: cannot read password file .*missing: No such file"):
+        load(path)
+
+
+def test_wrong_secret_value_is_not_echoed(tmp_path):
+    path = write(tmp_path, "endpoints:\n  dev:\n    password: [not, a, string]\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert "not" not in str(err.value).split("password:")[-1]
+
+
+def test_endpoint_rejects_dsn_and_host_together(tmp_path):
+    path = write(tmp_path, "endpoints:\n  x:\n    dsn: postgresql://u:p@h/db\n    host: h\n")
+    with pytest.raises(ConfigError, match="give either dsn or host/port, not both"):
+        load(path)
+
+
+def test_env_files_fill_missing_variables_only(tmp_path):
+    (tmp_path / ".env.sync").write_text("EXTERNAL_DB_URL=postgresql://u:pw@neon/db\nCONTAINER=from-file\n")
+    path = write(tmp_path, "dbdeck:\n  env_files: [.env.sync]\nsync:\n  container: ${CONTAINER}\n"
+                           "endpoints:\n  external:\n    dsn: ${EXTERNAL_DB_URL}\n")
+    cfg = load(path, {"CONTAINER": "from-environment"})
+    assert cfg.section("sync").container == "from-environment"
+    assert cfg.endpoint_config("external").dsn.get_secret_value() == "postgresql://u:pw@neon/db"
+
+
+def test_unknown_endpoint_name(tmp_path):
+    cfg = load(write(tmp_path, "endpoints:\n  prod: {host: h}\n"))
+    with pytest.raises(ConfigError, match=r"no endpoint named 'dev' .*known: prod"):
+        cfg.endpoint_config("dev")
+
+
+def test_empty_file_means_defaults(tmp_path):
+    assert load(write(tmp_path, "")).section("sync").database == "crm_production"

@@ -1,0 +1,86 @@
+import os
+import pwd
+
+import pytest
+
+from dbdeck import secrets
+from dbdeck.errors import CommandFailed, CommandTimeout
+from dbdeck.run import Runner, printable
+
+
+def test_runs_and_captures():
+    result = Runner().run(["sh", "-c", "echo out; echo err >&2"])
+    assert result.ok and result.stdout == "out\n" and result.stderr == "err\n"
+
+
+def test_secret_passed_by_environment_not_argv():
+    result = Runner().run(["sh", "-c", 'printf %s "$PGPASSWORD"'], env={"PGPASSWORD": "env-only-secret"})
+    assert result.stdout == "env-only-secret"
+    assert "env-only-secret" not in " ".join(result.argv)
+
+
+def test_failure_is_masked_and_not_chained():
+    secrets.register("argv-secret-value")
+    with pytest.raises(CommandFailed) as err:
+        Runner().run(["sh", "-c", "echo 'bad password argv-secret-value' >&2; exit 3", "argv-secret-value"])
+    assert err.value.returncode == 3
+    assert "argv-secret-value" not in str(err.value)
+    assert "***" in str(err.value) and "exit status 3" in str(err.value)
+    assert err.value.__cause__ is None and (err.value.__context__ is None or err.value.__suppress_context__)
+
+
+def test_url_password_in_argv_is_masked_in_errors():
+    with pytest.raises(CommandFailed) as err:
+        Runner().run(["sh", "-c", "exit 1", "postgresql://u:urlpass@h/db"])
+    assert "urlpass" not in str(err.value)
+
+
+def test_check_false_returns_status():
+    assert Runner().run(["sh", "-c", "exit 4"], check=False).returncode == 4
+
+
+def test_timeout():
+    with pytest.raises(CommandTimeout, match="timed out after 0.3s"):
+        Runner().run(["sleep", "5"], timeout=0.3)
+
+
+def test_missing_program():
+    with pytest.raises(CommandFailed, match="program not found: no-such-program-xyz"):
+        Runner().run(["no-such-program-xyz"])
+
+
+def test_dry_run_prints_and_does_not_run(tmp_path):
+    lines = []
+    target = tmp_path / "created"
+    result = Runner(dry_run=True, echo=lines.append).run(["touch", target], env={"PGPASSWORD": "dry-secret"})
+    assert result.dry_run and not target.exists()
+    assert lines == [f"[dry-run] would run: PGPASSWORD=*** touch {target}"]
+
+
+def test_read_only_commands_still_run_in_dry_run():
+    assert Runner(dry_run=True).run(["echo", "hi"], read_only=True).stdout == "hi\n"
+
+
+def test_stdin_and_stdout_file(tmp_path):
+    out = tmp_path / "out"
+    with open(out, "wb") as handle:
+        Runner().run(["cat"], stdin="streamed\n", stdout=handle)
+    assert out.read_text() == "streamed\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as_user switches users only when dbdeck runs as root")
+def test_as_user_runs_as_that_user():
+    user = pwd.getpwuid(65534).pw_name
+    assert Runner().run(["id", "-un"], as_user=user).stdout.strip() == user
+
+
+def test_printable_quotes_and_masks():
+    assert printable(["psql", "-c", "select 1"], {"PGPASSWORD": "x"}) == "PGPASSWORD=*** psql -c 'select 1'"
+
+
+def test_daemon_outlives_call(tmp_path):
+    daemon = Runner().start_daemon(["sleep", "30"], log_path=tmp_path / "log")
+    try:
+        assert daemon.pid > 0 and daemon.poll() is None
+    finally:
+        os.kill(daemon.pid, 9)
