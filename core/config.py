@@ -321,13 +321,28 @@ def _validate(model, value, key_path, where):
             key = _dotted(loc)
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
-                allowed = ", ".join(sorted(model.model_fields))
-                message = f"unknown key (expected one of: {allowed})"
+                fields = _fields_at(model, error["loc"][:-1])
+                message = f"unknown key (expected one of: {', '.join(sorted(fields))})" if fields else "unknown key"
             elif (not any(h in key.lower() for h in _SECRET_KEY_HINTS) and error["type"] != "missing"
                   and not isinstance(error.get("input"), dict)):
                 message += f", got {_short(error.get('input'))}"
             problems.append(f"{where.at(loc)}: {key}: {message}")
         raise ConfigError("\n".join(problems)) from None
+
+
+def _fields_at(model, loc):
+    """The field names of the (nested) model found at loc, for 'expected one of' hints."""
+    for key in loc:
+        annotation = getattr(model, "model_fields", {}).get(key)
+        if annotation is None:
+            root = getattr(model, "model_fields", {}).get("root")
+            if root is None:
+                return []
+            args = getattr(root.annotation, "__args__", ())
+            model = args[-1] if args else None
+            continue
+        model = annotation.annotation
+    return list(getattr(model, "model_fields", {}) or [])
 
 
 def _dotted(key_path):

@@ -14,6 +14,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 DEFAULT_PLUGINS = (
     "dbdeck.plugins.sandbox",
+    "dbdeck.plugins.schedule",
 )
 
 

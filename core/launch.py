@@ -1,8 +1,14 @@
-"""`python -m dbdeck.launch COMMAND [ARGS...]`: what bin/<command> executes."""
+"""Entry points of the per-command executables.
+
+`python -m dbdeck.launch COMMAND [ARGS...]` is what bin/<command> runs from a checkout; the names
+below are the console_scripts of an installed dbdeck (setup.cfg). Both build on cli.main_for().
+"""
 
 import sys
 
 from dbdeck.cli import main, main_for
+
+setup_sync_cron = main_for("setup-sync-cron")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] == "dbdeck":

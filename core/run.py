@@ -48,7 +48,15 @@ class Daemon:
     _popen: subprocess.Popen | None = field(default=None, repr=False)
 
     def poll(self):
+        """The exit status once the program ended (negative: killed by that signal), else None."""
         return self._popen.poll() if self._popen else None
+
+    def send_signal(self, signum):
+        if self._popen and self._popen.poll() is None:
+            self._popen.send_signal(signum)
+
+    def wait(self, timeout=None):
+        return self._popen.wait(timeout) if self._popen else None
 
 
 def printable(argv, env=None):
@@ -73,7 +81,7 @@ class Runner:
         self._echo(f"[dry-run] {secrets.mask(message)}" if self.dry_run else secrets.mask(message))
 
     def run(self, argv, *, env=None, stdin=None, stdout=None, timeout=None, cwd=None,
-            as_user=None, check=True, read_only=False, binary=False):
+            as_user=None, check=True, read_only=False, binary=False, passthrough=False):
         """Run argv and wait for it.
 
         env      extra variables (secrets go here, e.g. PGPASSWORD); merged over os.environ
@@ -81,6 +89,7 @@ class Runner:
         stdout   an open binary file to stream standard output into instead of capturing it
         as_user  run as this OS user (through runuser) when dbdeck runs as root
         read_only  the command changes nothing, so it also runs in a dry run
+        passthrough  the program writes straight to our stdout/stderr (a scheduled job's output)
         """
         argv = [str(a) for a in argv]
         if as_user and os.geteuid() == 0:
@@ -93,9 +102,10 @@ class Runner:
             return Result(argv=argv, dry_run=True)
         log.debug("running: %s", printable(argv, env))
         return self._run_with_sh(argv, env=env, stdin=stdin, stdout=stdout,
-                                 timeout=timeout or self.default_timeout, cwd=cwd, check=check, binary=binary)
+                                 timeout=timeout or self.default_timeout, cwd=cwd, check=check, binary=binary,
+                                 passthrough=passthrough)
 
-    def _run_with_sh(self, argv, *, env, stdin, stdout, timeout, cwd, check, binary):
+    def _run_with_sh(self, argv, *, env, stdin, stdout, timeout, cwd, check, binary, passthrough=False):
         import sh
 
         try:
@@ -115,6 +125,10 @@ class Runner:
             kwargs["_in"] = stdin
         if stdout is not None:
             kwargs["_out"] = stdout
+        if passthrough:
+            import sys
+
+            kwargs["_out"], kwargs["_err"] = sys.stdout.buffer, sys.stderr.buffer
         try:
             done = program(*argv[1:], **kwargs)
         except sh.TimeoutException:
@@ -126,7 +140,7 @@ class Runner:
                 argv=argv, returncode=exc.exit_code, stderr=secrets.mask(stderr)) from None
         except sh.ErrorReturnCode as exc:  # pragma: no cover - _ok_code admits every status
             raise CommandFailed(f"failed: {printable(argv)}", argv=argv, returncode=exc.exit_code) from None
-        out = b"" if stdout is not None else (done.stdout or b"")
+        out = b"" if (stdout is not None or passthrough) else (done.stdout or b"")
         result = Result(argv=argv, returncode=done.exit_code,
                         stdout=out if binary else _decode(out), stderr=_decode(done.stderr))
         if check and result.returncode != 0:
@@ -135,8 +149,9 @@ class Runner:
                 argv=argv, returncode=result.returncode, stderr=secrets.mask(result.stderr))
         return result
 
-    def start_daemon(self, argv, *, log_path, env=None, as_user=None, cwd=None):
-        """Start a server that outlives dbdeck (its own session, output to log_path)."""
+    def start_daemon(self, argv, *, log_path=None, env=None, as_user=None, cwd=None):
+        """Start a program without waiting for it, in its own session (a terminal's Ctrl-C does not
+        reach it); output goes to log_path, or to our own stdout/stderr when log_path is None."""
         argv = [str(a) for a in argv]
         if as_user and os.geteuid() == 0:
             argv = ["runuser", "-u", as_user, "--", *argv]
@@ -145,13 +160,18 @@ class Runner:
             return Daemon(argv=argv, pid=0, log_path=log_path)
         log.debug("starting: %s", printable(argv, env))
         try:
-            with open(log_path, "ab") as out:
-                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            out = open(log_path, "ab") if log_path else None
+            try:
+                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT if out else None,
                                          env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
+            finally:
+                if out:
+                    out.close()
         except FileNotFoundError:
             raise CommandFailed(f"program not found: {argv[0]} (is it installed and on PATH?)",
                                 argv=argv, returncode=127) from None
-        return Daemon(argv=argv, pid=popen.pid, log_path=Path(log_path), _popen=popen)
+        return Daemon(argv=argv, pid=popen.pid, log_path=Path(log_path) if log_path else None, _popen=popen)
 
 
 def _decode(data):

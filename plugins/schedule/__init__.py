@@ -1,0 +1,24 @@
+"""Schedule plugin: `dbdeck schedule install|status|remove|run|exec` and the seed's `setup-sync-cron`."""
+
+from dbdeck.hookspecs import hookimpl
+
+
+@hookimpl
+def register_commands(cli):
+    from .commands import schedule_group, setup_sync_cron
+
+    cli.add_command(schedule_group)
+    cli.add_command(setup_sync_cron)
+
+
+@hookimpl
+def config_section():
+    from dbdeck.config import ConfigSection
+
+    from .model import SchedulerSettings, Schedules
+
+    return [
+        ConfigSection("scheduler", SchedulerSettings, env={"SYNC_CRON_INTERVAL": "sync_cron_interval"},
+                      description="how scheduled jobs are installed (cron or systemd) and where run state is kept"),
+        ConfigSection("schedules", Schedules, description="job name -> command and timing"),
+    ]

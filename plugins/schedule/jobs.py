@@ -1,0 +1,105 @@
+"""Jobs as configured (plus plugins' defaults), how a job is invoked, and its run state."""
+
+import fcntl
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from dbdeck.errors import DbdeckError, EXIT_USAGE
+
+from .model import Job
+
+STATE_FILE = "schedule-state.json"
+
+
+class UsageProblem(DbdeckError):
+    exit_code = EXIT_USAGE
+
+
+def all_jobs(app):
+    """name -> Job: plugins' default jobs (scheduled_jobs hook) overridden by the `schedules:` section."""
+    jobs = {}
+    for offered in app.plugin_manager.hook.scheduled_jobs(config=app.config):
+        for spec in offered or ():
+            spec = dict(spec)
+            jobs[spec.pop("name")] = Job.model_validate(spec)
+    jobs.update(app.config.section("schedules").root)
+    return jobs
+
+
+def select(jobs, names):
+    unknown = [n for n in names if n not in jobs]
+    if unknown:
+        known = ", ".join(sorted(jobs)) or "none configured"
+        raise UsageProblem(f"no scheduled job named {unknown[0]!r} (known: {known})")
+    return {n: jobs[n] for n in names} if names else jobs
+
+
+def dbdeck_argv(app, *args):
+    """How cron, systemd or the foreground scheduler start dbdeck: this interpreter, absolute paths."""
+    argv = [sys.executable, "-m", "dbdeck.launch", "dbdeck"]
+    config = app.config.path
+    if config is not None:
+        argv += ["--config", str(Path(config).resolve())]
+    return [*argv, *args]
+
+
+def job_argv(app, job):
+    """The program a job runs: a dbdeck command through this interpreter, or any other program."""
+    first = job.command[0]
+    if first == "dbdeck":
+        return [sys.executable, "-m", "dbdeck.launch", *job.command]
+    from dbdeck.cli import build_cli
+
+    if build_cli().get_command(None, first) is not None:
+        return [sys.executable, "-m", "dbdeck.launch", *job.command]
+    return list(job.command)
+
+
+def state_dir(app):
+    configured = app.config.section("scheduler").state_dir
+    if configured:
+        return Path(configured)
+    if os.geteuid() == 0:
+        return Path("/var/lib/dbdeck")
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "dbdeck"
+
+
+class RunState:
+    """Last start, end, exit code and duration per job, in one JSON file updated under flock."""
+
+    def __init__(self, directory):
+        self.path = Path(directory) / STATE_FILE
+
+    def read(self):
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            return {}
+
+    @contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def update(self, job, **fields):
+        with self._locked():
+            state = self.read()
+            state.setdefault(job, {}).update(fields)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+            os.replace(tmp, self.path)
+
+
+def now_iso():
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

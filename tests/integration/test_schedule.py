@@ -1,0 +1,204 @@
+import json
+import os
+import pwd
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+CRON_USER = "dbdeck-crontest"
+
+
+@pytest.fixture(scope="module")
+def cron_user():
+    """A throwaway OS user whose crontab the tests may rewrite."""
+    if os.geteuid() != 0:
+        pytest.fail("the crontab tests create a throwaway user and need root", pytrace=False)
+    try:
+        pwd.getpwnam(CRON_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", CRON_USER],
+                       check=True)
+    yield CRON_USER
+    subprocess.run(["crontab", "-u", CRON_USER, "-r"], capture_output=True)
+    subprocess.run(["userdel", CRON_USER], capture_output=True)
+
+
+def crontab_of(user):
+    done = subprocess.run(["crontab", "-u", user, "-l"], capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else ""
+
+
+def write_config(tmp_path, body):
+    path = tmp_path / "dbdeck.yaml"
+    path.write_text(f"dbdeck:\n  run_dir: {tmp_path}/run\nscheduler:\n  state_dir: {tmp_path}/state\n" + body)
+    return path
+
+
+FOREIGN = "# a line the user wrote\nMAILTO=ops@example.com\n17 3 * * * /usr/local/bin/backup.sh  --keep   7\n"
+
+
+def test_cron_install_is_idempotent_and_touches_only_its_lines(cron_user, tmp_path, dbdeck_bin):
+    subprocess.run(["crontab", "-u", cron_user, "-"], input=FOREIGN, text=True, check=True)
+    config = write_config(tmp_path, f"  cron_user: {cron_user}\nschedules:\n"
+                                    "  sync:\n    command: sync-prod-to-dev --force\n    every: 5m\n"
+                                    "  weekly:\n    command: [dbdeck, plugins]\n    cron: '0 4 * * 0'\n")
+    dry = dbdeck_bin("--config", config, "schedule", "install", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "*/5 * * * *" in dry.stdout and crontab_of(cron_user) == FOREIGN
+
+    first = dbdeck_bin("--config", config, "schedule", "install")
+    assert first.returncode == 0, first.stderr
+    table = crontab_of(cron_user)
+    assert table.startswith(FOREIGN)
+    lines = table[len(FOREIGN):].splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("*/5 * * * * ") and lines[0].endswith("schedule exec sync # dbdeck:job=sync")
+    assert lines[1].startswith("0 4 * * 0 ") and lines[1].endswith("# dbdeck:job=weekly")
+    assert f"--config {config}" in lines[0]
+
+    again = dbdeck_bin("--config", config, "schedule", "install")
+    assert again.returncode == 0 and again.stdout.strip() == "nothing to change"
+    assert crontab_of(cron_user) == table
+
+    # a job dropped from the config loses its line on the next full install; foreign lines stay
+    config.write_text(config.read_text().split("  weekly:")[0])
+    assert dbdeck_bin("--config", config, "schedule", "install").returncode == 0
+    assert crontab_of(cron_user) == FOREIGN + lines[0] + "\n"
+
+    removed = dbdeck_bin("--config", config, "schedule", "remove")
+    assert removed.returncode == 0 and crontab_of(cron_user) == FOREIGN
+
+
+def test_bad_schedule_changes_nothing(cron_user, tmp_path, dbdeck_bin):
+    subprocess.run(["crontab", "-u", cron_user, "-"], input=FOREIGN, text=True, check=True)
+    for timing, message in (("cron: '*/5 * * *'", "not a valid five-field cron expression"),
+                            ("every: 45s", "finer than cron's one-minute resolution"),
+                            ("every: 7m", "does not divide an hour or a day evenly")):
+        config = write_config(tmp_path, f"  cron_user: {cron_user}\nschedules:\n  bad:\n    command: x\n"
+                                        f"    {timing}\n")
+        done = dbdeck_bin("--config", config, "schedule", "install")
+        assert done.returncode == 2, (timing, done.stderr)
+        assert message in done.stderr and done.stderr.strip().count("\n") == 0
+        assert crontab_of(cron_user) == FOREIGN
+
+
+def test_cron_d_file(tmp_path, dbdeck_bin):
+    cron_file = tmp_path / "cron.d" / "dbdeck"
+    config = write_config(tmp_path, f"  cron_file: {cron_file}\nschedules:\n  sync:\n    command: x\n"
+                                    "    every: 10m\n    user: postgres\n")
+    assert dbdeck_bin("--config", config, "schedule", "install").returncode == 0
+    text = cron_file.read_text()
+    assert "*/10 * * * * postgres " in text and "PATH=" in text
+    assert oct(cron_file.stat().st_mode & 0o777) == "0o644"
+    status = dbdeck_bin("--config", config, "--format", "json", "schedule", "status")
+    assert json.loads(status.stdout)[0]["installed"].startswith("*/10 * * * * postgres")
+    assert dbdeck_bin("--config", config, "schedule", "remove").returncode == 0
+    assert not cron_file.exists()
+
+
+def test_setup_sync_cron_like_the_seed(cron_user, tmp_path, dbdeck_bin):
+    subprocess.run(["crontab", "-u", cron_user, "-r"], capture_output=True)
+    config = write_config(tmp_path, f"  cron_user: {cron_user}\n")
+    env = {"DBDECK_CONFIG": str(config), "SYNC_CRON_INTERVAL": "10"}
+    missing = dbdeck_bin("--status", command="setup-sync-cron", env=env)
+    assert missing.returncode == 1 and "not installed" in missing.stdout
+    installed = dbdeck_bin("--install", command="setup-sync-cron", env=env)
+    assert installed.returncode == 0, installed.stderr
+    table = crontab_of(cron_user)
+    assert table.startswith("*/10 * * * * ") and "schedule exec sync-prod-to-dev # dbdeck:job=sync-prod-to-dev" in table
+    assert dbdeck_bin("--install", command="setup-sync-cron", env=env).stdout.startswith("already installed")
+    status = dbdeck_bin("--status", command="setup-sync-cron", env=env)
+    assert status.returncode == 0 and "*/10 * * * *" in status.stdout
+    assert dbdeck_bin("--remove", command="setup-sync-cron", env=env).returncode == 0
+    assert crontab_of(cron_user) == ""
+    usage = dbdeck_bin(command="setup-sync-cron", env=env)
+    assert usage.returncode == 2 and "--install" in usage.stderr
+    bad = dbdeck_bin("--install", command="setup-sync-cron", env={**env, "SYNC_CRON_INTERVAL": "often"})
+    assert bad.returncode == 2 and "scheduler.sync_cron_interval" in bad.stderr and crontab_of(cron_user) == ""
+
+
+def test_systemd_units_render_verify_enable_and_remove(tmp_path, dbdeck_bin):
+    root = tmp_path / "root"
+    config = write_config(tmp_path, "  randomized_delay_sec: 45\nschedules:\n"
+                                    "  sync:\n    command: sync-prod-to-dev\n    every: 5m\n    user: postgres\n"
+                                    "  report:\n    command: [dbdeck, plugins]\n    on_calendar: 'Mon *-*-* 06:00'\n")
+    done = dbdeck_bin("--config", config, "schedule", "install", "--backend", "systemd", "--systemd-root", root)
+    assert done.returncode == 0, done.stderr
+    units = root / "etc" / "systemd" / "system"
+    timer = (units / "dbdeck-sync.timer").read_text()
+    assert "OnCalendar=*:0/5\n" in timer and "Persistent=true" in timer and "RandomizedDelaySec=45" in timer
+    assert "Unit=dbdeck@sync.service" in timer
+    assert (units / "dbdeck@sync.service.d" / "dbdeck.conf").read_text() == "[Service]\nUser=postgres\n"
+    assert (units / "timers.target.wants" / "dbdeck-report.timer").is_symlink()
+    for job in ("sync", "report"):
+        verify = subprocess.run(["systemd-analyze", "verify", units / f"dbdeck-{job}.timer",
+                                 units / f"dbdeck@{job}.service"], capture_output=True, text=True)
+        assert verify.returncode == 0, verify.stderr
+    status = json.loads(dbdeck_bin("--config", config, "--format", "json", "schedule", "status", "--backend",
+                                   "systemd", "--systemd-root", root).stdout)
+    assert all(r["installed"].endswith("(enabled)") for r in status)
+    assert dbdeck_bin("--config", config, "schedule", "install", "--backend", "systemd", "--systemd-root",
+                      root).stdout.strip() == "nothing to change"
+    assert dbdeck_bin("--config", config, "schedule", "remove", "--backend", "systemd", "--systemd-root",
+                      root).returncode == 0
+    assert sorted(p.name for p in units.rglob("*") if p.is_file() or p.is_symlink()) == []
+
+
+def test_systemd_bad_calendar_writes_nothing(tmp_path, dbdeck_bin):
+    root = tmp_path / "root"
+    config = write_config(tmp_path, "schedules:\n  x:\n    command: x\n    on_calendar: 'every tuesday-ish'\n")
+    done = dbdeck_bin("--config", config, "schedule", "install", "--backend", "systemd", "--systemd-root", root)
+    assert done.returncode == 2 and "OnCalendar 'every tuesday-ish' is not valid" in done.stderr
+    assert not root.exists()
+
+
+def test_exec_records_state_and_refuses_overlap(tmp_path, dbdeck_bin):
+    env_file = tmp_path / "job.env"
+    env_file.write_text("GREETING=from-env-file\n")
+    config = write_config(tmp_path, "schedules:\n"
+                                    f"  slow:\n    command: [sh, -c, 'echo $GREETING; sleep 1.5']\n    every: 5m\n"
+                                    f"    env_file: {env_file}\n"
+                                    "  broken:\n    command: [sh, -c, 'exit 3']\n    every: 5m\n")
+    first = subprocess.Popen([str(Path(__file__).parents[2] / "bin" / "dbdeck"), "--config", str(config),
+                              "schedule", "exec", "slow"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.8)
+    second = dbdeck_bin("--config", config, "schedule", "exec", "slow")
+    assert second.returncode == 75 and "already running" in second.stderr and f"pid {first.pid}" in second.stderr
+    assert first.wait(timeout=20) == 0 and first.stdout.read() == "from-env-file\n"
+    assert dbdeck_bin("--config", config, "schedule", "exec", "broken").returncode == 3
+    rows = {r["job"]: r for r in json.loads(dbdeck_bin("--config", config, "--format", "json", "schedule",
+                                                       "status").stdout)}
+    assert rows["slow"]["last_exit_code"] == 0 and rows["slow"]["last_duration_s"] >= 1.5
+    assert rows["slow"]["last_skipped"] is not None
+    assert rows["broken"]["last_exit_code"] == 3
+    unknown = dbdeck_bin("--config", config, "schedule", "exec", "nope")
+    assert unknown.returncode == 2 and "no scheduled job named 'nope'" in unknown.stderr
+
+
+def test_foreground_scheduler(tmp_path):
+    marker = tmp_path / "slow-finished"
+    config = write_config(tmp_path, "schedules:\n"
+                                    f"  slow:\n    command: [sh, -c, 'sleep 1.2; touch {marker}']\n    every: 0.3s\n"
+                                    "  failing:\n    command: [sh, -c, 'exit 3']\n    every: 0.4s\n")
+    scheduler = subprocess.Popen([str(Path(__file__).parents[2] / "bin" / "dbdeck"), "--config", str(config),
+                                  "schedule", "run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3.2)
+    scheduler.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    assert scheduler.wait(timeout=20) == 0
+    waited = time.monotonic() - sent
+    log = scheduler.stderr.read()
+    assert "job slow: started" in log
+    assert "previous run" in log and "still going" in log and "skipping this run" in log
+    assert log.count("job failing: FAILED with exit 3") >= 2
+    assert "waiting for" in log and "scheduler: stopped" in log
+    # the slow job running at SIGTERM was allowed to finish
+    assert log.rstrip().splitlines()[-2].startswith("INFO job slow: exit 0") or "job slow: exit 0" in log
+    assert marker.exists() and waited > 0.05
+    state = json.loads((tmp_path / "state" / "schedule-state.json").read_text())
+    assert state["slow"]["last_exit_code"] == 0 and state["failing"]["last_exit_code"] == 3
+    assert state["slow"]["running_pid"] is None
