@@ -222,7 +222,7 @@ def setup_sync_cron(app, action):
         changed = backend.install(jobs, prune=False)
         line = backend.line_for(SYNC_JOB, job, with_user=bool(settings.cron_file))
         app.emit({"installed": True, "changed": bool(changed), "line": line},
-                 f"{'installed' if changed else 'already installed'}: {line}")
+                 f"{'would install' if app.dry_run else 'installed' if changed else 'already installed'}: {line}")
     elif action == "remove":
         changed = backend.remove([SYNC_JOB])
         app.emit({"removed": bool(changed)}, "removed" if changed else "not installed; nothing to remove")
