@@ -21,11 +21,14 @@ class UsageProblem(DbdeckError):
 
 def all_jobs(app):
     """name -> Job: plugins' default jobs (scheduled_jobs hook) overridden by the `schedules:` section."""
+    from dbdeck.config import validate_model
+
     jobs = {}
     for offered in app.plugin_manager.hook.scheduled_jobs(config=app.config):
         for spec in offered or ():
             spec = dict(spec)
-            jobs[spec.pop("name")] = Job.model_validate(spec)
+            name = spec.pop("name")
+            jobs[name] = validate_model(Job, spec, ("default job", name))
     jobs.update(app.config.section("schedules").root)
     return jobs
 
