@@ -149,6 +149,76 @@ class Runner:
                 argv=argv, returncode=result.returncode, stderr=secrets.mask(result.stderr))
         return result
 
+    def pipeline(self, stages, *, timeout=None, stdout=None, read_only=False):
+        """Run `a | b | ...` with kernel pipes between the stages (no copying through Python).
+
+        stages   a list of (argv, env) pairs; each env holds that stage's own secrets
+        stdout   an open binary file for the last stage's output (default: captured)
+        Fails like `set -o pipefail`: any stage's non-zero exit raises CommandFailed naming that stage.
+        """
+        stages = [([str(a) for a in argv], dict(env or {})) for argv, env in stages]
+        for _, env in stages:
+            for name, value in env.items():
+                if secrets.is_secret_name(name):
+                    secrets.register(value)
+        shown = " | ".join(printable(argv, env) for argv, env in stages)
+        if self.dry_run and not read_only:
+            self.say(f"would run: {shown}")
+            return Result(argv=[a for argv, _ in stages for a in (*argv, "|")][:-1], dry_run=True)
+        log.debug("running: %s", shown)
+        import tempfile
+        import time
+
+        processes, error_files = [], []
+        previous = None
+        try:
+            for index, (argv, env) in enumerate(stages):
+                last = index == len(stages) - 1
+                error_file = tempfile.TemporaryFile()
+                error_files.append(error_file)
+                try:
+                    process = subprocess.Popen(
+                        argv, stdin=previous if previous is not None else subprocess.DEVNULL,
+                        stdout=(stdout if stdout is not None else subprocess.PIPE) if last else subprocess.PIPE,
+                        stderr=error_file, env={**os.environ, **env})
+                except FileNotFoundError:
+                    raise CommandFailed(f"program not found: {argv[0]} (is it installed and on PATH?)",
+                                        argv=argv, returncode=127) from None
+                if previous is not None:
+                    previous.close()  # the next stage holds the read end now; EOF/SIGPIPE propagate
+                previous = process.stdout if not last else None
+                processes.append(process)
+            deadline = time.monotonic() + timeout if timeout else None
+            captured = b""
+            if stdout is None:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    captured, _ = processes[-1].communicate(timeout=remaining)
+                except subprocess.TimeoutExpired:
+                    raise CommandTimeout(f"timed out after {timeout}s: {shown}", argv=stages[-1][0]) from None
+            for process in processes:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    process.wait(timeout=remaining)
+                except subprocess.TimeoutExpired:
+                    raise CommandTimeout(f"timed out after {timeout}s: {shown}", argv=stages[-1][0]) from None
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        stderr_texts = []
+        for error_file in error_files:
+            error_file.seek(0)
+            stderr_texts.append(_decode(error_file.read()))
+            error_file.close()
+        for (argv, env), process, stderr in zip(stages, processes, stderr_texts):
+            if process.returncode != 0:
+                raise CommandFailed(f"exit status {process.returncode} in pipeline stage: {printable(argv, env)}"
+                                    f"{_tail(stderr)}", argv=argv, returncode=process.returncode,
+                                    stderr=secrets.mask(stderr))
+        return Result(argv=stages[-1][0], stdout=_decode(captured), stderr="".join(stderr_texts))
+
     def start_daemon(self, argv, *, log_path=None, env=None, as_user=None, cwd=None):
         """Start a program without waiting for it, in its own session (a terminal's Ctrl-C does not
         reach it); output goes to log_path, or to our own stdout/stderr when log_path is None."""

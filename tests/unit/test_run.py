@@ -84,3 +84,30 @@ def test_daemon_outlives_call(tmp_path):
         assert daemon.pid > 0 and daemon.poll() is None
     finally:
         os.kill(daemon.pid, 9)
+
+
+def test_pipeline_streams_between_stages():
+    result = Runner().pipeline([(["sh", "-c", "printf 'a\\nb\\nc\\n'"], {}), (["wc", "-l"], {})])
+    assert result.stdout.strip() == "3"
+
+
+def test_pipeline_fails_like_pipefail_and_masks(tmp_path):
+    with pytest.raises(CommandFailed) as err:
+        Runner().pipeline([(["sh", "-c", 'echo "auth failed for $PGPASSWORD" >&2; exit 2'], {"PGPASSWORD": "pipe-pw"}),
+                           (["cat"], {})])
+    assert err.value.returncode == 2 and "pipe-pw" not in str(err.value) and "auth failed for ***" in str(err.value)
+
+
+def test_pipeline_to_file_and_dry_run(tmp_path):
+    out = tmp_path / "out"
+    with open(out, "wb") as handle:
+        Runner().pipeline([(["printf", "x" * 100000], {}), (["gzip", "-c"], {})], stdout=handle)
+    assert out.stat().st_size > 0
+    lines = []
+    Runner(dry_run=True, echo=lines.append).pipeline([(["pg_dump"], {"PGPASSWORD": "s"}), (["pg_restore"], {})])
+    assert lines == ["[dry-run] would run: PGPASSWORD=*** pg_dump | pg_restore"]
+
+
+def test_pipeline_timeout_kills_every_stage():
+    with pytest.raises(CommandTimeout):
+        Runner().pipeline([(["sleep", "10"], {}), (["cat"], {})], timeout=0.3)
