@@ -95,6 +95,7 @@ class CoreSettings(Section):
 
     run_dir: Path | None = None
     log_dir: Path | None = None
+    state_dir: Path | None = None
     env_files: list[Path] = []
 
 
@@ -110,6 +111,12 @@ CORE_SECTIONS = (
 )
 
 
+def default_state_dir():
+    if os.geteuid() == 0:
+        return Path("/var/lib/dbdeck")
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "dbdeck"
+
+
 class Config:
     """The validated configuration: one model instance per section."""
 
@@ -121,6 +128,11 @@ class Config:
     @property
     def core(self):
         return self._sections["dbdeck"]
+
+    @property
+    def state_dir(self):
+        """Where commands keep state between runs (last sync, last scheduled run...)."""
+        return Path(self.core.state_dir) if self.core.state_dir else default_state_dir()
 
     def section(self, name):
         return self._sections[name]

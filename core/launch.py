@@ -9,6 +9,7 @@ import sys
 from dbdeck.cli import main, main_for
 
 setup_sync_cron = main_for("setup-sync-cron")
+sync_prod_to_dev = main_for("sync-prod-to-dev")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] == "dbdeck":

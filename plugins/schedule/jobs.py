@@ -64,11 +64,7 @@ def job_argv(app, job):
 
 def state_dir(app):
     configured = app.config.section("scheduler").state_dir
-    if configured:
-        return Path(configured)
-    if os.geteuid() == 0:
-        return Path("/var/lib/dbdeck")
-    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "dbdeck"
+    return Path(configured) if configured else app.config.state_dir
 
 
 class RunState:

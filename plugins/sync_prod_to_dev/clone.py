@@ -1,0 +1,282 @@
+"""The prod -> dev clone: build a staging database beside dev, then swap it in by rename.
+
+Dev is either the old copy or the complete new one: the new copy is restored into
+`<dev>__dbdeck_staging` and only a single transaction renames dev away and staging into its place.
+A failure or kill -9 before that leaves dev untouched; the next run drops the stray staging (and
+the `<dev>__dbdeck_old` a kill after the swap may leave) and re-allows connections to dev if a run
+died while it had them switched off. Prod is only read (pg_dump's own ACCESS SHARE locks).
+"""
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+from psycopg import sql
+
+from dbdeck.endpoints import Endpoint
+from dbdeck.errors import DbdeckError, Refused
+
+log = logging.getLogger("dbdeck.sync_prod_to_dev")
+
+STAGING_SUFFIX = "__dbdeck_staging"
+OLD_SUFFIX = "__dbdeck_old"
+STATE_FILE = "sync-prod-to-dev.json"
+
+FINGERPRINT_SQL = """
+SELECT md5(
+  coalesce((SELECT string_agg(relid::text || ':' || n_tup_ins || ':' || n_tup_upd || ':' || n_tup_del, ','
+                              ORDER BY relid) FROM pg_stat_user_tables), '')
+  || '|' || coalesce((SELECT string_agg(c.oid::text || ':' || c.xmin::text || ':' || c.relfilenode, ','
+                                        ORDER BY c.oid)
+                      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+                        AND n.nspname NOT LIKE 'pg\\_toast%'), '')
+  || '|' || coalesce((SELECT string_agg(p.oid::text || ':' || p.xmin::text, ',' ORDER BY p.oid)
+                      FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')), '')
+  || '|' || coalesce((SELECT string_agg(schemaname || '.' || sequencename || ':' || coalesce(last_value::text, '-'),
+                                        ',' ORDER BY schemaname, sequencename) FROM pg_sequences), '')
+  || '|' || coalesce((SELECT stats_reset::text FROM pg_stat_database WHERE datname = current_database()), '')
+) AS fingerprint
+"""
+
+
+def on_database(endpoint, database, name=None):
+    """The same server as endpoint, another database (maintenance db, staging db)."""
+    return Endpoint(name or f"{endpoint.name}:{database}", endpoint.config.model_copy(update={"database": database}),
+                    endpoint.runner)
+
+
+def table_pattern(name):
+    """A pg_dump -t pattern matching exactly this (optionally schema-qualified) table name."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split(".", 1))
+
+
+class Clone:
+    def __init__(self, app, settings, force=False, say=print):
+        self.app = app
+        self.settings = settings
+        self.force = force
+        self.say = say
+        self.runner = app.runner
+        self.source = app.endpoint(settings.source, "sync_prod_to_dev.source")
+        self.target = app.endpoint(settings.target, "sync_prod_to_dev.target")
+        if not self.target.database:
+            raise DbdeckError("sync_prod_to_dev.target: no database name (set database: or DEV_DATABASE)")
+        self.dev = self.target.database
+        self.staging = self.dev + STAGING_SUFFIX
+        self.old = self.dev + OLD_SUFFIX
+        self.maintenance = on_database(self.target, "postgres", "dev-server")
+        self.state_path = Path(app.config.state_dir) / STATE_FILE
+
+    # --- checks -----------------------------------------------------------------------------------
+    def check_safety(self):
+        if self.target.role == "production" and not self.settings.allow_production_target:
+            raise Refused(f"refusing to overwrite {self.target.describe()}: it is marked role: production "
+                          f"(sync-prod-to-dev writes only to a development copy)")
+        if self.source.role in ("development", "test", "sandbox") and self.target.role == "production":
+            raise Refused("refusing to run reversed: the source is a development database and the target production")
+        if self.source.identity() == self.target.identity():
+            raise Refused(f"refusing to sync: source and target are the same database "
+                          f"({self.source.describe()} and {self.target.describe()})")
+        source_version = int(self.source.query("SELECT current_setting('server_version_num') AS v")[0]["v"])
+        target_version = int(self.maintenance.query("SELECT current_setting('server_version_num') AS v")[0]["v"])
+        if source_version // 10000 > target_version // 10000:
+            raise DbdeckError(f"prod runs PostgreSQL {source_version // 10000} and dev {target_version // 10000}: "
+                              f"restoring into an older major version is not supported; upgrade dev first")
+        return source_version, target_version
+
+    def fingerprint(self):
+        return str(self.source.query(FINGERPRINT_SQL)[0]["fingerprint"])
+
+    def _state_key(self):
+        return hashlib.sha256(f"{self.source.describe()} -> {self.target.describe()}".encode()).hexdigest()[:16]
+
+    def last_sync(self):
+        try:
+            import json
+
+            return json.loads(self.state_path.read_text()).get(self._state_key())
+        except (OSError, ValueError):
+            return None
+
+    def _record(self, fingerprint, seconds):
+        import json
+
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            state = {}
+        state[self._state_key()] = {"fingerprint": fingerprint, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                    "seconds": round(seconds, 2), "source": self.source.describe(),
+                                    "target": self.target.describe()}
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.state_path)
+
+    def _databases(self):
+        rows = self.maintenance.query("SELECT datname, datallowconn, pg_get_userbyid(datdba) AS owner FROM pg_database")
+        return {r["datname"]: r for r in rows}
+
+    # --- the run ----------------------------------------------------------------------------------
+    def run(self):
+        started = time.monotonic()
+        self.say(f"source: {self.source.describe()}")
+        self.say(f"target: {self.target.describe()}")
+        self.check_safety()
+        fingerprint = self.fingerprint()
+        last = self.last_sync()
+        databases = self._databases()
+        if (self.settings.skip_unchanged and not self.force and last and last.get("fingerprint") == fingerprint
+                and self.dev in databases):
+            self.say(f"prod unchanged since the last sync at {last['finished_at']}; nothing to do (--force to copy anyway)")
+            return {"skipped": True, "last_sync": last["finished_at"]}
+
+        self._clean_leftovers(databases)
+        self._create_staging(databases.get(self.dev))
+        staging = on_database(self.target, self.staging, "staging")
+        try:
+            excluded = self._copy_excluded_tables(staging, dev_exists=self.dev in databases)
+            self._copy_prod(staging)
+        except BaseException:
+            self.say(f"copy failed; dropping {self.staging} (dev is untouched)")
+            self._drop(self.staging)
+            raise
+        self._swap(dev_exists=self.dev in databases)
+        seconds = time.monotonic() - started
+        if not self.runner.dry_run:
+            self._record(fingerprint, seconds)
+        self.say(f"sync complete in {seconds:.1f}s" + (f"; kept dev's own {', '.join(excluded)}" if excluded else ""))
+        return {"skipped": False, "seconds": round(seconds, 2), "excluded_kept": excluded}
+
+    def _clean_leftovers(self, databases):
+        dev = databases.get(self.dev)
+        if dev and not dev["datallowconn"]:
+            self.say(f"re-allowing connections to {self.dev} (a previous run stopped mid-swap)")
+            self.maintenance.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true")
+                                     .format(sql.Identifier(self.dev)))
+        for stray in (self.staging, self.old):
+            if stray in databases:
+                self.say(f"dropping {stray} left by an interrupted run")
+                self._drop(stray)
+
+    def _drop(self, database):
+        self.maintenance.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+
+    def _create_staging(self, dev_row):
+        row = self.source.query("SELECT pg_encoding_to_char(encoding) AS encoding, datcollate, datctype "
+                                "FROM pg_database WHERE datname = current_database()")[0]
+        statement = sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
+            sql.Identifier(self.staging), sql.Literal(row["encoding"]), sql.Literal(row["datcollate"]),
+            sql.Literal(row["datctype"]))
+        if dev_row:
+            statement = sql.SQL("{} OWNER {}").format(statement, sql.Identifier(dev_row["owner"]))
+        self.say(f"creating {self.staging} beside {self.dev}")
+        self.maintenance.execute(statement)
+
+    def _restore_stage(self, staging):
+        argv, env = staging.tool_invocation("pg_restore", "--no-owner", "--no-privileges", "--exit-on-error",
+                                            "--single-transaction", "-d", self.staging)
+        return argv, env
+
+    def _copy_excluded_tables(self, staging, dev_exists):
+        kept = []
+        for table in self.settings.exclude_tables:
+            pattern = table_pattern(table)
+            in_dev = dev_exists and self._has_table(self.target, table)
+            origin = self.target if in_dev else self.source
+            if not in_dev and not self._has_table(self.source, table):
+                continue
+            what = "dev's own copy" if in_dev else "prod's structure, no rows"
+            self.say(f"excluded table {table}: keeping {what}")
+            dump = ["pg_dump", "-Fc", "--no-owner", "--no-privileges", f"--table={pattern}"]
+            if not in_dev:
+                dump.append("--schema-only")
+            self.runner.pipeline([origin.tool_invocation(*dump), self._restore_stage(staging)],
+                                 timeout=self.settings.timeout)
+            kept.append(table)
+        return kept
+
+    def _has_table(self, endpoint, table):
+        name = table if "." in table else f"public.{table}"
+        rows = endpoint.query(sql.SQL("SELECT to_regclass({}) IS NOT NULL AS present").format(
+            sql.Literal(table_pattern(name))))
+        return bool(rows and rows[0]["present"])
+
+    def _copy_prod(self, staging):
+        dump = ["pg_dump", "-Fc", "--no-owner", "--no-privileges"]
+        dump += [f"--exclude-table={table_pattern(t)}" for t in self.settings.exclude_tables]
+        self.say(f"copying {self.source.database or 'prod'} into {self.staging}")
+        if self.settings.dump_dir:
+            self._copy_through_file(dump, staging)
+        else:
+            self.runner.pipeline([self.source.tool_invocation(*dump), self._restore_stage(staging)],
+                                 timeout=self.settings.timeout)
+
+    def _copy_through_file(self, dump, staging):
+        directory = Path(self.settings.dump_dir)
+        if not self.runner.dry_run:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = directory / f"{self.source.database or 'prod'}-{time.strftime('%Y%m%d-%H%M%S')}.dump"
+        self.say(f"writing {path}")
+        if self.runner.dry_run:
+            self.runner.pipeline([self.source.tool_invocation(*dump), (["tee", path], {})])
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                self.runner.pipeline([self.source.tool_invocation(*dump)], stdout=out, timeout=self.settings.timeout)
+        with open(path, "rb") if not self.runner.dry_run else open(os.devnull, "rb") as dumped:
+            argv, env = self._restore_stage(staging)
+            self.runner.run(argv, env=env, stdin=dumped, timeout=self.settings.timeout)
+        self._prune_dumps(directory)
+
+    def _prune_dumps(self, directory):
+        dumps = sorted(directory.glob(f"{self.source.database or 'prod'}-*.dump"), key=lambda p: p.stat().st_mtime,
+                       reverse=True)
+        for old in dumps[self.settings.keep_dumps:]:
+            self.say(f"removing old dump {old.name} (keeping the last {self.settings.keep_dumps})")
+            if not self.runner.dry_run:
+                old.unlink()
+
+    def _terminate_sessions(self, timeout=30):
+        """Terminate dev's sessions and wait until they are gone (termination is asynchronous)."""
+        sessions = sql.SQL("SELECT count(*) AS n FROM pg_stat_activity WHERE datname = {} AND pid <> pg_backend_pid()"
+                           ).format(sql.Literal(self.dev))
+        terminate = sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = {} "
+                            "AND pid <> pg_backend_pid()").format(sql.Literal(self.dev))
+        if self.runner.dry_run:
+            self.maintenance.execute(terminate)
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            count = self.maintenance.query(sessions)[0]["n"]
+            if not count:
+                return
+            if time.monotonic() > deadline:
+                raise DbdeckError(f"{count} session(s) on {self.dev} did not end within {timeout}s")
+            self.maintenance.query(terminate)
+            time.sleep(0.1)
+
+    def _swap(self, dev_exists):
+        ident = sql.Identifier
+        if dev_exists:
+            self.say(f"terminating connections to {self.dev}")
+            self.maintenance.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(ident(self.dev)))
+            try:
+                self._terminate_sessions()
+                self.say(f"swapping {self.staging} in as {self.dev}")
+                self.maintenance.execute(sql.SQL("BEGIN; ALTER DATABASE {dev} RENAME TO {old}; "
+                                                 "ALTER DATABASE {staging} RENAME TO {dev}; COMMIT").format(
+                    dev=ident(self.dev), old=ident(self.old), staging=ident(self.staging)))
+            except BaseException:
+                self.maintenance.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true")
+                                         .format(ident(self.dev)))
+                raise
+            self._drop(self.old)
+        else:
+            self.say(f"renaming {self.staging} to {self.dev} (dev did not exist)")
+            self.maintenance.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(self.staging),
+                                                                                      ident(self.dev)))

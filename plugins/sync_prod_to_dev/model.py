@@ -1,0 +1,49 @@
+"""The `sync_prod_to_dev:` section, with the seed's environment variables as overrides."""
+
+import re
+from pathlib import Path
+
+from pydantic import field_validator
+
+from dbdeck.config import EndpointConfig, Section
+
+SEED_ENVIRONMENT = {
+    "PROD_DB_CONTAINER": "source.container",
+    "PROD_DATABASE": "source.database",
+    "PROD_DB_USER": "source.user",
+    "DEV_DB_CONTAINER": "target.container",
+    "DEV_DATABASE": "target.database",
+    "DEV_DB_USER": "target.user",
+    "EXCLUDE_TABLES": "exclude_tables",
+}
+
+
+class SyncProdToDev(Section):
+    """Copy prod into dev: a fresh staging database beside dev, swapped in by rename."""
+
+    source: str | EndpointConfig = EndpointConfig(container="crm-postgres", user="postgres",
+                                                  database="crm_production", role="production")
+    target: str | EndpointConfig = EndpointConfig(container="crm-postgres-dev", user="postgres",
+                                                  database="crm_development", role="development")
+    exclude_tables: list[str] = ["_prisma_migrations"]
+    log_dir: Path | None = None
+    dump_dir: Path | None = None
+    keep_dumps: int = 5
+    skip_unchanged: bool = True
+    allow_production_target: bool = False
+    timeout: int = 6 * 3600
+
+    @field_validator("exclude_tables", mode="before")
+    @classmethod
+    def _split(cls, value):
+        # EXCLUDE_TABLES="_prisma_migrations sensitive_data" or "a,b" (the seed's bash array, flattened)
+        if isinstance(value, str):
+            value = [v for v in re.split(r"[\s,]+", value) if v]
+        return value
+
+    @field_validator("keep_dumps")
+    @classmethod
+    def _keep(cls, value):
+        if value < 1:
+            raise ValueError("keep_dumps must be at least 1")
+        return value

@@ -1,0 +1,209 @@
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from dbdeck.errors import DbdeckError
+from tests.conftest import BIN, _start_postgres, wait_for
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = """
+CREATE TABLE customers (id serial PRIMARY KEY, email text NOT NULL UNIQUE, note text);
+CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id int NOT NULL REFERENCES customers(id),
+                     total numeric(10,2) NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+CREATE INDEX orders_customer ON orders (customer_id);
+CREATE TABLE _prisma_migrations (id text PRIMARY KEY, migration_name text NOT NULL);
+CREATE VIEW big_orders AS SELECT * FROM orders WHERE total > 100;
+"""
+
+
+@pytest.fixture(scope="module")
+def clusters(workdir):
+    prod = _start_postgres(workdir, "sync-prod")
+    dev = _start_postgres(workdir, "sync-dev")
+    prod.server.psql("CREATE DATABASE crm_production;")
+    dev.server.psql("CREATE DATABASE crm_development;")
+    prod.server.psql(SCHEMA + """
+        INSERT INTO customers (email, note) SELECT 'c' || g || '@example.com', md5(g::text) FROM generate_series(1, 2000) g;
+        INSERT INTO orders (customer_id, total) SELECT 1 + g % 2000, (g % 500) / 3.0 FROM generate_series(1, 20000) g;
+        INSERT INTO _prisma_migrations VALUES ('1', 'prod_migration');
+    """, database="crm_production")
+    dev.server.psql("CREATE TABLE _prisma_migrations (id text PRIMARY KEY, migration_name text NOT NULL);"
+                    "INSERT INTO _prisma_migrations VALUES ('d', 'dev_only_migration');"
+                    "CREATE TABLE stale_dev_table (x int);", database="crm_development")
+    yield prod, dev
+    prod.server.destroy()
+    dev.server.destroy()
+
+
+def write_config(tmp_path, prod, dev, extra="", target_role="development"):
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(exist_ok=True)
+    for name, cluster in (("prod", prod), ("dev", dev)):
+        (secrets / name).write_text(cluster.password)
+        os.chmod(secrets / name, 0o600)
+    config = tmp_path / "dbdeck.yaml"
+    config.write_text(f"""
+dbdeck:
+  run_dir: {tmp_path}/run
+  state_dir: {tmp_path}/state
+  log_dir: {tmp_path}/logs
+endpoints:
+  prod: {{host: 127.0.0.1, port: {prod.port}, user: postgres, password_file: {secrets}/prod, database: crm_production,
+          role: production}}
+  dev: {{host: 127.0.0.1, port: {dev.port}, user: postgres, password_file: {secrets}/dev, database: crm_development,
+         role: {target_role}}}
+sync_prod_to_dev:
+  source: prod
+  target: dev
+{extra}""")
+    return config
+
+
+def sync(config, *args, env=None):
+    return subprocess.run([str(BIN / "sync-prod-to-dev"), "--config", str(config), *args], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def checksums(endpoint):
+    tables = [r["t"] for r in endpoint.query(
+        "SELECT tablename AS t FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
+    out = {}
+    for table in tables:
+        out[table] = endpoint.query(f'SELECT count(*) AS n, md5(coalesce(string_agg(t::text, \',\' ORDER BY t::text), \'\')) '
+                                    f'AS sum FROM "{table}" t')[0]
+    sequences = endpoint.query("SELECT sequencename, last_value FROM pg_sequences ORDER BY 1")
+    return out, sequences
+
+
+def test_full_copy_keeps_excluded_tables_and_terminates_sessions(clusters, tmp_path):
+    prod, dev = clusters
+    config = write_config(tmp_path, prod, dev)
+    session = dev.endpoint("crm_development").connect()
+    done = sync(config)
+    assert done.returncode == 0, done.stderr
+    prod_sums, prod_seqs = checksums(prod.endpoint("crm_production"))
+    dev_sums, dev_seqs = checksums(dev.endpoint("crm_development"))
+    assert prod_sums.pop("_prisma_migrations") != dev_sums.pop("_prisma_migrations")
+    assert dev_sums == prod_sums and dev_seqs == prod_seqs
+    assert dev.endpoint("crm_development").query("SELECT migration_name FROM _prisma_migrations") == \
+        [{"migration_name": "dev_only_migration"}]
+    assert dev.endpoint("crm_development").query("SELECT count(*) AS n FROM big_orders")[0]["n"] > 0
+    with pytest.raises(Exception):
+        session.execute("SELECT 1")
+    names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
+    assert not any("__dbdeck_" in n for n in names)
+    log_file = tmp_path / "logs" / f"sync-{time.strftime('%Y%m%d')}.log"
+    assert "sync complete" in log_file.read_text() and prod.password not in log_file.read_text()
+
+    again = sync(config)
+    assert again.returncode == 0 and "prod unchanged since the last sync" in again.stdout
+    prod.endpoint("crm_production").execute("UPDATE customers SET note = 'changed' WHERE id = 1")
+    changed = sync(config)
+    assert changed.returncode == 0 and "sync complete" in changed.stdout
+    assert dev.endpoint("crm_development").query("SELECT note FROM customers WHERE id = 1") == [{"note": "changed"}]
+
+
+def test_dry_run_changes_nothing(clusters, tmp_path):
+    prod, dev = clusters
+    config = write_config(tmp_path, prod, dev)
+    before = checksums(dev.endpoint("crm_development"))
+    done = sync(config, "--dry-run", "--force")
+    assert done.returncode == 0, done.stderr
+    assert "[dry-run] would run:" in done.stdout and "pg_dump -Fc" in done.stdout and prod.password not in done.stdout
+    assert checksums(dev.endpoint("crm_development")) == before
+    names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
+    assert not any("__dbdeck_" in n for n in names)
+
+
+def test_refuses_production_target_and_same_database(clusters, tmp_path):
+    prod, dev = clusters
+    config = write_config(tmp_path, prod, dev, target_role="production")
+    done = sync(config, "--force")
+    assert done.returncode == 1 and "marked role: production" in done.stderr
+    same = write_config(tmp_path, prod, prod).read_text().replace("database: crm_development",
+                                                                   "database: crm_production")
+    (tmp_path / "same.yaml").write_text(same)
+    done = sync(tmp_path / "same.yaml", "--force")
+    assert done.returncode == 1 and "source and target are the same database" in done.stderr
+    assert prod.endpoint("crm_production").query("SELECT count(*) AS n FROM orders")[0]["n"] >= 20000
+
+
+def test_kill_9_mid_restore_leaves_dev_intact_and_next_run_cleans_up(clusters, tmp_path):
+    prod, dev = clusters
+    prod.endpoint("crm_production").execute(
+        "CREATE TABLE IF NOT EXISTS bulk AS SELECT g AS id, repeat(md5(g::text), 8) AS payload "
+        "FROM generate_series(1, 400000) g")
+    config = write_config(tmp_path, prod, dev)
+    dev_ep = dev.endpoint("crm_development")
+    dev_ep.execute("CREATE TABLE IF NOT EXISTS marker_before_kill (x int)")
+    before = checksums(dev_ep)
+    process = subprocess.Popen([str(BIN / "sync-prod-to-dev"), "--config", str(config), "--force"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staging_seen = wait_for(lambda: dev.endpoint().query(
+        "SELECT count(*) AS n FROM pg_database WHERE datname = 'crm_development__dbdeck_staging'")[0]["n"] == 1,
+        timeout=30, pause=0.02)
+    assert staging_seen
+    time.sleep(0.3)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checksums(dev_ep) == before  # dev still serves the old copy
+    done = sync(config, "--force")
+    assert done.returncode == 0, done.stderr
+    assert "left by an interrupted run" in done.stdout
+    assert dev_ep.query("SELECT count(*) AS n FROM bulk")[0]["n"] == 400000
+    assert dev_ep.query("SELECT to_regclass('marker_before_kill') IS NULL AS gone")[0]["gone"]
+    names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
+    assert not any("__dbdeck_" in n for n in names)
+    prod.endpoint("crm_production").execute("DROP TABLE bulk")
+
+
+def test_dump_retention_keeps_exactly_n(clusters, tmp_path):
+    prod, dev = clusters
+    config = write_config(tmp_path, prod, dev, extra=f"  dump_dir: {tmp_path}/dumps\n  keep_dumps: 2\n")
+    for _ in range(3):
+        done = sync(config, "--force")
+        assert done.returncode == 0, done.stderr
+        time.sleep(1.05)  # dump names carry the second
+    dumps = sorted((tmp_path / "dumps").iterdir())
+    assert len(dumps) == 2
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in dumps)
+
+
+def test_second_run_while_one_is_going_exits_75(clusters, tmp_path):
+    from dbdeck.lock import JobLock
+
+    prod, dev = clusters
+    config = write_config(tmp_path, prod, dev)
+    with JobLock("sync-prod-to-dev", tmp_path / "run"):
+        done = sync(config)
+    assert done.returncode == 75 and "already running" in done.stderr
+
+
+def test_seed_container_mode_with_seed_environment(crm_containers, tmp_path):
+    prod_container, dev_container = crm_containers["prod"], crm_containers["dev"]
+    for container, database in ((prod_container, "crm_production"), (dev_container, "crm_development")):
+        subprocess.run(["docker", "exec", container, "psql", "-U", "postgres", "-c",
+                        f"DROP DATABASE IF EXISTS {database}", "-c", f"CREATE DATABASE {database}"],
+                       check=True, capture_output=True)
+    subprocess.run(["docker", "exec", "-i", prod_container, "psql", "-U", "postgres", "-d", "crm_production",
+                    "-v", "ON_ERROR_STOP=1"], input=SCHEMA + "INSERT INTO customers (email) VALUES ('a@x'), ('b@x');"
+                   "INSERT INTO _prisma_migrations VALUES ('p', 'prod');", text=True, check=True, capture_output=True)
+    config = tmp_path / "dbdeck.yaml"
+    config.write_text(f"dbdeck:\n  run_dir: {tmp_path}/run\n  state_dir: {tmp_path}/state\n")
+    env = {"PROD_DB_CONTAINER": prod_container, "PROD_DATABASE": "crm_production", "PROD_DB_USER": "postgres",
+           "DEV_DB_CONTAINER": dev_container, "DEV_DATABASE": "crm_development", "DEV_DB_USER": "postgres",
+           "EXCLUDE_TABLES": "_prisma_migrations sensitive_data"}
+    done = sync(config, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"container {dev_container}" in done.stdout
+    rows = subprocess.run(["docker", "exec", dev_container, "psql", "-U", "postgres", "-d", "crm_development", "-At",
+                           "-c", "SELECT count(*) FROM customers", "-c", "SELECT count(*) FROM _prisma_migrations"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert rows == ["2", "0"]  # excluded: dev had no copy, so prod's structure without its rows
