@@ -184,8 +184,11 @@ class Sandbox:
             if role:
                 endpoint["role"] = role
             endpoints[name] = endpoint
-        config = {"dbdeck": {"run_dir": str(self.dir / "run"), "log_dir": str(self.dir / "logs")},
+        config = {"dbdeck": {"run_dir": str(self.dir / "run"), "log_dir": str(self.dir / "logs"),
+                             "state_dir": str(self.dir / "state")},
                   "endpoints": endpoints}
+        if "prod" in endpoints and "dev" in endpoints:
+            config["sync_prod_to_dev"] = {"source": "prod", "target": "dev"}
         header = ("# Written by `dbdeck sandbox up`: throwaway servers on 127.0.0.1.\n"
                   "# Use it with: dbdeck --config .dbdeck-sandbox/dbdeck.yaml <command>\n")
         self.config_path.write_text(header + yaml.safe_dump(config, sort_keys=False))
