@@ -141,6 +141,7 @@ class Clone:
         try:
             excluded = self._copy_excluded_tables(staging, dev_exists=self.dev in databases)
             self._copy_prod(staging)
+            self._anonymize(staging)
         except BaseException:
             self.say(f"copy failed; dropping {self.staging} (dev is untouched)")
             self._drop(self.staging)
@@ -151,6 +152,24 @@ class Clone:
             self._record(fingerprint, seconds)
         self.say(f"sync complete in {seconds:.1f}s" + (f"; kept dev's own {', '.join(excluded)}" if excluded else ""))
         return {"skipped": False, "seconds": round(seconds, 2), "excluded_kept": excluded}
+
+    def _anonymize(self, staging):
+        from . import anonymize
+
+        rules = anonymize.parse_rules(self.settings.anonymize)
+        if not rules:
+            return
+        salt = self.settings.anonymize_salt.get_secret_value() if self.settings.anonymize_salt else None
+        if salt is None and any(rule in ("hash", "email_mask") for *_, rule, _ in rules):
+            raise DbdeckError("anonymize: hash and email_mask need anonymize_salt (or ANONYMIZE_SALT), so the "
+                              "hashes cannot be reversed by hashing guesses")
+        transformers = {}
+        for offered in self.app.plugin_manager.hook.row_transformers():
+            for name, function in (offered or {}).items():
+                if name in transformers or name in anonymize.BUILTIN:
+                    raise DbdeckError(f"anonymize: two plugins offer a transformer named {name!r}")
+                transformers[name] = function
+        anonymize.apply(staging, rules, salt, transformers, self.say)
 
     def _clean_leftovers(self, databases):
         dev = databases.get(self.dev)

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import SecretStr, field_validator
 
 from dbdeck.config import EndpointConfig, Section
 
@@ -15,6 +15,7 @@ SEED_ENVIRONMENT = {
     "DEV_DATABASE": "target.database",
     "DEV_DB_USER": "target.user",
     "EXCLUDE_TABLES": "exclude_tables",
+    "ANONYMIZE_SALT": "anonymize_salt",
 }
 
 
@@ -32,6 +33,16 @@ class SyncProdToDev(Section):
     skip_unchanged: bool = True
     allow_production_target: bool = False
     timeout: int = 6 * 3600
+    anonymize: dict[str, str | dict | None] = {}
+    anonymize_salt: SecretStr | None = None
+
+    @field_validator("anonymize")
+    @classmethod
+    def _rules(cls, value):
+        from .anonymize import parse_rules
+
+        parse_rules(value)
+        return value
 
     @field_validator("exclude_tables", mode="before")
     @classmethod

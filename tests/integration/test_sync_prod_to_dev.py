@@ -207,3 +207,68 @@ def test_seed_container_mode_with_seed_environment(crm_containers, tmp_path):
                            "-c", "SELECT count(*) FROM customers", "-c", "SELECT count(*) FROM _prisma_migrations"],
                           capture_output=True, text=True, check=True).stdout.split()
     assert rows == ["2", "0"]  # excluded: dev had no copy, so prod's structure without its rows
+
+
+def relation_bytes(cluster, database, table):
+    cluster.endpoint(database).execute("CHECKPOINT")  # what is in shared buffers reaches the files
+    path = cluster.endpoint(database).query(f"SELECT pg_relation_filepath('{table}') AS p")[0]["p"]
+    return (cluster.server.datadir / path).read_bytes()
+
+
+def test_anonymised_values_never_reach_dev(clusters, tmp_path):
+    import textwrap
+
+    prod, dev = clusters
+    site = tmp_path / "site"
+    (site / "dbdeck_reverse").mkdir(parents=True)
+    (site / "dbdeck_reverse" / "__init__.py").write_text(textwrap.dedent("""
+        from dbdeck.hookspecs import hookimpl
+
+        @hookimpl
+        def row_transformers():
+            return {"reverse": lambda value, **options: value[::-1] + options.get("suffix", "")}
+    """))
+    dist = site / "dbdeck_reverse-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dbdeck-reverse\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[dbdeck.plugins]\nreverse = dbdeck_reverse\n")
+    config = write_config(tmp_path, prod, dev, extra="""  anonymize:
+    customers.email: email_mask
+    orders.total: {rule: fixed, value: '0'}
+    customers.note: {rule: reverse, suffix: '!'}
+  anonymize_salt: ${SALT}
+""")
+    raw = prod.endpoint("crm_production").query("SELECT email, note FROM customers WHERE id = 7")[0]
+    done = sync(config, "--force", env={"SALT": "pepper-for-tests", "PYTHONPATH": str(site)})
+    assert done.returncode == 0, done.stderr
+    row = dev.endpoint("crm_development").query("SELECT email, note FROM customers WHERE id = 7")[0]
+    assert row["email"] != raw["email"] and row["email"].startswith("c") and row["email"].endswith("@example.com")
+    assert row["note"] == raw["note"][::-1] + "!"
+    assert dev.endpoint("crm_development").query("SELECT count(DISTINCT email) AS n FROM customers")[0]["n"] == 2000
+    assert dev.endpoint("crm_development").query("SELECT sum(total) AS s FROM orders")[0]["s"] == 0
+    # every raw e-mail as it would sit on disk (1-byte varlena header + bytes): none may be in dev's files
+    stored = relation_bytes(dev, "crm_development", "customers")
+    raw_emails = [r["email"].encode() for r in prod.endpoint("crm_production").query("SELECT email FROM customers")]
+    assert not [e for e in raw_emails if bytes([((len(e) + 1) << 1) | 1]) + e in stored]
+    assert bytes([((len(raw_emails[0]) + 1) << 1) | 1]) + raw_emails[0] in relation_bytes(prod, "crm_production",
+                                                                                           "customers")
+    again = sync(config, "--force", env={"SALT": "pepper-for-tests", "PYTHONPATH": str(site)})
+    assert dev.endpoint("crm_development").query("SELECT email FROM customers WHERE id = 7")[0]["email"] == row["email"]
+    assert again.returncode == 0
+
+
+def test_bad_anonymisation_rule_leaves_dev_untouched(clusters, tmp_path):
+    prod, dev = clusters
+    before = checksums(dev.endpoint("crm_development"))
+    config = write_config(tmp_path, prod, dev, extra="  anonymize:\n    customers.no_such_column: null\n")
+    done = sync(config, "--force")
+    assert done.returncode == 1 and "column public.customers.no_such_column does not exist" in done.stderr
+    assert checksums(dev.endpoint("crm_development")) == before
+    names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
+    assert not any("__dbdeck_" in n for n in names)
+    unsalted = write_config(tmp_path, prod, dev, extra="  anonymize:\n    customers.email: hash\n")
+    done = sync(unsalted, "--force")
+    assert done.returncode == 1 and "need anonymize_salt" in done.stderr
+    malformed = write_config(tmp_path, prod, dev, extra="  anonymize:\n    customers: email_mask\n")
+    done = sync(malformed, "--force")
+    assert done.returncode == 2 and "expected table.column" in done.stderr
