@@ -35,6 +35,16 @@ def up(app, directory, only, no_sample_data):
     from .sandbox import COMPONENTS
 
     box = _sandbox(app, directory)
+    if app.dry_run:
+        wanted = tuple(only) or tuple(COMPONENTS)
+        state = box.load_state()
+        for name in wanted:
+            if state and name in state["servers"]:
+                app.runner.say(f"would start {name} if stopped (127.0.0.1:{state['servers'][name]['port']})")
+            else:
+                app.runner.say(f"would create and start {name}: {COMPONENTS[name][3]}, on a free 127.0.0.1 port")
+        app.runner.say(f"would write {box.config_path} and passwords under {box.secrets_dir}")
+        return
     box.up(components=tuple(only) or tuple(COMPONENTS), sample_data=not no_sample_data,
            progress=lambda line: click.echo(f"sandbox: {line}", err=True))
     _show(app, box.status())
@@ -61,6 +71,12 @@ def status(app, directory):
 def down(app, directory):
     """Stop every sandbox server and delete its data."""
     box = _sandbox(app, directory)
+    if app.dry_run:
+        state = box.load_state()
+        for name in (state or {}).get("servers", {}):
+            app.runner.say(f"would stop {name} and delete its data")
+        app.runner.say(f"would remove {box.dir}" if box.dir.exists() else f"no sandbox at {box.dir}")
+        return
     existed = box.down(progress=lambda line: click.echo(f"sandbox: {line}", err=True))
     app.emit({"dir": str(box.dir), "removed": existed},
              f"sandbox at {box.dir} removed" if existed else f"no sandbox at {box.dir}")

@@ -131,7 +131,13 @@ def run(app, names, run_now, max_seconds):
 
     if app.verbosity == 0:
         log_module.setup(1)  # a long-running scheduler should say what it does
-    finished = ForegroundScheduler(app, select(all_jobs(app), names)).run(run_now=run_now, max_seconds=max_seconds)
+    jobs = select(all_jobs(app), names)
+    if app.dry_run:
+        for name, job in jobs.items():
+            if job.enabled:
+                app.runner.say(f"would run {name} ({job.timing()}): {' '.join(job.command)}")
+        return
+    finished = ForegroundScheduler(app, jobs).run(run_now=run_now, max_seconds=max_seconds)
     if app.format == "json":
         app.emit([{"job": n, "exit_code": s, "duration_s": round(d, 3)} for n, s, d in finished])
 

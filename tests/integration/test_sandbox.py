@@ -57,3 +57,17 @@ def test_sandbox_restarts_stopped_servers(dbdeck_bin, workdir):
         assert dbdeck_bin("sandbox", "status", "--dir", box).returncode == 0
     finally:
         dbdeck_bin("sandbox", "down", "--dir", box)
+
+
+def test_dry_run_starts_and_deletes_nothing(dbdeck_bin, workdir):
+    box = workdir / "sandbox-dry"
+    up = dbdeck_bin("sandbox", "up", "--dir", box, "--dry-run")
+    assert up.returncode == 0 and "[dry-run] would create and start prod" in up.stdout
+    assert not box.exists()
+    assert dbdeck_bin("sandbox", "up", "--dir", box, "--only", "dev", "--no-sample-data").returncode == 0
+    try:
+        down = dbdeck_bin("sandbox", "down", "--dir", box, "--dry-run")
+        assert down.returncode == 0 and "[dry-run] would stop dev" in down.stdout
+        assert box.exists() and dbdeck_bin("sandbox", "status", "--dir", box).returncode == 0
+    finally:
+        dbdeck_bin("sandbox", "down", "--dir", box)

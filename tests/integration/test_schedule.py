@@ -210,3 +210,11 @@ def test_foreground_scheduler(tmp_path):
     state = json.loads((tmp_path / "state" / "schedule-state.json").read_text())
     assert state["slow"]["last_exit_code"] == 0 and state["failing"]["last_exit_code"] == 3
     assert state["slow"]["running_pid"] is None
+
+
+def test_foreground_dry_run_prints_the_plan_and_runs_nothing(tmp_path, dbdeck_bin):
+    marker = tmp_path / "ran"
+    config = write_config(tmp_path, f"schedules:\n  touch:\n    command: [touch, {marker}]\n    every: 0.2s\n")
+    done = dbdeck_bin("--config", config, "schedule", "run", "--dry-run", timeout=20)
+    assert done.returncode == 0 and f"[dry-run] would run touch (every 0.2s): touch {marker}" in done.stdout
+    assert not marker.exists()
