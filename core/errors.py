@@ -17,6 +17,12 @@ class ConfigError(DbdeckError):
     exit_code = EXIT_USAGE
 
 
+class UsageError(DbdeckError):
+    """The command line names something that does not exist (a job, an endpoint...)."""
+
+    exit_code = EXIT_USAGE
+
+
 class LockBusy(DbdeckError):
     exit_code = EXIT_LOCKED
 

@@ -23,6 +23,7 @@ def make_manager(load_entry_points=True):
 
 
 def _load_entry_points(manager):
+    manager._dbdeck_dists = {}
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if entry_point.value in hookspecs.DEFAULT_PLUGINS or manager.has_plugin(entry_point.value):
             continue  # built-ins are declared as entry points too, for discoverability
@@ -32,7 +33,6 @@ def _load_entry_points(manager):
             log.warning("plugin %s (%s) failed to load: %s", entry_point.name, entry_point.value, exc)
             continue
         manager.register(plugin, name=entry_point.value)
-        manager._dbdeck_dists = getattr(manager, "_dbdeck_dists", {})
         manager._dbdeck_dists[entry_point.value] = entry_point.dist
 
 

@@ -138,8 +138,6 @@ class Runner:
             raise CommandFailed(
                 f"killed by signal {-exc.exit_code}: {printable(argv)}{_tail(stderr)}",
                 argv=argv, returncode=exc.exit_code, stderr=secrets.mask(stderr)) from None
-        except sh.ErrorReturnCode as exc:  # pragma: no cover - _ok_code admits every status
-            raise CommandFailed(f"failed: {printable(argv)}", argv=argv, returncode=exc.exit_code) from None
         out = b"" if (stdout is not None or passthrough) else (done.stdout or b"")
         result = Result(argv=argv, returncode=done.exit_code,
                         stdout=out if binary else _decode(out), stderr=_decode(done.stderr))

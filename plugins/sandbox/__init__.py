@@ -1,7 +1,5 @@
 """Sandbox plugin: `dbdeck sandbox up|status|down`, throwaway local servers for the demo and tests."""
 
-import click
-
 from dbdeck.hookspecs import hookimpl
 
 

@@ -9,7 +9,6 @@ Layout of the sandbox directory (default ./.dbdeck-sandbox):
                       the sandbox path is not traversable by the postgres/mysql users)
 """
 
-import json
 import os
 import secrets as token
 import shutil
@@ -20,6 +19,7 @@ import yaml
 
 from dbdeck import secrets
 from dbdeck.errors import DbdeckError
+from dbdeck.state import StateFile
 
 from .servers import MariaDBServer, PostgresServer, free_port, traversable_by_others
 
@@ -54,17 +54,10 @@ class Sandbox:
 
     # --- state ----------------------------------------------------------------------------------
     def load_state(self):
-        if not self.state_path.exists():
-            return None
-        try:
-            return json.loads(self.state_path.read_text())
-        except ValueError as exc:
-            raise DbdeckError(f"{self.state_path}: unreadable sandbox state ({exc}); run `dbdeck sandbox down`")
+        return StateFile(self.state_path).read() or None
 
     def _save_state(self, state):
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.state_path)
+        StateFile(self.state_path).write(state)
 
     def password(self, name):
         return (self.secrets_dir / f"{name}.password").read_text().strip()

@@ -13,11 +13,15 @@ log = logging.getLogger("dbdeck.schedule")
 SYNC_JOB = "sync-prod-to-dev"
 _SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-backend_option = click.option("--backend", type=click.Choice(["cron", "systemd"]),
-                              help="Where to install (default: scheduler.backend in the config, else cron).")
-root_option = click.option("--systemd-root", type=click.Path(file_okay=False), default=None,
+
+
+def backend_options(command):
+    """--backend and --systemd-root, shared by install, remove and status."""
+    command = click.option("--systemd-root", type=click.Path(file_okay=False), default=None,
                            help="Install units under DIR/etc/systemd/system and enable them with "
-                                "`systemctl --root=DIR` (for images and hosts where systemd is not running).")
+                                "`systemctl --root=DIR` (for images and hosts where systemd is not running).")(command)
+    return click.option("--backend", type=click.Choice(["cron", "systemd"]),
+                        help="Where to install (default: scheduler.backend in the config, else cron).")(command)
 
 
 def _backend(app, name, systemd_root=None):
@@ -43,8 +47,7 @@ def schedule_group():
 
 @schedule_group.command("install")
 @click.argument("names", nargs=-1)
-@backend_option
-@root_option
+@backend_options
 @pass_app
 def install(app, names, backend, systemd_root):
     """Install the jobs (all, or NAMES) into cron or systemd. Idempotent; --dry-run shows the result.
@@ -61,8 +64,7 @@ def install(app, names, backend, systemd_root):
 
 @schedule_group.command("remove")
 @click.argument("names", nargs=-1)
-@backend_option
-@root_option
+@backend_options
 @pass_app
 def remove(app, names, backend, systemd_root):
     """Remove dbdeck's entries for NAMES (default: every dbdeck job) from cron or systemd."""
@@ -78,22 +80,19 @@ def _report(app, action, changed):
 
 @schedule_group.command("status")
 @click.argument("names", nargs=-1)
-@backend_option
-@root_option
+@backend_options
 @pass_app
 def status(app, names, backend, systemd_root):
     """Each job: its timing, where it is installed, its last run (time, exit code, duration), running now."""
-    from dbdeck.lock import JobLock
-
-    from .jobs import RunState, all_jobs, select, state_dir
+    from .jobs import all_jobs, run_state, select
 
     jobs = select(all_jobs(app), names)
     installed = _backend(app, backend, systemd_root).installed(jobs)
-    state = RunState(state_dir(app)).read()
+    state = run_state(app).read()
     rows = []
     for name, job in jobs.items():
         last = state.get(name, {})
-        holder = JobLock(f"schedule-{name}", app.config.core.run_dir).holder()
+        holder = app.lock(f"schedule-{name}").holder()
         rows.append({"job": name, "timing": job.timing(), "command": job.command, "enabled": job.enabled,
                      "installed": installed.get(name), "running_pid": (holder or {}).get("pid"),
                      "last_start": last.get("last_start"), "last_end": last.get("last_end"),
@@ -150,10 +149,10 @@ def exec_job(app, name):
     from dbdeck import log as log_module
     from dbdeck.errors import CommandFailed, CommandTimeout, LockBusy
 
-    from .jobs import RunState, all_jobs, job_argv, now_iso, select, state_dir
+    from .jobs import all_jobs, job_argv, now_iso, run_state, select
 
     job = select(all_jobs(app), [name])[name]
-    state = RunState(state_dir(app))
+    state = run_state(app)
     if app.config.core.log_dir and not app.dry_run:
         log_module.add_daily_file(app.config.core.log_dir, "schedule")
     lock = app.lock(f"schedule-{name}")
@@ -213,7 +212,7 @@ def _job_environment(job):
 def setup_sync_cron(app, action):
     """Schedule sync-prod-to-dev in cron, as setup-sync-cron.sh did (SYNC_CRON_INTERVAL minutes, default 5)."""
     from .cron import CronBackend
-    from .jobs import RunState, state_dir
+    from .jobs import run_state
     from .model import Job
 
     if action is None:
@@ -234,7 +233,7 @@ def setup_sync_cron(app, action):
         app.emit({"removed": bool(changed)}, "removed" if changed else "not installed; nothing to remove")
     else:
         line = backend.installed(jobs)[SYNC_JOB]
-        last = RunState(state_dir(app)).read().get(SYNC_JOB, {})
+        last = run_state(app).read().get(SYNC_JOB, {})
         app.emit({"installed": bool(line), "line": line, **last},
                  (f"installed: {line}" if line else "not installed (run setup-sync-cron --install)")
                  + (f"\nlast run {last.get('last_start')}: exit {last.get('last_exit_code')} in "

@@ -10,6 +10,7 @@ import shlex
 from pathlib import Path
 
 from dbdeck.errors import DbdeckError
+from dbdeck.state import write_atomic
 
 from .timing import cron_expression
 
@@ -37,8 +38,8 @@ class CronBackend:
         self.runner = runner
 
     # --- reading and writing the tables ----------------------------------------------------------
-    def _user_of(self, job):
-        return job.user or self.settings.cron_user or pwd.getpwuid(os.geteuid()).pw_name
+    def _user_of(self, job=None):
+        return (job and job.user) or self.settings.cron_user or pwd.getpwuid(os.geteuid()).pw_name
 
     def _crontab_argv(self, user):
         me = pwd.getpwuid(os.geteuid()).pw_name
@@ -107,7 +108,7 @@ class CronBackend:
     def _users_to_scan(self, names):
         jobs = self._configured()
         selected = [jobs[n] for n in (names or jobs) if n in jobs]
-        users = {self._user_of(j) for j in selected} or {self._user_of(_Anonymous())}
+        users = {self._user_of(j) for j in selected} or {self._user_of()}
         return sorted(users)
 
     def _configured(self):
@@ -164,13 +165,5 @@ class CronBackend:
         if self.runner.dry_run:
             self.runner.say(f"would write {path}:\n{text.rstrip()}")
             return [str(path)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        write_atomic(path, text, mode=0o644)
         return [str(path)]
-
-
-class _Anonymous:
-    user = None

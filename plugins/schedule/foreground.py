@@ -12,9 +12,9 @@ import time
 
 import schedule
 
-from dbdeck.errors import EXIT_LOCKED
+from dbdeck.errors import EXIT_LOCKED, UsageError
 
-from .jobs import UsageProblem, dbdeck_argv
+from .jobs import dbdeck_argv
 
 log = logging.getLogger("dbdeck.schedule")
 _POLL_SECONDS = 0.05
@@ -39,7 +39,7 @@ class ForegroundScheduler:
             elif job.cron is not None:
                 self.scheduler.every().minute.at(":00").do(self.launch_if_cron_matches, name, job.cron)
             else:
-                raise UsageProblem(f"job {name}: on_calendar needs the systemd backend; give it `every:` or "
+                raise UsageError(f"job {name}: on_calendar needs the systemd backend; give it `every:` or "
                                    f"`cron:` to run it with `dbdeck schedule run`")
 
     def launch_if_cron_matches(self, name, expression):

@@ -1,22 +1,15 @@
 """Jobs as configured (plus plugins' defaults), how a job is invoked, and its run state."""
 
-import fcntl
-import json
-import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-from dbdeck.errors import DbdeckError, EXIT_USAGE
+from dbdeck.errors import UsageError
+from dbdeck.state import StateFile
 
 from .model import Job
 
 STATE_FILE = "schedule-state.json"
-
-
-class UsageProblem(DbdeckError):
-    exit_code = EXIT_USAGE
 
 
 def all_jobs(app):
@@ -37,7 +30,7 @@ def select(jobs, names):
     unknown = [n for n in names if n not in jobs]
     if unknown:
         known = ", ".join(sorted(jobs)) or "none configured"
-        raise UsageProblem(f"no scheduled job named {unknown[0]!r} (known: {known})")
+        raise UsageError(f"no scheduled job named {unknown[0]!r} (known: {known})")
     return {n: jobs[n] for n in names} if names else jobs
 
 
@@ -67,37 +60,9 @@ def state_dir(app):
     return Path(configured) if configured else app.config.state_dir
 
 
-class RunState:
-    """Last start, end, exit code and duration per job, in one JSON file updated under flock."""
-
-    def __init__(self, directory):
-        self.path = Path(directory) / STATE_FILE
-
-    def read(self):
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except ValueError:
-            return {}
-
-    @contextmanager
-    def _locked(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def update(self, job, **fields):
-        with self._locked():
-            state = self.read()
-            state.setdefault(job, {}).update(fields)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-            os.replace(tmp, self.path)
+def run_state(app):
+    """Last start, end, exit code and duration of each job (updated by `schedule exec`)."""
+    return StateFile(state_dir(app) / STATE_FILE)
 
 
 def now_iso():

@@ -1,13 +1,13 @@
 """The systemd backend: dbdeck@.service plus one dbdeck-<job>.timer per job, from systemd/ templates."""
 
-import os
 import sys
 from pathlib import Path
 from string import Template
 
-from dbdeck.errors import DbdeckError
+from dbdeck.errors import ConfigError, DbdeckError
+from dbdeck.state import write_atomic
 
-from .timing import TimingError, on_calendar
+from .timing import on_calendar
 
 SERVICE = "dbdeck@.service"
 TIMER_TEMPLATE = "dbdeck-job.timer"
@@ -68,7 +68,7 @@ class SystemdBackend:
     def _check_calendar(self, name, expression):
         result = self.runner.run(["systemd-analyze", "calendar", expression], check=False, read_only=True)
         if result.returncode != 0:
-            raise TimingError(f"job {name}: OnCalendar {expression!r} is not valid: "
+            raise ConfigError(f"job {name}: OnCalendar {expression!r} is not valid: "
                               f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'rejected'}")
 
     def install(self, jobs, prune):
@@ -83,11 +83,7 @@ class SystemdBackend:
             if self.runner.dry_run:
                 self.runner.say(f"would write {path}:\n{content.rstrip()}")
                 continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(content)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            write_atomic(path, content, mode=0o644)
         if not self.runner.dry_run:
             self.verify(enabled)
         stale = self._installed_jobs() - set(enabled) if prune else set(jobs) - set(enabled)
@@ -130,7 +126,7 @@ class SystemdBackend:
             if not self.runner.dry_run and dropin.parent.exists() and not any(dropin.parent.iterdir()):
                 dropin.parent.rmdir()
         service = self.unit_dir / SERVICE
-        if service.exists() and not (self._installed_jobs() - set(names if self.runner.dry_run else ())):
+        if service.exists() and not self._installed_jobs() - set(names):  # no timer left that uses it
             changed.append(str(service))
             if self.runner.dry_run:
                 self.runner.say(f"would remove {service}")

@@ -1,24 +1,20 @@
 """Turning a job's timing into what each backend understands (cron line, systemd OnCalendar)."""
 
-from dbdeck.errors import DbdeckError
+from dbdeck.errors import ConfigError
 
 _DAY_NAMES = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
 
 
-class TimingError(DbdeckError):
-    exit_code = 2
-
-
 def cron_expression(name, job):
-    """A five-field cron expression for the job, or TimingError when cron cannot express it."""
+    """A five-field cron expression for the job, or ConfigError when cron cannot express it."""
     if job.cron is not None:
         return job.cron
     if job.on_calendar is not None:
-        raise TimingError(f"job {name}: on_calendar is systemd-only; give it `cron:` or `every:` for the cron "
+        raise ConfigError(f"job {name}: on_calendar is systemd-only; give it `cron:` or `every:` for the cron "
                           f"backend")
     seconds = job.every_seconds
     if seconds != int(seconds) or seconds % 60:
-        raise TimingError(f"job {name}: every {job.every} is finer than cron's one-minute resolution; "
+        raise ConfigError(f"job {name}: every {job.every} is finer than cron's one-minute resolution; "
                           f"use the systemd backend or `dbdeck schedule run`")
     minutes = int(seconds) // 60
     if minutes < 60 and 60 % minutes == 0:
@@ -28,7 +24,7 @@ def cron_expression(name, job):
         return "0 * * * *" if hours == 1 else f"0 */{hours} * * *"
     if minutes == 1440:
         return "0 0 * * *"
-    raise TimingError(f"job {name}: every {job.every} does not divide an hour or a day evenly, so cron cannot "
+    raise ConfigError(f"job {name}: every {job.every} does not divide an hour or a day evenly, so cron cannot "
                       f"run it at a steady interval; give a `cron:` expression")
 
 
@@ -39,7 +35,7 @@ def on_calendar(name, job):
     if job.every is not None:
         seconds = job.every_seconds
         if seconds != int(seconds):
-            raise TimingError(f"job {name}: every {job.every}: systemd timers take whole seconds")
+            raise ConfigError(f"job {name}: every {job.every}: systemd timers take whole seconds")
         seconds = int(seconds)
         if seconds < 60 and 60 % seconds == 0:
             return f"*:*:0/{seconds}"
@@ -52,7 +48,7 @@ def on_calendar(name, job):
 
     (minutes, hours, days, months, weekdays), _ = croniter.expand(cron)
     if days != ["*"] and weekdays != ["*"]:
-        raise TimingError(f"job {name}: cron {cron!r} restricts both day of month and day of week, which cron "
+        raise ConfigError(f"job {name}: cron {cron!r} restricts both day of month and day of week, which cron "
                           f"ORs and systemd ANDs; give the job an explicit on_calendar")
 
     def listed(values, width=2):

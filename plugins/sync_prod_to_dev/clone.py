@@ -17,6 +17,8 @@ from psycopg import sql
 
 from dbdeck.endpoints import Endpoint
 from dbdeck.errors import DbdeckError, Refused
+from dbdeck.run import printable
+from dbdeck.state import StateFile
 
 log = logging.getLogger("dbdeck.sync_prod_to_dev")
 
@@ -69,7 +71,7 @@ class Clone:
         self.staging = self.dev + STAGING_SUFFIX
         self.old = self.dev + OLD_SUFFIX
         self.maintenance = on_database(self.target, "postgres", "dev-server")
-        self.state_path = Path(app.config.state_dir) / STATE_FILE
+        self.state = StateFile(Path(app.config.state_dir) / STATE_FILE)
 
     # --- checks -----------------------------------------------------------------------------------
     def check_safety(self):
@@ -95,27 +97,12 @@ class Clone:
         return hashlib.sha256(f"{self.source.describe()} -> {self.target.describe()}".encode()).hexdigest()[:16]
 
     def last_sync(self):
-        try:
-            import json
-
-            return json.loads(self.state_path.read_text()).get(self._state_key())
-        except (OSError, ValueError):
-            return None
+        return self.state.read().get(self._state_key())
 
     def _record(self, fingerprint, seconds):
-        import json
-
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            state = json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            state = {}
-        state[self._state_key()] = {"fingerprint": fingerprint, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                    "seconds": round(seconds, 2), "source": self.source.describe(),
-                                    "target": self.target.describe()}
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.state_path)
+        self.state.update(self._state_key(), fingerprint=fingerprint,
+                          finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(seconds, 2),
+                          source=self.source.describe(), target=self.target.describe())
 
     def _databases(self):
         rows = self.maintenance.query("SELECT datname, datallowconn, pg_get_userbyid(datdba) AS owner FROM pg_database")
@@ -237,22 +224,25 @@ class Clone:
 
     def _copy_through_file(self, dump, staging):
         directory = Path(self.settings.dump_dir)
-        if not self.runner.dry_run:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = directory / f"{self.source.database or 'prod'}-{time.strftime('%Y%m%d-%H%M%S')}.dump"
-        self.say(f"writing {path}")
+        dump_argv, dump_env = self.source.tool_invocation(*dump)
+        restore_argv, restore_env = self._restore_stage(staging)
         if self.runner.dry_run:
-            self.runner.pipeline([self.source.tool_invocation(*dump), (["tee", path], {})])
+            self.runner.say(f"would run: {printable(dump_argv, dump_env)} > {path}")
+            self.runner.say(f"would run: {printable(restore_argv, restore_env)} < {path}")
         else:
+            self.say(f"writing {path}")
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as out:
-                self.runner.pipeline([self.source.tool_invocation(*dump)], stdout=out, timeout=self.settings.timeout)
-        with open(path, "rb") if not self.runner.dry_run else open(os.devnull, "rb") as dumped:
-            argv, env = self._restore_stage(staging)
-            self.runner.run(argv, env=env, stdin=dumped, timeout=self.settings.timeout)
+                self.runner.run(dump_argv, env=dump_env, stdout=out, timeout=self.settings.timeout)
+            with open(path, "rb") as dumped:
+                self.runner.run(restore_argv, env=restore_env, stdin=dumped, timeout=self.settings.timeout)
         self._prune_dumps(directory)
 
     def _prune_dumps(self, directory):
+        if not directory.is_dir():
+            return
         dumps = sorted(directory.glob(f"{self.source.database or 'prod'}-*.dump"), key=lambda p: p.stat().st_mtime,
                        reverse=True)
         for old in dumps[self.settings.keep_dumps:]:

@@ -3,7 +3,8 @@ import subprocess
 import pytest
 
 from dbdeck.plugins.schedule.model import Job, parse_every
-from dbdeck.plugins.schedule.timing import TimingError, cron_expression, on_calendar
+from dbdeck.errors import ConfigError
+from dbdeck.plugins.schedule.timing import cron_expression, on_calendar
 
 
 @pytest.mark.parametrize("every, seconds", [("30s", 30), ("5m", 300), ("6h", 21600), ("1d", 86400), (90, 90),
@@ -26,12 +27,12 @@ def test_every_to_cron(every, cron):
 
 @pytest.mark.parametrize("every", ["30s", "7m", "5h", "2d"])
 def test_every_cron_cannot_express(every):
-    with pytest.raises(TimingError):
+    with pytest.raises(ConfigError):
         cron_expression("j", Job(command=["x"], every=every))
 
 
 def test_on_calendar_cannot_go_to_cron():
-    with pytest.raises(TimingError, match="systemd-only"):
+    with pytest.raises(ConfigError, match="systemd-only"):
         cron_expression("j", Job(command=["x"], on_calendar="daily"))
 
 
@@ -48,7 +49,7 @@ def test_on_calendar_is_accepted_by_systemd(job, expected_next_pattern):
 
 
 def test_day_of_month_and_week_together_is_refused_for_systemd():
-    with pytest.raises(TimingError, match="ORs and systemd ANDs"):
+    with pytest.raises(ConfigError, match="ORs and systemd ANDs"):
         on_calendar("j", Job(command=["x"], cron="0 0 1 * 1"))
 
 
