@@ -59,6 +59,57 @@ class Daemon:
         return self._popen.wait(timeout) if self._popen else None
 
 
+class Session:
+    """A program started with Runner.open_session(): write lines to it, read its answers."""
+
+    def __init__(self, argv, env, popen, errors):
+        self.argv, self.env, self._popen, self._errors = argv, env, popen, errors
+
+    def send(self, text):
+        try:
+            self._popen.stdin.write(text.encode())
+            self._popen.stdin.flush()
+        except BrokenPipeError:
+            self._fail("ended early")
+
+    def read_line(self, timeout=30):
+        """The next line of output (without the newline); fails if the program ends or stays silent."""
+        import select
+
+        ready, _, _ = select.select([self._popen.stdout], [], [], timeout)
+        if not ready:
+            self._fail(f"gave no answer within {timeout}s")
+        line = self._popen.stdout.readline()
+        if not line:
+            self._popen.wait()
+            self._fail(f"ended with exit status {self._popen.returncode}")
+        return line.decode("utf-8", errors="replace").rstrip("\n")
+
+    def _fail(self, what):
+        self._errors.seek(0)
+        stderr = _decode(self._errors.read())
+        self.close()
+        raise CommandFailed(f"{printable(self.argv, self.env)} {what}{_tail(stderr)}", argv=self.argv,
+                            returncode=self._popen.returncode, stderr=secrets.mask(stderr))
+
+    def close(self, timeout=10):
+        """Close its input (a psql session then ends, rolling back an open transaction) and reap it."""
+        if self._popen.poll() is None:
+            try:
+                self._popen.stdin.close()
+                self._popen.wait(timeout)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self._popen.kill()
+                self._popen.wait()
+        self._errors.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def printable(argv, env=None):
     """A shell-quoted, masked rendering of a command, with the names (only) of extra variables."""
     line = " ".join(shlex.quote(str(a)) for a in argv)
@@ -216,6 +267,26 @@ class Runner:
                                     f"{_tail(stderr)}", argv=argv, returncode=process.returncode,
                                     stderr=secrets.mask(stderr))
         return Result(argv=stages[-1][0], stdout=_decode(captured), stderr="".join(stderr_texts))
+
+    def open_session(self, argv, *, env=None):
+        """Start an interactive program (e.g. psql holding a transaction open) that we feed lines and
+        read lines from. It runs in a dry run too: callers use it only for read-only sessions."""
+        argv = [str(a) for a in argv]
+        for name, value in (env or {}).items():
+            if secrets.is_secret_name(name):
+                secrets.register(value)
+        log.debug("opening session: %s", printable(argv, env))
+        import tempfile
+
+        errors = tempfile.TemporaryFile()
+        try:
+            popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                                     env={**os.environ, **(env or {})})
+        except FileNotFoundError:
+            errors.close()
+            raise CommandFailed(f"program not found: {argv[0]} (is it installed and on PATH?)",
+                                argv=argv, returncode=127) from None
+        return Session(argv, env, popen, errors)
 
     def start_daemon(self, argv, *, log_path=None, env=None, as_user=None, cwd=None):
         """Start a program without waiting for it, in its own session (a terminal's Ctrl-C does not

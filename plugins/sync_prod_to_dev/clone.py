@@ -113,7 +113,7 @@ class Clone:
         started = time.monotonic()
         self.say(f"source: {self.source.describe()}")
         self.say(f"target: {self.target.describe()}")
-        self.check_safety()
+        self.versions = self.check_safety()
         fingerprint = self.fingerprint()
         last = self.last_sync()
         databases = self._databases()
@@ -183,10 +183,15 @@ class Clone:
         self.say(f"creating {self.staging} beside {self.dev}")
         self.maintenance.execute(statement)
 
-    def _restore_stage(self, staging):
-        argv, env = staging.tool_invocation("pg_restore", "--no-owner", "--no-privileges", "--exit-on-error",
-                                            "--single-transaction", "-d", self.staging)
-        return argv, env
+    @property
+    def dump_options(self):
+        """pg_dump/pg_restore flags for ownership and grants, as configured."""
+        return ([] if self.settings.keep_owner else ["--no-owner"]) + \
+            ([] if self.settings.keep_privileges else ["--no-privileges"])
+
+    def restore_stage(self, staging):
+        return staging.tool_invocation("pg_restore", *self.dump_options, "--exit-on-error", "--single-transaction",
+                                       "-d", self.staging)
 
     def _copy_excluded_tables(self, staging, dev_exists):
         kept = []
@@ -198,10 +203,10 @@ class Clone:
                 continue
             what = "dev's own copy" if in_dev else "prod's structure, no rows"
             self.say(f"excluded table {table}: keeping {what}")
-            dump = ["pg_dump", "-Fc", "--no-owner", "--no-privileges", f"--table={pattern}"]
+            dump = ["pg_dump", "-Fc", *self.dump_options, f"--table={pattern}"]
             if not in_dev:
                 dump.append("--schema-only")
-            self.runner.pipeline([origin.tool_invocation(*dump), self._restore_stage(staging)],
+            self.runner.pipeline([origin.tool_invocation(*dump), self.restore_stage(staging)],
                                  timeout=self.settings.timeout)
             kept.append(table)
         return kept
@@ -213,20 +218,32 @@ class Clone:
         return bool(rows and rows[0]["present"])
 
     def _copy_prod(self, staging):
-        dump = ["pg_dump", "-Fc", "--no-owner", "--no-privileges"]
-        dump += [f"--exclude-table={table_pattern(t)}" for t in self.settings.exclude_tables]
-        self.say(f"copying {self.source.database or 'prod'} into {self.staging}")
+        excluded = [table_pattern(t) for t in self.settings.exclude_tables]
+        dump = ["pg_dump", "-Fc", *self.dump_options, *(f"--exclude-table={p}" for p in excluded)]
         if self.settings.dump_dir:
+            self.say(f"copying {self.source.database or 'prod'} into {self.staging} through a dump file")
             self._copy_through_file(dump, staging)
-        else:
-            self.runner.pipeline([self.source.tool_invocation(*dump), self._restore_stage(staging)],
+        elif self.source.query("SELECT EXISTS (SELECT 1 FROM pg_largeobject_metadata) AS any")[0]["any"]:
+            # large objects are not table data: only pg_dump's archive carries them
+            self.say(f"copying {self.source.database or 'prod'} into {self.staging} (one stream: prod has large objects)")
+            self.runner.pipeline([self.source.tool_invocation(*dump), self.restore_stage(staging)],
                                  timeout=self.settings.timeout)
+        else:
+            from .parallel import ParallelCopy
+
+            same_major = self.versions[0] // 10000 == self.versions[1] // 10000
+            ParallelCopy(self, staging, self.jobs, self.dump_options, binary=same_major,
+                         timeout=self.settings.timeout).run(excluded)
+
+    @property
+    def jobs(self):
+        return self.settings.jobs or max(2, min(8, os.cpu_count() or 2))
 
     def _copy_through_file(self, dump, staging):
         directory = Path(self.settings.dump_dir)
         path = directory / f"{self.source.database or 'prod'}-{time.strftime('%Y%m%d-%H%M%S')}.dump"
         dump_argv, dump_env = self.source.tool_invocation(*dump)
-        restore_argv, restore_env = self._restore_stage(staging)
+        restore_argv, restore_env = self.restore_stage(staging)
         if self.runner.dry_run:
             self.runner.say(f"would run: {printable(dump_argv, dump_env)} > {path}")
             self.runner.say(f"would run: {printable(restore_argv, restore_env)} < {path}")

@@ -33,6 +33,9 @@ class SyncProdToDev(Section):
     skip_unchanged: bool = True
     allow_production_target: bool = False
     timeout: int = 6 * 3600
+    jobs: int = 0
+    keep_owner: bool = False
+    keep_privileges: bool = False
     anonymize: dict[str, str | dict | None] = {}
     anonymize_salt: SecretStr | None = None
 
@@ -50,6 +53,13 @@ class SyncProdToDev(Section):
         # EXCLUDE_TABLES="_prisma_migrations sensitive_data" or "a,b" (the seed's bash array, flattened)
         if isinstance(value, str):
             value = [v for v in re.split(r"[\s,]+", value) if v]
+        return value
+
+    @field_validator("jobs")
+    @classmethod
+    def _jobs(cls, value):
+        if value < 0:
+            raise ValueError("jobs must be 0 (one per CPU, 2 to 8) or a positive number of parallel streams")
         return value
 
     @field_validator("keep_dumps")

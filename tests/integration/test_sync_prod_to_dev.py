@@ -20,6 +20,21 @@ CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id int NOT NULL REFERENC
 CREATE INDEX orders_customer ON orders (customer_id);
 CREATE TABLE _prisma_migrations (id text PRIMARY KEY, migration_name text NOT NULL);
 CREATE VIEW big_orders AS SELECT * FROM orders WHERE total > 100;
+CREATE SCHEMA "Sales Dept";
+CREATE TABLE "Sales Dept"."Monthly ""Q"" Totals" (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    month date NOT NULL, amount numeric NOT NULL, doubled numeric GENERATED ALWAYS AS (amount * 2) STORED);
+CREATE TABLE events (id bigint NOT NULL, at date NOT NULL, kind text) PARTITION BY RANGE (at);
+CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+ALTER TABLE events ADD PRIMARY KEY (id, at);
+CREATE INDEX events_kind ON events (kind);
+COMMENT ON INDEX orders_customer IS 'orders by customer';
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN NEW.note := coalesce(NEW.note, 'touched'); RETURN NEW; END$$;
+CREATE TRIGGER customers_touch BEFORE INSERT ON customers FOR EACH ROW EXECUTE FUNCTION touch();
+CREATE MATERIALIZED VIEW order_totals AS SELECT customer_id, sum(total) AS total FROM orders GROUP BY 1;
+CREATE UNIQUE INDEX order_totals_customer ON order_totals (customer_id);
+ALTER TABLE orders ENABLE ROW LEVEL SECURITY;
+CREATE POLICY orders_all ON orders USING (true);
 """
 
 
@@ -33,6 +48,9 @@ def clusters(workdir):
         INSERT INTO customers (email, note) SELECT 'c' || g || '@example.com', md5(g::text) FROM generate_series(1, 2000) g;
         INSERT INTO orders (customer_id, total) SELECT 1 + g % 2000, (g % 500) / 3.0 FROM generate_series(1, 20000) g;
         INSERT INTO _prisma_migrations VALUES ('1', 'prod_migration');
+        INSERT INTO "Sales Dept"."Monthly ""Q"" Totals" (month, amount) SELECT date '2025-01-01' + g, g FROM generate_series(1, 300) g;
+        INSERT INTO events SELECT g, date '2025-06-01' + g % 400, 'k' || g % 7 FROM generate_series(1, 5000) g;
+        REFRESH MATERIALIZED VIEW order_totals;
     """, database="crm_production")
     dev.server.psql("CREATE TABLE _prisma_migrations (id text PRIMARY KEY, migration_name text NOT NULL);"
                     "INSERT INTO _prisma_migrations VALUES ('d', 'dev_only_migration');"
@@ -73,13 +91,22 @@ def sync(config, *args, env=None):
 
 def checksums(endpoint):
     tables = [r["t"] for r in endpoint.query(
-        "SELECT tablename AS t FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
+        "SELECT format('%I.%I', schemaname, tablename) AS t FROM pg_tables WHERE schemaname NOT IN "
+        "('pg_catalog', 'information_schema') UNION ALL SELECT format('%I.%I', schemaname, matviewname) "
+        "FROM pg_matviews ORDER BY 1")]
     out = {}
     for table in tables:
-        out[table] = endpoint.query(f'SELECT count(*) AS n, md5(coalesce(string_agg(t::text, \',\' ORDER BY t::text), \'\')) '
-                                    f'AS sum FROM "{table}" t')[0]
+        out[table.removeprefix("public.")] = endpoint.query(
+            f"SELECT count(*) AS n, md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) AS sum FROM {table} t")[0]
     sequences = endpoint.query("SELECT sequencename, last_value FROM pg_sequences ORDER BY 1")
     return out, sequences
+
+
+def schema_of(cluster, database):
+    """Every object's definition (indexes, keys, triggers, policies, comments...), excluded table aside."""
+    dump = cluster.endpoint(database).run_tool("pg_dump", "--schema-only", "--no-owner", "--no-privileges",
+                                               "--exclude-table=_prisma_migrations", read_only=True).stdout
+    return [line for line in dump.splitlines() if not line.startswith(("\\restrict", "\\unrestrict"))]
 
 
 def test_full_copy_keeps_excluded_tables_and_terminates_sessions(clusters, tmp_path):
@@ -92,6 +119,9 @@ def test_full_copy_keeps_excluded_tables_and_terminates_sessions(clusters, tmp_p
     dev_sums, dev_seqs = checksums(dev.endpoint("crm_development"))
     assert prod_sums.pop("_prisma_migrations") != dev_sums.pop("_prisma_migrations")
     assert dev_sums == prod_sums and dev_seqs == prod_seqs
+    assert "order_totals" in dev_sums and '"Sales Dept"."Monthly ""Q"" Totals"' in dev_sums
+    assert "parallel streams" in done.stdout and "building" in done.stdout
+    assert schema_of(dev, "crm_development") == schema_of(prod, "crm_production")
     assert dev.endpoint("crm_development").query("SELECT migration_name FROM _prisma_migrations") == \
         [{"migration_name": "dev_only_migration"}]
     assert dev.endpoint("crm_development").query("SELECT count(*) AS n FROM big_orders")[0]["n"] > 0

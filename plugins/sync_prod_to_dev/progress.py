@@ -1,0 +1,55 @@
+"""Progress of a long copy: one rewritten status line on a terminal, a log line per tenth otherwise."""
+
+import sys
+import threading
+import time
+
+
+def human_bytes(count):
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(count) < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TB"
+
+
+class Progress:
+    def __init__(self, say, total_items, total_bytes, what, stream=None):
+        self.say = say
+        self.total_items = total_items
+        self.total_bytes = total_bytes
+        self.what = what
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty()
+        self.items = 0
+        self.bytes = 0
+        self.started = time.monotonic()
+        self._reported_tenth = 0
+        self._lock = threading.Lock()
+
+    def line(self):
+        percent = 100 * self.bytes / self.total_bytes if self.total_bytes else 100 * self.items / self.total_items
+        elapsed = time.monotonic() - self.started
+        return (f"{self.items}/{self.total_items} {self.what}, {human_bytes(self.bytes)} of "
+                f"{human_bytes(self.total_bytes)} ({percent:.0f}%, {elapsed:.0f}s)")
+
+    def advance(self, done_bytes):
+        with self._lock:
+            self.items += 1
+            self.bytes += done_bytes
+            if self.interactive:
+                self.stream.write("\r\033[K" + self.line())
+                self.stream.flush()
+                return
+            tenth = int(10 * self.items / self.total_items)
+            if self.total_bytes:
+                tenth = max(tenth, int(10 * self.bytes / self.total_bytes))
+            if tenth > self._reported_tenth and self.items < self.total_items:
+                self._reported_tenth = tenth
+                self.say("progress: " + self.line())
+
+    def finish(self):
+        if self.interactive:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+        self.say("copied " + self.line())
