@@ -8,8 +8,10 @@ died while it had them switched off. Prod is only read (pg_dump's own ACCESS SHA
 """
 
 import hashlib
+import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -25,6 +27,24 @@ log = logging.getLogger("dbdeck.sync_prod_to_dev")
 STAGING_SUFFIX = "__dbdeck_staging"
 OLD_SUFFIX = "__dbdeck_old"
 STATE_FILE = "sync-prod-to-dev.json"
+
+USER_SCHEMAS = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'"
+OWNERS_SQL = f"""
+SELECT pg_get_userbyid(c.relowner) AS role FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE {USER_SCHEMAS}
+UNION SELECT pg_get_userbyid(n.nspowner) FROM pg_namespace n WHERE {USER_SCHEMAS}
+UNION SELECT pg_get_userbyid(p.proowner) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE {USER_SCHEMAS}
+UNION SELECT pg_get_userbyid(t.typowner) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+ WHERE {USER_SCHEMAS}
+"""
+GRANTEES_SQL = f"""
+SELECT DISTINCT pg_get_userbyid(a.grantee) AS role
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.relacl) a
+WHERE {USER_SCHEMAS} AND a.grantee <> 0
+UNION SELECT pg_get_userbyid(a.grantee) FROM pg_namespace n, aclexplode(n.nspacl) a
+WHERE {USER_SCHEMAS} AND a.grantee <> 0
+"""
 
 FINGERPRINT_SQL = """
 SELECT md5(
@@ -74,24 +94,63 @@ class Clone:
         self.state = StateFile(Path(app.config.state_dir) / STATE_FILE)
 
     # --- checks -----------------------------------------------------------------------------------
-    def check_safety(self):
+    def survey(self):
+        """One query per side (connections cost more than these queries on an unchanged-prod run):
+        prod's identity, version and change fingerprint; dev server's identity, version, databases."""
+        prod = self.source.query("SELECT (SELECT system_identifier::text FROM pg_control_system()) AS server, "
+                                 "current_database() AS db, current_setting('server_version_num') AS version, ("
+                                 + FINGERPRINT_SQL.strip() + ") AS fingerprint")[0]
+        dev = self.maintenance.query(
+            "SELECT (SELECT system_identifier::text FROM pg_control_system()) AS server, "
+            "current_setting('server_version_num') AS version, (SELECT json_agg(json_build_object("
+            "'datname', datname, 'datallowconn', datallowconn, 'owner', pg_get_userbyid(datdba))) "
+            "FROM pg_database) AS databases")[0]
+        databases = dev["databases"]
+        if isinstance(databases, str):
+            databases = json.loads(databases)
+        return prod, dev, {d["datname"]: d for d in databases}
+
+    def check_safety(self, prod, dev):
         if self.target.role == "production" and not self.settings.allow_production_target:
             raise Refused(f"refusing to overwrite {self.target.describe()}: it is marked role: production "
                           f"(sync-prod-to-dev writes only to a development copy)")
         if self.source.role in ("development", "test", "sandbox") and self.target.role == "production":
             raise Refused("refusing to run reversed: the source is a development database and the target production")
-        if self.source.identity() == self.target.identity():
+        # dev's server and name, not a connection to dev: on the first sync dev does not exist yet
+        if (str(prod["server"]), str(prod["db"])) == (str(dev["server"]), self.dev):
             raise Refused(f"refusing to sync: source and target are the same database "
                           f"({self.source.describe()} and {self.target.describe()})")
-        source_version = int(self.source.query("SELECT current_setting('server_version_num') AS v")[0]["v"])
-        target_version = int(self.maintenance.query("SELECT current_setting('server_version_num') AS v")[0]["v"])
-        if source_version // 10000 > target_version // 10000:
-            raise DbdeckError(f"prod runs PostgreSQL {source_version // 10000} and dev {target_version // 10000}: "
+        source_major, target_major = int(prod["version"]) // 10000, int(dev["version"]) // 10000
+        if source_major > target_major:
+            raise DbdeckError(f"prod runs PostgreSQL {source_major} and dev {target_major}: "
                               f"restoring into an older major version is not supported; upgrade dev first")
-        return source_version, target_version
+        self._check_client_tools(source_major)
+        self._check_roles()
 
-    def fingerprint(self):
-        return str(self.source.query(FINGERPRINT_SQL)[0]["fingerprint"])
+    def _check_roles(self):
+        """Keeping owners or grants needs prod's roles on dev's server; name the missing ones up front."""
+        wanted = ([OWNERS_SQL] if self.settings.keep_owner else []) + \
+            ([GRANTEES_SQL] if self.settings.keep_privileges else [])
+        if not wanted:
+            return
+        needed = {r["role"] for r in self.source.query(" UNION ".join(q.strip() for q in wanted))}
+        present = {r["rolname"] for r in self.maintenance.query("SELECT rolname FROM pg_roles")}
+        missing = sorted(needed - present)
+        if missing:
+            raise DbdeckError(f"keep_owner/keep_privileges: role(s) {', '.join(missing)} own objects or hold "
+                              f"grants in prod but do not exist on dev's server; create them there "
+                              f"(CREATE ROLE ...) or set keep_owner/keep_privileges: false")
+
+    def _check_client_tools(self, source_major):
+        """pg_dump refuses servers newer than itself; say so before creating anything."""
+        if self.source.container:
+            return  # the container's own pg_dump matches its server
+        output = self.runner.run(["pg_dump", "--version"], read_only=True).stdout
+        match = re.search(r"(\d+)(?:\.\d+)?", output)
+        if match and int(match.group(1)) < source_major:
+            raise DbdeckError(f"the pg_dump on PATH is version {match.group(1)} but prod runs PostgreSQL "
+                              f"{source_major}: install postgresql-client-{source_major} (pg_dump cannot dump "
+                              f"a newer server)")
 
     def _state_key(self):
         return hashlib.sha256(f"{self.source.describe()} -> {self.target.describe()}".encode()).hexdigest()[:16]
@@ -104,19 +163,15 @@ class Clone:
                           finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(seconds, 2),
                           source=self.source.describe(), target=self.target.describe())
 
-    def _databases(self):
-        rows = self.maintenance.query("SELECT datname, datallowconn, pg_get_userbyid(datdba) AS owner FROM pg_database")
-        return {r["datname"]: r for r in rows}
-
     # --- the run ----------------------------------------------------------------------------------
     def run(self):
         started = time.monotonic()
         self.say(f"source: {self.source.describe()}")
         self.say(f"target: {self.target.describe()}")
-        self.versions = self.check_safety()
-        fingerprint = self.fingerprint()
+        prod, dev, databases = self.survey()
+        self.check_safety(prod, dev)
+        fingerprint = str(prod["fingerprint"])
         last = self.last_sync()
-        databases = self._databases()
         if (self.settings.skip_unchanged and not self.force and last and last.get("fingerprint") == fingerprint
                 and self.dev in databases):
             self.say(f"prod unchanged since the last sync at {last['finished_at']}; nothing to do (--force to copy anyway)")
@@ -231,9 +286,7 @@ class Clone:
         else:
             from .parallel import ParallelCopy
 
-            same_major = self.versions[0] // 10000 == self.versions[1] // 10000
-            ParallelCopy(self, staging, self.jobs, self.dump_options, binary=same_major,
-                         timeout=self.settings.timeout).run(excluded)
+            ParallelCopy(self, staging, self.jobs, self.dump_options, timeout=self.settings.timeout).run(excluded)
 
     @property
     def jobs(self):

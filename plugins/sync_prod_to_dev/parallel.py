@@ -5,23 +5,28 @@
    other step (pg_dump of the schema, each table's COPY) reads prod through that same snapshot,
    so the copy is exactly as consistent as a single pg_dump;
 2. pre-data schema (tables, types, functions, no indexes) restored by pg_restore;
-3. table data as `psql COPY TO STDOUT | psql COPY FROM STDIN` pipelines with kernel pipes, `jobs`
-   at a time, biggest first; binary format when both majors match; FREEZE, because the table is
-   truncated in the same transaction, so the index builds and dev's first readers do not rewrite
-   every page to set hint bits;
+3. table data in `jobs` streams, tables spread over them biggest first: each stream is one
+   `psql COPY TO STDOUT | psql COPY FROM STDIN` pair carrying its tables one after another in text
+   format, a `\\.` line ending each (one pair of connections per stream, not per table: connection
+   set-up and `docker exec` cost more than the copy of a small table). Each table is truncated and
+   loaded in one transaction with FREEZE, so the index builds and dev's first readers do not rewrite
+   every page to set hint bits; its indexes and primary/unique keys (from pg_dump's plain post-data,
+   split at its `-- Name: ...; Type: ...` headers) are built right after, while its pages are cached;
 4. sequences set to prod's values;
-5. post-data from pg_dump's plain output, split at its `-- Name: ...; Type: ...` headers: indexes and
-   primary/unique keys built in `jobs` sessions (biggest table first), then foreign keys in `jobs`
-   sessions, then the rest (triggers, rules, policies, index attachments, matview refreshes) in
-   dump order in one session.
+5. then the keys of partitioned tables and materialized views, foreign keys in `jobs` sessions, and
+   the rest (triggers, rules, policies, index attachments, matview refreshes) in dump order.
 Works the same for DSN and `docker exec` endpoints: every step is a client-tool invocation.
 """
 
+import itertools
 import json
+import queue
 import re
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+import threading
 
 from psycopg import sql
+
+from dbdeck.run import printable
 
 from .progress import Progress
 
@@ -49,11 +54,19 @@ WHERE c.relkind = 'S' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
                   AND (d.deptype = 'e' OR (d.deptype IN ('a', 'i') AND d.refobjid = ANY (EXCLUDED_OIDS))))
 """
 
-INDEX_SIZES_SQL = """
-SELECT coalesce(jsonb_object_agg(format('%s.%s', n.nspname, i.relname), pg_relation_size(x.indrelid)),
+INDEX_TABLES_SQL = """
+SELECT coalesce(jsonb_object_agg(format('%s.%s', n.nspname, i.relname), format('%I.%I', n.nspname, t.relname)),
                 '{}'::jsonb)::text
-FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_namespace n ON n.oid = i.relnamespace
+FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid
+     JOIN pg_namespace n ON n.oid = i.relnamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+RAW_TABLE_NAMES_SQL = """
+SELECT coalesce(jsonb_object_agg(format('%s.%s', n.nspname, c.relname), format('%I.%I', n.nspname, c.relname)),
+                '{}'::jsonb)::text
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'm', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
 HEADER = re.compile(r"^--\n-- Name: (?P<name>.*?); Type: (?P<type>.*?); Schema: (?P<schema>.*?); Owner: .*?\n--\n",
@@ -71,38 +84,146 @@ def split_post_data(text):
     for match, following in zip(matches, [*matches[1:], None]):
         body = text[match.end():following.start() if following else len(text)]
         entries.append((match["type"], match["schema"], match["name"], body))
-    # lines like `\unrestrict KEY` close the preamble's `\restrict KEY`: they belong to the last session
     return preamble, entries
 
 
-def phases(entries, index_table_bytes):
-    """Split post-data entries into (keys and indexes, foreign keys, the rest), the first two with costs."""
-    keys, foreign, rest = [], [], []
+def constraint_table(schema, name, raw_tables):
+    """A CONSTRAINT entry is named 'table constraint' with raw names: find the split naming a table."""
+    for position, char in enumerate(name):
+        if char == " " and f"{schema}.{name[:position]}" in raw_tables:
+            return raw_tables[f"{schema}.{name[:position]}"]
+    return None
+
+
+def group_post_data(entries, index_tables, raw_tables):
+    """(index and key SQL per table, foreign keys, everything else in dump order)."""
+    per_table, foreign, rest = {}, [], []
     for kind, schema, name, body in entries:
+        table = None
         if kind == "INDEX":
-            keys.append((index_table_bytes.get(f"{schema}.{name}", 0), body))
+            table = index_tables.get(f"{schema}.{name}")
         elif kind == "CONSTRAINT" and KEY_CONSTRAINT.search(body):
-            table = name.split(" ", 1)[0]
-            keys.append((index_table_bytes.get(f"{schema}.{table}", 0), body))
+            table = constraint_table(schema, name, raw_tables)
+        if table:
+            per_table.setdefault(table, []).append(body)
         elif kind == "FK CONSTRAINT":
-            foreign.append((0, body))
+            foreign.append(body)
         else:
             rest.append(body)
-    return keys, foreign, rest
+    return per_table, foreign, rest
+
+
+class WorkQueue:
+    """Tasks run by `workers` threads, lowest priority number first; a running task may add tasks.
+    The first failure stops the handing out of work and is raised by run()."""
+
+    def __init__(self, workers):
+        self.workers = max(1, workers)
+        self._queue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._outstanding = 0
+        self._error = None
+        self._changed = threading.Condition()
+
+    def add(self, priority, function, *args):
+        with self._changed:
+            self._outstanding += 1
+        self._queue.put((priority, next(self._order), function, args))
+
+    def run(self, while_waiting=None, interval=None):
+        if not self._outstanding:
+            return
+        # daemon threads: after a failure, a copy still running ends when the caller drops the staging database
+        threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.workers)]
+        for thread in threads:
+            thread.start()
+        finished = lambda: self._outstanding == 0 or self._error is not None  # noqa: E731
+        while True:
+            with self._changed:
+                if self._changed.wait_for(finished, timeout=interval):
+                    break
+            if while_waiting:
+                while_waiting()
+        for _ in threads:
+            self._queue.put((float("inf"), next(self._order), None, ()))
+        if self._error is not None:
+            raise self._error
+        for thread in threads:
+            thread.join()
+
+    def _work(self):
+        while True:
+            _, _, function, args = self._queue.get()
+            if function is None or self._error is not None:
+                return
+            try:
+                function(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to run()'s caller
+                with self._changed:
+                    self._error = self._error or exc
+                    self._changed.notify_all()
+                return
+            with self._changed:
+                self._outstanding -= 1
+                self._changed.notify_all()
 
 
 def balance(weighted, workers):
-    """Longest-first onto the least-loaded of `workers` lists (LPT scheduling)."""
+    """Longest first onto the least loaded of `workers` lists (LPT scheduling); empty lists dropped."""
     loads = [[0, []] for _ in range(max(1, workers))]
     for cost, item in sorted(weighted, key=lambda pair: -pair[0]):
-        target = min(loads, key=lambda load: load[0])
-        target[0] += cost + 1
-        target[1].append(item)
+        lightest = min(loads, key=lambda load: load[0])
+        lightest[0] += cost + 1
+        lightest[1].append(item)
     return [items for _, items in loads if items]
 
 
+def sql_only(script):
+    """pg_dump's preamble without psql meta-commands (`\\restrict`): it is sent with -c, as plain SQL."""
+    return "\n".join(line for line in script.splitlines() if not line.startswith("\\"))
+
+
+class CopyWatcher:
+    """Tables done and bytes copied so far, from the order of each stream and the staging server's
+    pg_stat_progress_copy (PostgreSQL 14+; older servers report whole streams only)."""
+
+    PROGRESS_SQL = ("SELECT format('%I.%I', n.nspname, c.relname) AS name, p.bytes_processed AS bytes "
+                    "FROM pg_stat_progress_copy p JOIN pg_class c ON c.oid = p.relid "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.datname = current_database()")
+
+    def __init__(self, staging, streams, progress):
+        self.staging = staging
+        self.streams = streams
+        self.progress = progress
+        self.position = {t["name"]: (i, k) for i, stream in enumerate(streams) for k, t in enumerate(stream)}
+        self.reached = [0] * len(streams)  # per stream: tables before this one are done
+        self.current_bytes = {}
+        self.finished = set()
+
+    def stream_done(self, index):
+        self.finished.add(index)
+        self.reached[index] = len(self.streams[index])
+
+    def poll(self):
+        try:
+            rows = self.staging.query(self.PROGRESS_SQL)
+        except Exception:  # noqa: BLE001 - progress is best effort; the copy itself reports real failures
+            rows = []
+        self.current_bytes = {}
+        for row in rows:
+            if row["name"] in self.position:
+                stream, position = self.position[row["name"]]
+                if stream not in self.finished:
+                    self.reached[stream] = max(self.reached[stream], position)
+                    self.current_bytes[row["name"]] = int(row["bytes"] or 0)
+        done = [t for i, stream in enumerate(self.streams) for t in stream[:self.reached[i]]]
+        sizes = {t["name"]: t["bytes"] for stream in self.streams for t in stream}
+        partial = sum(min(copied, sizes[name]) for name, copied in self.current_bytes.items())
+        self.progress.update(len(done), sum(t["bytes"] for t in done) + partial)
+
+
 class ParallelCopy:
-    def __init__(self, clone, staging, jobs, dump_options, binary, timeout):
+    def __init__(self, clone, staging, jobs, dump_options, timeout):
         self.clone = clone
         self.source = clone.source
         self.staging = staging
@@ -110,7 +231,6 @@ class ParallelCopy:
         self.say = clone.say
         self.jobs = jobs
         self.dump_options = dump_options
-        self.binary = binary
         self.timeout = timeout
 
     def run(self, excluded_patterns):
@@ -122,21 +242,23 @@ class ParallelCopy:
             excluded = self._excluded_oids(excluded_patterns)
             tables = json.loads(self._ask(session, TABLES_SQL, excluded))
             sequences = json.loads(self._ask(session, SEQUENCES_SQL, excluded))
-            index_table_bytes = json.loads(self._ask(session, INDEX_SIZES_SQL, None))
+            index_tables = json.loads(self._ask(session, INDEX_TABLES_SQL))
+            raw_tables = json.loads(self._ask(session, RAW_TABLE_NAMES_SQL))
             dump = ["pg_dump", f"--snapshot={snapshot}", *self.dump_options, *excluded_dump]
             self.say(f"copying the schema of {self.source.database or 'prod'} into {self.clone.staging}")
             self.runner.pipeline([self.source.tool_invocation(*dump, "--section=pre-data", "-Fc"),
                                   self.clone.restore_stage(self.staging)], timeout=self.timeout)
             argv, env = self.source.tool_invocation(*dump, "--section=post-data")
             post_data = self.runner.run(argv, env=env, read_only=True, timeout=self.timeout).stdout
-            self._copy_tables(tables, snapshot)
+            self.preamble, entries = split_post_data(post_data)
+            indexes, foreign, rest = group_post_data(entries, index_tables, raw_tables)
+            self._load(tables, indexes, snapshot)
         self._set_sequences(sequences)
-        self._post_data(post_data, index_table_bytes)
+        self._finish(indexes, foreign, rest)
         return len(tables)
 
-    def _ask(self, session, query, excluded):
-        text = query.replace("EXCLUDED_OIDS", excluded or "")
-        session.send(" ".join(text.split()) + ";\n")
+    def _ask(self, session, query, excluded=""):
+        session.send(" ".join(query.replace("EXCLUDED_OIDS", excluded).split()) + ";\n")
         return session.read_line(timeout=self.timeout)
 
     def _excluded_oids(self, patterns):
@@ -145,47 +267,53 @@ class ParallelCopy:
         regclasses = ", ".join(f"to_regclass({sql.Literal(p).as_string(None)})" for p in patterns)
         return f"array_remove(ARRAY[{regclasses}]::oid[], NULL)"
 
-    # --- data -------------------------------------------------------------------------------------
-    def _copy_tables(self, tables, snapshot):
+    # --- data, and each table's indexes right after its rows --------------------------------------
+    def _load(self, tables, indexes, snapshot):
         if not tables:
+            return
+        streams = balance([(table["bytes"], table) for table in tables], self.jobs)
+        self.say(f"copying {len(tables)} tables in {len(streams)} parallel streams, each table's indexes and keys "
+                 f"built right after its rows")
+        pipelines = [self._stream(stream, indexes, snapshot) for stream in streams]
+        if self.runner.dry_run:
+            for pipeline in pipelines:
+                self.runner.pipeline(pipeline)
             return
         progress = Progress(self.say, total_items=len(tables), total_bytes=sum(t["bytes"] for t in tables),
                             what="tables")
-        fmt = "(FORMAT binary)" if self.binary else ""
-        self.say(f"copying {len(tables)} tables in {min(self.jobs, len(tables))} parallel streams")
-
-        def copy_one(table):
-            name, columns = table["name"], f"({table['columns']})" if table["columns"] else ""
-            out = self.source.tool_invocation(
-                "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
-                "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
-                "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'",
-                "-c", f"COPY {name} {columns} TO STDOUT {fmt}")
-            freeze = "(FORMAT binary, FREEZE)" if self.binary else "(FREEZE)"
-            into = self.staging.tool_invocation(
-                "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
-                "-c", "BEGIN", "-c", "SET LOCAL synchronous_commit = off", "-c", f"TRUNCATE {name}",
-                "-c", f"COPY {name} {columns} FROM STDIN {freeze}", "-c", "COMMIT")
-            self.runner.pipeline([out, into], timeout=self.timeout)
-            progress.advance(table["bytes"])
-
-        if self.runner.dry_run:
-            for table in tables:
-                copy_one(table)
-            return
-        self._in_parallel(copy_one, tables)
+        watcher = CopyWatcher(self.staging, streams, progress)
+        work = WorkQueue(len(streams))
+        for index, pipeline in enumerate(pipelines):
+            work.add(0, self._run_stream, pipeline, watcher, index)
+        work.run(while_waiting=watcher.poll, interval=2.0)
         progress.finish()
 
-    def _in_parallel(self, function, items):
-        """Run function over items, `jobs` at a time; the first failure stops the queue and is raised."""
-        executor = ThreadPoolExecutor(max_workers=max(1, min(self.jobs, len(items))))
-        futures = [executor.submit(function, item) for item in items]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f.done() and f.exception() is not None]
-        if failed:
-            executor.shutdown(wait=False, cancel_futures=True)
-            raise failed[0].exception()
-        executor.shutdown()
+    def _stream(self, tables, indexes, snapshot):
+        """One `psql | psql` pair carrying several tables: text COPY streams, each ended by a `\\.` line
+        (a data line can never be exactly that: COPY escapes backslashes), so one pair of connections
+        serves many tables. Returns the pipeline's two (argv, env) stages."""
+        out = ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+               "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY", "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'"]
+        into = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql_only(self.preamble),
+                "-c", "SET synchronous_commit = off; SET maintenance_work_mem = '256MB'; SET max_parallel_maintenance_workers = 0"]
+        for table in tables:
+            name, columns = table["name"], f"({table['columns']})" if table["columns"] else ""
+            out += ["-c", f"COPY {name} {columns} TO STDOUT", "-c", "SELECT '\\.'"]
+            # FREEZE needs the table truncated in the same transaction; it spares every later reader
+            # (the index builds first) from rewriting each page to set hint bits
+            into += ["-c", "BEGIN", "-c", f"TRUNCATE {name}", "-c", f"COPY {name} {columns} FROM STDIN (FREEZE)",
+                     "-c", "COMMIT"]
+            for statement in indexes.pop(name, []):
+                into += ["-c", statement]
+        return [self.source.tool_invocation(*out), self.staging.tool_invocation(*into)]
+
+    def _run_stream(self, pipeline, watcher, index):
+        self.runner.pipeline(pipeline, timeout=self.timeout)
+        watcher.stream_done(index)
+
+    def _build(self, statements):
+        self._psql(self.preamble + "SET maintenance_work_mem = '256MB';\nSET synchronous_commit = off;\n"
+                   + "".join(statements))
 
     def _set_sequences(self, sequences):
         calls = [f"SELECT pg_catalog.setval({sql.Literal(s['name']).as_string(None)}, {int(s['value'])}, true);"
@@ -194,24 +322,23 @@ class ParallelCopy:
             self.say(f"setting {len(calls)} sequences to prod's values")
             self._psql("\n".join(calls))
 
-    # --- indexes, constraints, the rest --------------------------------------------------------------
-    def _post_data(self, text, index_table_bytes):
-        if self.runner.dry_run:
-            self.runner.say("would build indexes and keys in parallel sessions, then foreign keys, then the rest "
-                            "of pg_dump --section=post-data")
-            return
-        preamble, entries = split_post_data(text)
-        keys, foreign, rest = phases(entries, index_table_bytes)
-        session_settings = "SET maintenance_work_mem = '256MB';\nSET synchronous_commit = off;\n"
-        for label, work in (("indexes and keys", keys), ("foreign keys", foreign)):
-            batches = balance(work, self.jobs)
+    # --- what needs all tables: keys of partitioned tables and matviews, foreign keys, the rest ---
+    def _finish(self, indexes, foreign, rest):
+        for label, batches in (("indexes and keys of other relations", list(indexes.values())),
+                               ("foreign keys", [foreign[i::self.jobs] for i in range(self.jobs) if foreign[i::self.jobs]])):
             if batches:
-                self.say(f"building {len(work)} {label} in {len(batches)} sessions")
-                self._in_parallel(lambda batch: self._psql(preamble + session_settings + "".join(batch)), batches)
+                self.say(f"building {label} in {min(self.jobs, len(batches))} sessions")
+                work = WorkQueue(min(self.jobs, len(batches)))
+                for batch in batches:
+                    work.add(0, self._build, batch)
+                work.run()
         if rest:
-            self._psql(preamble + "".join(rest))
+            self.say("restoring triggers, rules, policies, comments and materialized view data")
+            self._psql(self.preamble + "".join(rest))
 
     def _psql(self, script):
         argv, env = self.staging.tool_invocation("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1")
+        if self.runner.dry_run:
+            self.runner.say(f"would run: {printable(argv, env)} <<< {len(script.splitlines())} lines of SQL")
+            return
         self.runner.run(argv, env=env, stdin=script, timeout=self.timeout)
-

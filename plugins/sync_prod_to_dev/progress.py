@@ -33,10 +33,9 @@ class Progress:
         return (f"{self.items}/{self.total_items} {self.what}, {human_bytes(self.bytes)} of "
                 f"{human_bytes(self.total_bytes)} ({percent:.0f}%, {elapsed:.0f}s)")
 
-    def advance(self, done_bytes):
+    def update(self, items, done_bytes):
         with self._lock:
-            self.items += 1
-            self.bytes += done_bytes
+            self.items, self.bytes = items, done_bytes
             if self.interactive:
                 self.stream.write("\r\033[K" + self.line())
                 self.stream.flush()
@@ -49,6 +48,7 @@ class Progress:
                 self.say("progress: " + self.line())
 
     def finish(self):
+        self.items, self.bytes = self.total_items, self.total_bytes
         if self.interactive:
             self.stream.write("\r\033[K")
             self.stream.flush()

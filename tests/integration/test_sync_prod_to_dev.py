@@ -302,3 +302,47 @@ def test_bad_anonymisation_rule_leaves_dev_untouched(clusters, tmp_path):
     malformed = write_config(tmp_path, prod, dev, extra="  anonymize:\n    customers: email_mask\n")
     done = sync(malformed, "--force")
     assert done.returncode == 2 and "expected table.column" in done.stderr
+
+
+def test_owner_and_grants_kept_when_configured_and_missing_roles_named(clusters, tmp_path):
+    prod, dev = clusters
+    roles = ("DO $$BEGIN CREATE ROLE crm_app; EXCEPTION WHEN duplicate_object THEN NULL; END$$;"
+             "DO $$BEGIN CREATE ROLE crm_reader; EXCEPTION WHEN duplicate_object THEN NULL; END$$;")
+    prod.server.psql(roles)
+    prod.server.psql("CREATE TABLE owned_by_app (x int); ALTER TABLE owned_by_app OWNER TO crm_app;"
+                     "GRANT SELECT ON owned_by_app TO crm_reader;", database="crm_production")
+    try:
+        config = write_config(tmp_path, prod, dev, "  keep_owner: true\n  keep_privileges: true\n")
+        refused = sync(config, "--force")
+        assert refused.returncode == 1
+        assert "crm_app, crm_reader" in refused.stderr and "do not exist on dev" in refused.stderr
+        assert dev.endpoint("crm_development").query("SELECT to_regclass('owned_by_app') AS t") == [{"t": None}]
+
+        dev.server.psql(roles)
+        done = sync(config, "--force")
+        assert done.returncode == 0, done.stderr
+        kept = dev.endpoint("crm_development").query(
+            "SELECT tableowner, has_table_privilege('crm_reader', 'owned_by_app', 'SELECT') AS can_read "
+            "FROM pg_tables WHERE tablename = 'owned_by_app'")
+        assert kept == [{"tableowner": "crm_app", "can_read": True}]
+
+        default = sync(write_config(tmp_path, prod, dev), "--force")
+        assert default.returncode == 0, default.stderr
+        assert dev.endpoint("crm_development").query(
+            "SELECT tableowner, has_table_privilege('crm_reader', 'owned_by_app', 'SELECT') AS can_read "
+            "FROM pg_tables WHERE tablename = 'owned_by_app'") == [{"tableowner": "postgres", "can_read": False}]
+    finally:
+        prod.server.psql("DROP TABLE owned_by_app", database="crm_production")
+
+
+def test_host_pg_dump_older_than_prod_is_refused_before_anything_changes(clusters, tmp_path):
+    prod, dev = clusters
+    fake = tmp_path / "old-client"
+    fake.mkdir()
+    (fake / "pg_dump").write_text("#!/bin/sh\necho 'pg_dump (PostgreSQL) 9.6.24'\n")
+    (fake / "pg_dump").chmod(0o755)
+    done = sync(write_config(tmp_path, prod, dev), "--force", env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    assert done.returncode == 1
+    assert "pg_dump on PATH is version 9" in done.stderr and "postgresql-client-" in done.stderr
+    names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
+    assert not any("__dbdeck_" in n for n in names)

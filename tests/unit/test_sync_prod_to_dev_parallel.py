@@ -1,0 +1,99 @@
+import io
+
+from dbdeck.plugins.sync_prod_to_dev.parallel import balance, group_post_data, split_post_data, sql_only
+from dbdeck.plugins.sync_prod_to_dev.progress import Progress
+
+POST_DATA = """--
+-- PostgreSQL database dump
+--
+
+\\restrict abc123
+SET statement_timeout = 0;
+SELECT pg_catalog.set_config('search_path', '', false);
+
+--
+-- Name: my table my table_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public."my table"
+    ADD CONSTRAINT "my table_pkey" PRIMARY KEY (id);
+
+
+--
+-- Name: orders_customer; Type: INDEX; Schema: public; Owner: -
+--
+
+CREATE INDEX orders_customer ON public.orders USING btree (customer_id);
+
+
+--
+-- Name: INDEX orders_customer; Type: COMMENT; Schema: public; Owner: -
+--
+
+COMMENT ON INDEX public.orders_customer IS 'by customer';
+
+
+--
+-- Name: orders orders_customer_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.orders
+    ADD CONSTRAINT orders_customer_id_fkey FOREIGN KEY (customer_id) REFERENCES public."my table"(id);
+
+
+--
+-- Name: orders orders_positive; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE public.orders ADD CONSTRAINT orders_positive CHECK (total > 0) NOT VALID;
+
+\\unrestrict abc123
+"""
+
+
+def test_post_data_split_at_headers_and_grouped_by_table():
+    preamble, entries = split_post_data(POST_DATA)
+    assert "set_config('search_path'" in preamble
+    assert [kind for kind, *_ in entries] == ["CONSTRAINT", "INDEX", "COMMENT", "FK CONSTRAINT", "CONSTRAINT"]
+    per_table, foreign, rest = group_post_data(
+        entries, index_tables={"public.orders_customer": "public.orders"},
+        raw_tables={"public.my table": 'public."my table"', "public.orders": "public.orders"})
+    assert list(per_table) == ['public."my table"', "public.orders"]
+    assert "PRIMARY KEY" in per_table['public."my table"'][0]
+    assert "CREATE INDEX orders_customer" in per_table["public.orders"][0]
+    assert len(foreign) == 1 and "FOREIGN KEY" in foreign[0]
+    # comments and not-valid checks keep dump order, after the indexes they refer to
+    assert [("COMMENT" in body, "CHECK" in body) for body in rest] == [(True, False), (False, True)]
+
+
+def test_preamble_sent_with_dash_c_loses_meta_commands():
+    preamble, _ = split_post_data(POST_DATA)
+    assert "\\restrict" not in sql_only(preamble) and "SET statement_timeout = 0;" in sql_only(preamble)
+
+
+def test_balance_puts_biggest_first_on_least_loaded():
+    streams = balance([(100, "a"), (60, "b"), (50, "c"), (5, "d")], 2)
+    assert streams == [["a", "d"], ["b", "c"]]
+    assert balance([(1, "x")], 4) == [["x"]]
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_logs_each_tenth_off_a_terminal_and_rewrites_one_line_on_it():
+    said = []
+    progress = Progress(said.append, total_items=20, total_bytes=2000, what="tables", stream=io.StringIO())
+    for done in range(1, 20):
+        progress.update(done, done * 100)
+    progress.finish()
+    assert len(said) == 10 and said[0].startswith("progress: 2/20 tables") and said[-1].startswith("copied 20/20")
+
+    terminal = FakeTerminal()
+    said = []
+    progress = Progress(said.append, total_items=3, total_bytes=3 * 1024 * 1024, what="tables", stream=terminal)
+    progress.update(1, 1024 * 1024)
+    progress.finish()
+    assert "\r\x1b[K1/3 tables, 1.0 MB of 3.0 MB (33%" in terminal.getvalue()
+    assert said == [said[0]] and said[0].startswith("copied 3/3 tables")
