@@ -16,6 +16,7 @@ DEFAULT_PLUGINS = (
     "dbdeck.plugins.sandbox",
     "dbdeck.plugins.schedule",
     "dbdeck.plugins.sync_prod_to_dev",
+    "dbdeck.plugins.webhook_relay",
 )
 
 

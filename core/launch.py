@@ -10,6 +10,7 @@ from dbdeck.cli import main, main_for
 
 setup_sync_cron = main_for("setup-sync-cron")
 sync_prod_to_dev = main_for("sync-prod-to-dev")
+webhook_relay = main_for("webhook-relay")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] == "dbdeck":
