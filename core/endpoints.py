@@ -55,6 +55,10 @@ class Endpoint:
         return self._params.get("dbname")
 
     @property
+    def host(self):
+        return self._params.get("host")
+
+    @property
     def user(self):
         return self._params.get("user")
 

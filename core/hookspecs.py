@@ -15,6 +15,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 DEFAULT_PLUGINS = (
     "dbdeck.plugins.sandbox",
     "dbdeck.plugins.schedule",
+    "dbdeck.plugins.sync_databases",
     "dbdeck.plugins.sync_prod_to_dev",
     "dbdeck.plugins.webhook_relay",
 )

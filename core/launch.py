@@ -9,6 +9,7 @@ import sys
 from dbdeck.cli import main, main_for
 
 setup_sync_cron = main_for("setup-sync-cron")
+sync_databases = main_for("sync-databases")
 sync_prod_to_dev = main_for("sync-prod-to-dev")
 webhook_relay = main_for("webhook-relay")
 
