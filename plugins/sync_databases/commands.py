@@ -30,7 +30,8 @@ def make_sync(app):
 
     def say(line):
         log.info(line)
-        click.echo(("[dry-run] " if app.dry_run else "") + line)
+        # with --format json, stdout carries only the JSON document
+        click.echo(("[dry-run] " if app.dry_run else "") + line, err=app.format == "json")
 
     return Sync(app, app.config.section("sync_databases"), say=say)
 

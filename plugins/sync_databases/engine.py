@@ -58,20 +58,28 @@ class Sync:
 
     # --- setup ------------------------------------------------------------------------------------
     def setup(self):
-        for side in SIDES:
-            with self.connect(side, autocommit=False) as connection, self._errors(side):
-                for names in self.tables:
-                    check_table(connection, names, side)
-                    statements = setup_statements(names)
-                    if self.app.dry_run:
-                        for statement in statements:
-                            self.app.runner.say(f"would execute on {side}: {statement.as_string(connection)};")
-                        continue
-                    for statement in statements:
-                        connection.execute(statement)
-                    self.say(f"{side}: changelog, tombstones and triggers in place for {names.spec.name}")
-                if self.app.dry_run:
-                    connection.rollback()
+        """Check every table on both sides first, so bad config changes nothing; then the DDL per side."""
+        connections = {side: self.connect(side, autocommit=False) for side in SIDES}
+        try:
+            for side, connection in connections.items():
+                with self._errors(side):
+                    for names in self.tables:
+                        check_table(connection, names, side)
+            for side, connection in connections.items():
+                with self._errors(side):
+                    for names in self.tables:
+                        for statement in setup_statements(names):
+                            if self.app.dry_run:
+                                self.app.runner.say(f"would execute on {side}: {statement.as_string(connection)};")
+                            else:
+                                connection.execute(statement)
+                        if not self.app.dry_run:
+                            self.say(f"{side}: changelog, tombstones and triggers in place for {names.spec.name}")
+            for connection in connections.values():
+                connection.rollback() if self.app.dry_run else connection.commit()
+        finally:
+            for connection in connections.values():
+                connection.close()
 
     # --- a round ----------------------------------------------------------------------------------
     def run(self, directions):
