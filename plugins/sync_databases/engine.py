@@ -225,24 +225,22 @@ class Sync:
 
 
 def apply_statements(names, columns):
-    """Set-based apply of dbdeck_incoming into the target table (see the module docstring)."""
+    """Set-based apply of dbdeck_incoming into the target table (see the module docstring).
+
+    Each entry's jsonb is turned into a row of the target's type once (LATERAL), kept in
+    dbdeck_decided with its key values, and reused by the DELETE and the upsert."""
     target, tombstones, changelog = names.target, names.tombstones, names.changelog
     ts = sql.Identifier(names.spec.timestamp)
     keys = [sql.Identifier(k) for k in names.spec.key]
-    key_list = sql.SQL(", ").join(keys)
+    key_columns = [sql.Identifier(f"key_{n}") for n in range(len(keys))]
 
-    def key_of(alias, json_column):
-        return sql.SQL(", ").join(
-            sql.SQL("(jsonb_populate_record(NULL::{t}, {a}.{j})).{k}").format(t=target, a=sql.Identifier(alias),
-                                                                               j=sql.Identifier(json_column), k=k)
-            for k in keys)
+    def joined(parts):
+        return sql.SQL(", ").join(parts)
 
-    def row_key(alias):
-        return sql.SQL(", ").join(sql.SQL("{}.{}").format(sql.Identifier(alias), k) for k in keys)
-
-    column_list = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+    row_key = joined(sql.SQL("x.{}").format(k) for k in keys)
+    decided_key = joined(sql.SQL("d.{}").format(k) for k in key_columns)
     non_keys = [c for c in columns if c not in names.spec.key]
-    on_conflict = (sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(
+    on_conflict = (sql.SQL("DO UPDATE SET {}").format(joined(
         sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in non_keys)) if non_keys
         else sql.SQL("DO NOTHING"))
     return [
@@ -251,13 +249,11 @@ def apply_statements(names, columns):
 WITH latest AS (
     SELECT DISTINCT ON (pk) op, pk, data, changed_at FROM dbdeck_incoming ORDER BY pk, id DESC
 ), incoming AS (
-    SELECT l.op, l.pk, l.data,
-           CASE WHEN l.op = 'D' THEN l.changed_at
-                ELSE coalesce((jsonb_populate_record(NULL::{target}, l.data)).{ts}::timestamptz, '-infinity') END
-               AS in_ts,
-           CASE WHEN l.op = 'D' THEN '' ELSE md5(to_jsonb(jsonb_populate_record(NULL::{target}, l.data))::text) END
-               AS in_hash
-    FROM latest l
+    SELECT l.op, l.pk, r AS rec, {incoming_keys},
+           CASE WHEN l.op = 'D' THEN l.changed_at ELSE coalesce(r.{ts}::timestamptz, '-infinity') END AS in_ts,
+           CASE WHEN l.op = 'D' THEN '' ELSE md5(to_jsonb(r)::text) END AS in_hash
+    FROM latest l, LATERAL jsonb_populate_record(NULL::{target}, l.data) r,
+         LATERAL jsonb_populate_record(NULL::{target}, l.pk) k
 ), compared AS (
     SELECT i.*,
            CASE WHEN cur.found THEN cur.ts WHEN tomb.pk IS NOT NULL THEN tomb.deleted_at
@@ -268,23 +264,24 @@ WITH latest AS (
     FROM incoming i
     LEFT JOIN LATERAL (SELECT true AS found, coalesce(x.{ts}::timestamptz, '-infinity') AS ts,
                               md5(to_jsonb(x)::text) AS hash
-                       FROM {target} x WHERE ({row_key}) = ({incoming_key})) cur ON true
+                       FROM {target} x WHERE ({row_key}) = ({i_keys})) cur ON true
     LEFT JOIN {tombstones} tomb ON tomb.pk = i.pk
 )
-SELECT op, pk, data, in_ts,
+SELECT op, pk, rec, {key_columns}, in_ts,
        NOT exists_here OR (in_ts, op = 'D', in_hash) > (cur_ts, cur_deleted, cur_hash) AS wins,
        EXISTS (SELECT 1 FROM {changelog} c WHERE NOT c.synced AND c.pk = compared.pk) AS conflict
-FROM compared""").format(target=target, ts=ts, tombstones=tombstones, changelog=changelog, row_key=row_key("x"),
-                         incoming_key=key_of("i", "pk")),
+FROM compared""").format(
+            target=target, ts=ts, tombstones=tombstones, changelog=changelog, row_key=row_key,
+            incoming_keys=joined(sql.SQL("k.{} AS {}").format(k, c) for k, c in zip(keys, key_columns)),
+            i_keys=joined(sql.SQL("i.{}").format(c) for c in key_columns), key_columns=joined(key_columns)),
         sql.SQL("DELETE FROM {target} x USING dbdeck_decided d WHERE d.wins AND d.op = 'D' "
-                "AND ({row_key}) = ({decided_key})").format(target=target, row_key=row_key("x"),
-                                                             decided_key=key_of("d", "pk")),
+                "AND ({row_key}) = ({decided_key})").format(target=target, row_key=row_key, decided_key=decided_key),
         sql.SQL("INSERT INTO {target} AS x ({columns}) OVERRIDING SYSTEM VALUE "
-                "SELECT {r_columns} FROM dbdeck_decided d, jsonb_populate_record(NULL::{target}, d.data) r "
-                "WHERE d.wins AND d.op <> 'D' ON CONFLICT ({keys}) {on_conflict}").format(
-            target=target, columns=column_list,
-            r_columns=sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(c)) for c in columns),
-            keys=key_list, on_conflict=on_conflict),
+                "SELECT {rec_columns} FROM dbdeck_decided d WHERE d.wins AND d.op <> 'D' "
+                "ON CONFLICT ({keys}) {on_conflict}").format(
+            target=target, columns=joined(sql.Identifier(c) for c in columns),
+            rec_columns=joined(sql.SQL("(d.rec).{}").format(sql.Identifier(c)) for c in columns),
+            keys=joined(keys), on_conflict=on_conflict),
         sql.SQL("INSERT INTO {tombstones} (pk, deleted_at) SELECT pk, in_ts FROM dbdeck_decided "
                 "WHERE wins AND op = 'D' ON CONFLICT (pk) DO UPDATE SET deleted_at = EXCLUDED.deleted_at").format(
             tombstones=tombstones),

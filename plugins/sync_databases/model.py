@@ -41,7 +41,7 @@ class SyncDatabases(Section):
     local: str | EndpointConfig = EndpointConfig()
     external: str | EndpointConfig = EndpointConfig()
     tables: list[TableSpec] = [TableSpec(name="perfis")]
-    batch_size: int = 5000
+    batch_size: int = 10000
     max_round_seconds: int = 240
     keep_synced_hours: int = 24
     tombstone_days: int = 30

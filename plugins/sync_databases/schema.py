@@ -21,7 +21,8 @@ class TableNames:
     def __init__(self, spec):
         self.spec = spec
         self.schema, self.table = spec.schema, spec.table
-        for suffix in ("_changelog", "_sync_tombstones", "_sync_capture", "_sync_touch", "_changelog_pending_pk"):
+        for suffix in ("_changelog", "_sync_tombstones", "_sync_capture", "_sync_touch", "_changelog_pending",
+                       "_changelog_pending_pk"):
             if len((self.table + suffix).encode()) > 63:
                 raise ConfigError(f"sync_databases.tables: {spec.name}: name too long for its helper objects "
                                   f"({self.table + suffix} exceeds PostgreSQL's 63 bytes)")
@@ -65,6 +66,10 @@ def setup_statements(names):
     changed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     synced boolean NOT NULL DEFAULT false,
     synced_at timestamptz)""").format(changelog=names.changelog),
+        # the batch read (oldest unsynced first) and the conflict check (unsynced for this key?) stay
+        # index lookups however many acknowledged entries the changelog keeps
+        sql.SQL("CREATE INDEX IF NOT EXISTS {index} ON {changelog} (id) WHERE NOT synced").format(
+            index=sql.Identifier(names.table + "_changelog_pending"), changelog=names.changelog),
         sql.SQL("CREATE INDEX IF NOT EXISTS {index} ON {changelog} (pk) WHERE NOT synced").format(
             index=sql.Identifier(names.table + "_changelog_pending_pk"), changelog=names.changelog),
         sql.SQL("CREATE TABLE IF NOT EXISTS {tombstones} (pk jsonb PRIMARY KEY, deleted_at timestamptz NOT NULL)"
