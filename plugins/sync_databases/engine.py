@@ -4,8 +4,10 @@ Per batch: the source's oldest unsynced entries (by id, at most batch_size) are 
 a temporary table on the target; there, in one transaction with the apply marker set (so the target's
 triggers log nothing: no echo), entries for one key collapse to the latest, each is compared with
 the target's current version of that key (its row, else its tombstone) and applied only if newer;
-then the source acknowledges exactly those entry ids (synced = true). The cursor is the synced flag,
-never "id > last seen": a transaction that commits late with a smaller id is simply read next time.
+then the source acknowledges exactly those entry ids by deleting them (cheaper than marking them
+synced: no new row versions; the seed's `WHERE synced = FALSE` still lists what is pending). The
+cursor is "still in the changelog", never "id > last seen": a transaction that commits late with a
+smaller id is simply read next time.
 A crash after the apply and before the acknowledgement re-reads the batch next round; re-applying is
 a no-op because a version never beats itself.
 
@@ -142,8 +144,7 @@ class Sync:
                 ids, applied, older, conflicts = batch
                 failpoint("after-apply")
                 with self._errors(source):
-                    src.execute(sql.SQL("UPDATE {} SET synced = true, synced_at = clock_timestamp() "
-                                        "WHERE id = ANY(%s)").format(names.changelog), (ids,))
+                    src.execute(sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(names.changelog), (ids,))
                 counts["read"] += len(ids)
                 counts["applied"] += applied
                 counts["older"] += older
@@ -192,8 +193,6 @@ class Sync:
 
     def _purge(self, connection):
         for names in self.tables:
-            connection.execute(sql.SQL("DELETE FROM {} WHERE synced AND synced_at < now() - make_interval(hours => {})"
-                                       ).format(names.changelog, sql.Literal(self.settings.keep_synced_hours)))
             connection.execute(sql.SQL("DELETE FROM {} WHERE deleted_at < now() - make_interval(days => {})").format(
                 names.tombstones, sql.Literal(self.settings.tombstone_days)))
 

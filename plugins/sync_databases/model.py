@@ -43,7 +43,6 @@ class SyncDatabases(Section):
     tables: list[TableSpec] = [TableSpec(name="perfis")]
     batch_size: int = 10000
     max_round_seconds: int = 240
-    keep_synced_hours: int = 24
     tombstone_days: int = 30
 
     @field_validator("tables", mode="before")
@@ -52,7 +51,7 @@ class SyncDatabases(Section):
         # `tables: [perfis, public.users]` is short for {name: perfis} with the defaults
         return [{"name": v} if isinstance(v, str) else v for v in (value or [])]
 
-    @field_validator("batch_size", "max_round_seconds", "keep_synced_hours", "tombstone_days")
+    @field_validator("batch_size", "max_round_seconds", "tombstone_days")
     @classmethod
     def _positive(cls, value):
         if value < 1:
