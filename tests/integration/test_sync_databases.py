@@ -222,3 +222,15 @@ def test_status_test_connection_and_bad_config(pair, tmp_path):
     assert bad.returncode == 2 and "no column modified" in bad.stderr
     # nothing changed on either side: the dropped trigger was not recreated
     assert pair.sql("external", "SELECT count(*) FROM pg_trigger WHERE tgname = 'perfis_sync_capture'") == [(0,)]
+
+
+def test_external_url_read_from_env_sync_file_as_in_the_seed(pair):
+    quoted = pair.env["EXTERNAL_DB_URL"].replace("\\", "\\\\").replace('"', '\\"')
+    (pair.tmp_path / ".env.sync").write_text(f'EXTERNAL_DB_URL="{quoted}"\n')
+    pair.sql("local", "INSERT INTO perfis (id, nome) VALUES (40, 'via env file')")
+    env = {k: v for k, v in os.environ.items() if k != "EXTERNAL_DB_URL"}
+    done = subprocess.run([str(BIN / "sync-databases"), "--config", str(pair.config), "run"], capture_output=True,
+                          text=True, timeout=120, cwd=pair.tmp_path,
+                          env={**env, "DATABASE_URL": pair.env["DATABASE_URL"]})
+    assert done.returncode == 0, done.stderr
+    assert [r[:2] for r in pair.rows("external")] == [(40, "via env file")]
