@@ -18,11 +18,10 @@
 Works the same for DSN and `docker exec` endpoints: every step is a client-tool invocation.
 """
 
-import itertools
 import json
-import queue
 import re
-import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from functools import partial
 
 from psycopg import sql
 
@@ -69,6 +68,10 @@ FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'm', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
+# our sessions build indexes side by side already: parallel workers per build only add overhead
+BUILD_SETTINGS = ("SET synchronous_commit = off; SET maintenance_work_mem = '256MB'; "
+                  "SET max_parallel_maintenance_workers = 0")
+
 HEADER = re.compile(r"^--\n-- Name: (?P<name>.*?); Type: (?P<type>.*?); Schema: (?P<schema>.*?); Owner: .*?\n--\n",
                     re.MULTILINE)
 KEY_CONSTRAINT = re.compile(r"\b(PRIMARY KEY|UNIQUE|EXCLUDE)\b")
@@ -113,59 +116,23 @@ def group_post_data(entries, index_tables, raw_tables):
     return per_table, foreign, rest
 
 
-class WorkQueue:
-    """Tasks run by `workers` threads, lowest priority number first; a running task may add tasks.
-    The first failure stops the handing out of work and is raised by run()."""
-
-    def __init__(self, workers):
-        self.workers = max(1, workers)
-        self._queue = queue.PriorityQueue()
-        self._order = itertools.count()
-        self._outstanding = 0
-        self._error = None
-        self._changed = threading.Condition()
-
-    def add(self, priority, function, *args):
-        with self._changed:
-            self._outstanding += 1
-        self._queue.put((priority, next(self._order), function, args))
-
-    def run(self, while_waiting=None, interval=None):
-        if not self._outstanding:
-            return
-        # daemon threads: after a failure, a copy still running ends when the caller drops the staging database
-        threads = [threading.Thread(target=self._work, daemon=True) for _ in range(self.workers)]
-        for thread in threads:
-            thread.start()
-        finished = lambda: self._outstanding == 0 or self._error is not None  # noqa: E731
-        while True:
-            with self._changed:
-                if self._changed.wait_for(finished, timeout=interval):
-                    break
-            if while_waiting:
-                while_waiting()
-        for _ in threads:
-            self._queue.put((float("inf"), next(self._order), None, ()))
-        if self._error is not None:
-            raise self._error
-        for thread in threads:
-            thread.join()
-
-    def _work(self):
-        while True:
-            _, _, function, args = self._queue.get()
-            if function is None or self._error is not None:
-                return
-            try:
-                function(*args)
-            except BaseException as exc:  # noqa: BLE001 - handed to run()'s caller
-                with self._changed:
-                    self._error = self._error or exc
-                    self._changed.notify_all()
-                return
-            with self._changed:
-                self._outstanding -= 1
-                self._changed.notify_all()
+def run_parallel(tasks, workers, while_waiting=None, interval=None):
+    """Run the callables `workers` at a time, calling while_waiting every `interval` seconds meanwhile.
+    The first failure cancels what has not started and is raised at once: a copy still running then
+    ends when the caller drops the staging database under it."""
+    pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(tasks))))
+    futures = [pool.submit(task) for task in tasks]
+    while True:
+        done, pending = wait(futures, timeout=interval, return_when=FIRST_EXCEPTION)
+        failed = next((future for future in done if future.exception() is not None), None)
+        if failed is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise failed.exception()
+        if not pending:
+            break
+        if while_waiting:
+            while_waiting()
+    pool.shutdown()
 
 
 def balance(weighted, workers):
@@ -282,10 +249,8 @@ class ParallelCopy:
         progress = Progress(self.say, total_items=len(tables), total_bytes=sum(t["bytes"] for t in tables),
                             what="tables")
         watcher = CopyWatcher(self.staging, streams, progress)
-        work = WorkQueue(len(streams))
-        for index, pipeline in enumerate(pipelines):
-            work.add(0, self._run_stream, pipeline, watcher, index)
-        work.run(while_waiting=watcher.poll, interval=2.0)
+        run_parallel([partial(self._run_stream, pipeline, watcher, index) for index, pipeline in enumerate(pipelines)],
+                     len(streams), while_waiting=watcher.poll, interval=2.0)
         progress.finish()
 
     def _stream(self, tables, indexes, snapshot):
@@ -294,8 +259,7 @@ class ParallelCopy:
         serves many tables. Returns the pipeline's two (argv, env) stages."""
         out = ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
                "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY", "-c", f"SET TRANSACTION SNAPSHOT '{snapshot}'"]
-        into = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql_only(self.preamble),
-                "-c", "SET synchronous_commit = off; SET maintenance_work_mem = '256MB'; SET max_parallel_maintenance_workers = 0"]
+        into = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql_only(self.preamble), "-c", BUILD_SETTINGS]
         for table in tables:
             name, columns = table["name"], f"({table['columns']})" if table["columns"] else ""
             out += ["-c", f"COPY {name} {columns} TO STDOUT", "-c", "SELECT '\\.'"]
@@ -312,8 +276,7 @@ class ParallelCopy:
         watcher.stream_done(index)
 
     def _build(self, statements):
-        self._psql(self.preamble + "SET maintenance_work_mem = '256MB';\nSET synchronous_commit = off;\n"
-                   + "".join(statements))
+        self._psql(self.preamble + BUILD_SETTINGS + ";\n" + "".join(statements))
 
     def _set_sequences(self, sequences):
         calls = [f"SELECT pg_catalog.setval({sql.Literal(s['name']).as_string(None)}, {int(s['value'])}, true);"
@@ -328,10 +291,7 @@ class ParallelCopy:
                                ("foreign keys", [foreign[i::self.jobs] for i in range(self.jobs) if foreign[i::self.jobs]])):
             if batches:
                 self.say(f"building {label} in {min(self.jobs, len(batches))} sessions")
-                work = WorkQueue(min(self.jobs, len(batches)))
-                for batch in batches:
-                    work.add(0, self._build, batch)
-                work.run()
+                run_parallel([partial(self._build, batch) for batch in batches], self.jobs)
         if rest:
             self.say("restoring triggers, rules, policies, comments and materialized view data")
             self._psql(self.preamble + "".join(rest))
