@@ -165,7 +165,7 @@ class Endpoint:
     def query(self, sql_text, params=None):
         """Run a read-only query and return a list of dicts (also in a dry run)."""
         if self.has_driver_access:
-            with self.connect() as conn, self._errors("query"):
+            with self.connect() as conn, self.driver_errors("query"):
                 if self.kind == "postgresql":
                     from psycopg.rows import dict_row
 
@@ -188,7 +188,7 @@ class Endpoint:
             self.runner.say(f"would execute on {self.name}: {text}")
             return
         if self.has_driver_access:
-            with self.connect() as conn, self._errors("statement"), conn.cursor() as cur:
+            with self.connect() as conn, self.driver_errors("statement"), conn.cursor() as cur:
                 cur.execute(sql_text if self.kind == "postgresql" else text, params)
             return
         if params:
@@ -198,7 +198,7 @@ class Endpoint:
         self.run_tool(tool, *args, stdin=text, read_only=True)
 
     @contextlib.contextmanager
-    def _errors(self, what):
+    def driver_errors(self, what):
         """Driver errors become one masked DbdeckError line naming the endpoint."""
         try:
             yield

@@ -201,7 +201,7 @@ class Sync:
         sides = {}
         for side in SIDES:
             try:
-                with self.connect(side) as connection:
+                with self.connect(side) as connection, self._errors(side):
                     tables = {}
                     for names in self.tables:
                         if not connection.execute("SELECT to_regclass(%s) IS NOT NULL",
@@ -220,7 +220,7 @@ class Sync:
                 "conflicts_total": rounds.get("conflicts_total", 0), "last_round": rounds.get("last")}
 
     def _errors(self, side):
-        return self.endpoints[side]._errors(f"sync on {side}")
+        return self.endpoints[side].driver_errors(f"sync on {side}")
 
 
 def apply_statements(names, columns):
