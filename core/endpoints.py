@@ -59,6 +59,11 @@ class Endpoint:
         return self._params.get("host")
 
     @property
+    def port(self):
+        port = self._params.get("port")
+        return int(port) if port else None
+
+    @property
     def user(self):
         return self._params.get("user")
 

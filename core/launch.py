@@ -8,6 +8,10 @@ import sys
 
 from dbdeck.cli import main, main_for
 
+check_replication = main_for("check-replication")
+promote_replica = main_for("promote-replica")
+rebuild_replica = main_for("rebuild-replica")
+setup_master = main_for("setup-master")
 setup_sync_cron = main_for("setup-sync-cron")
 sync_databases = main_for("sync-databases")
 sync_prod_to_dev = main_for("sync-prod-to-dev")

@@ -90,3 +90,38 @@ def add_daily_file(directory, prefix, level=logging.INFO):
     if logger.level > level or logger.level == logging.NOTSET:
         logger.setLevel(level)
     return handler
+
+
+class RunFileHandler(logging.StreamHandler):
+    """One log file per run, <prefix>-YYYYMMDD-HHMMSS.log (the seeds' failover-*.log, rebuild-replica-*.log)."""
+
+    def __init__(self, directory, prefix, mode=0o640):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = directory / f"{prefix}-{stamp}.log"
+        suffix = 1
+        while path.exists():  # two runs in one second: never append to the other run's file
+            path = directory / f"{prefix}-{stamp}-{suffix}.log"
+            suffix += 1
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        super().__init__(os.fdopen(fd, "a", encoding="utf-8"))
+        self.path = path
+
+    def close(self):
+        try:
+            self.stream.close()
+        finally:
+            super().close()
+
+
+def add_run_file(directory, prefix, level=logging.INFO):
+    """Also log this run to its own file under directory; returns the handler (its .path is the file)."""
+    logger = logging.getLogger("dbdeck")
+    handler = RunFileHandler(directory, prefix)
+    handler.setFormatter(MaskingFormatter(_FILE_FORMAT))
+    handler.setLevel(level)
+    logger.addHandler(handler)
+    if logger.level > level or logger.level == logging.NOTSET:
+        logger.setLevel(level)
+    return handler

@@ -1,0 +1,211 @@
+"""check-replication, setup-master, promote-replica, rebuild-replica (seed 004's scripts)."""
+
+import json
+import sys
+
+import click
+
+from dbdeck.cli import pass_app
+
+_UNKNOWN = 3
+
+
+def _pair(app):
+    from .pair import Pair
+
+    return Pair(app)
+
+
+def _size_option(ctx, param, value):
+    from .model import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command("check-replication")
+@click.option("--format", "output_format", type=click.Choice(["text", "json", "prometheus"]), default=None,
+              help="text for people (default), json, or Prometheus text exposition (node_exporter textfile).")
+@click.option("--warn-lag-bytes", callback=_size_option, metavar="SIZE",
+              help="WARNING when a standby is this far behind (default 16MB, or replication.warn_lag_bytes).")
+@click.option("--crit-lag-bytes", callback=_size_option, metavar="SIZE", help="CRITICAL over this many bytes.")
+@click.option("--warn-lag-seconds", type=float, metavar="S", help="WARNING over this replay delay.")
+@click.option("--crit-lag-seconds", type=float, metavar="S",
+              help="CRITICAL over this replay delay (default 30, or replication.crit_lag_seconds).")
+@click.option("--serve", metavar="[HOST]:PORT", help="Serve /metrics (Prometheus) until stopped, probing per scrape.")
+@click.option("--timeout", type=float, default=5, show_default=True, help="Seconds to wait for each node.")
+@pass_app
+def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_lag_seconds, crit_lag_seconds,
+                      serve, timeout):
+    """Which node is primary, each standby's state, LSNs, lag, slots, timeline, and a verdict.
+
+    Exit codes follow Nagios: 0 OK, 1 WARNING, 2 CRITICAL (no standby, standby down, two primaries,
+    lag over critical), 3 UNKNOWN (configuration or check error). Lag seconds are 0 when the standby
+    has replayed everything, so an idle primary does not look behind.
+    """
+    from dbdeck.errors import DbdeckError
+
+    from .cluster import STATUS_NAMES, Thresholds, evaluate
+
+    output_format = output_format or app.format
+    try:
+        pair = _pair(app)
+        s = pair.settings
+        thresholds = Thresholds(
+            warn_lag_bytes=warn_lag_bytes if warn_lag_bytes is not None else s.warn_lag_bytes,
+            crit_lag_bytes=crit_lag_bytes if crit_lag_bytes is not None else s.crit_lag_bytes,
+            warn_lag_seconds=warn_lag_seconds if warn_lag_seconds is not None else s.warn_lag_seconds,
+            crit_lag_seconds=crit_lag_seconds if crit_lag_seconds is not None else s.crit_lag_seconds)
+
+        def snapshot_and_status():
+            snapshot = pair.probe(timeout)
+            return snapshot, evaluate(snapshot, thresholds)[0]
+
+        if serve:
+            _serve(serve, snapshot_and_status)
+            return
+        snapshot = pair.probe(timeout)
+        status, problems = evaluate(snapshot, thresholds)
+    except DbdeckError as exc:
+        from dbdeck import secrets
+
+        message = secrets.mask(str(exc))
+        if output_format == "json":
+            click.echo(json.dumps({"status": "UNKNOWN", "exit_code": _UNKNOWN, "problems": [message]}, indent=2))
+        else:
+            click.echo(f"REPLICATION UNKNOWN - {message}")
+        sys.exit(_UNKNOWN)
+
+    if output_format == "prometheus":
+        from .metrics import exposition
+
+        click.echo(exposition(snapshot, status), nl=False)
+    elif output_format == "json":
+        from dbdeck import secrets
+
+        document = {"status": STATUS_NAMES[status], "exit_code": status, "problems": problems,
+                    "primary": snapshot.primary.name if snapshot.primary else None, **snapshot.as_dict()}
+        click.echo(secrets.mask(json.dumps(document, indent=2, default=str)))
+    else:
+        click.echo(_text_report(snapshot, status, problems, thresholds))
+    sys.exit(status)
+
+
+def _serve(address, snapshot_and_status):
+    import signal
+    import threading
+
+    from .metrics import serve
+
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise click.BadParameter(f"expected [HOST]:PORT, got {address!r}", param_hint="--serve")
+    server = serve(host or "0.0.0.0", int(port), snapshot_and_status)
+    click.echo(f"serving replication metrics on http://{host or '0.0.0.0'}:{port}/metrics", err=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
+
+
+def _text_report(snapshot, status, problems, thresholds):
+    from .cluster import STATUS_NAMES
+    from .model import format_size
+
+    summary = problems[0] if problems else (
+        f"primary {snapshot.primary.name}, {sum(1 for s in snapshot.standbys if s.state == 'streaming')} standby "
+        f"streaming")
+    worst_bytes = max((s.lag_bytes or 0 for s in snapshot.standbys), default=0)
+    worst_seconds = max((s.lag_seconds or 0 for s in snapshot.standbys), default=0)
+    perf = (f"lag_bytes={worst_bytes}B;{thresholds.warn_lag_bytes or ''};{thresholds.crit_lag_bytes or ''} "
+            f"lag_seconds={worst_seconds:.3f}s;{thresholds.warn_lag_seconds or ''};{thresholds.crit_lag_seconds or ''}")
+    lines = [f"REPLICATION {STATUS_NAMES[status]} - {summary} | {perf}"]
+    for node in snapshot.nodes:
+        if not node.reachable:
+            lines.append(f"  {node.name:<28} DOWN     {node.error}")
+            continue
+        where = (f"lsn {node.current_lsn}" if not node.in_recovery
+                 else f"received {node.receive_lsn} replayed {node.replay_lsn}")
+        lines.append(f"  {node.name:<28} {node.role:<8} timeline {node.timeline}  {where}  "
+                     f"pg_is_in_recovery={'t' if node.in_recovery else 'f'}  PostgreSQL {node.version}")
+    for standby in snapshot.standbys:
+        if standby.state is None:
+            continue
+        lines.append(f"  standby {standby.name}: {standby.state} ({standby.sync_state}), lag "
+                     f"{format_size(standby.lag_bytes)} / "
+                     f"{'?' if standby.lag_seconds is None else f'{standby.lag_seconds:.1f}s'}; sent {standby.sent_lsn} "
+                     f"write {standby.write_lsn} flush {standby.flush_lsn} replay {standby.replay_lsn}")
+    for node in snapshot.nodes:
+        if node.role != "primary":
+            continue
+        for slot in node.slots:
+            lines.append(f"  slot {slot['slot_name']} on {node.name}: {'active' if slot['active'] else 'INACTIVE'}, "
+                         f"retains {format_size(slot['retained_bytes'])}, wal_status {slot['wal_status']}, "
+                         f"safe_wal_size {format_size(slot['safe_wal_size']) if slot['safe_wal_size'] is not None else 'unlimited'}")
+    lines.extend(f"  ! {p}" for p in problems[1:])
+    return "\n".join(lines)
+
+
+@click.command("setup-master")
+@click.option("--node", metavar="NAME", help="The primary (default: replication.primary, else the writable node).")
+@click.option("--apply-settings", is_flag=True, help="Fix wrong settings with ALTER SYSTEM (some need a restart).")
+@pass_app
+def setup_master(app, node, apply_settings):
+    """Prepare the primary for streaming replication (idempotent; --dry-run changes nothing).
+
+    Creates the replication role with a password read from replication.replication_password_file, or
+    generated and stored there with mode 0600 (never a default); adds the pg_hba entry for
+    replication.replication_networks; creates the physical slot; checks wal_level, max_wal_senders,
+    max_replication_slots, wal_keep_size, hot_standby and wal_log_hints, saying which need a restart.
+    """
+    from .setup import setup_master as run
+
+    pair = _pair(app)
+    with app.lock("replication"):
+        checks, restart = run(pair, node, apply_settings)
+    if app.format == "json":
+        app.emit({"settings": [vars(c) for c in checks], "restart_needed": restart})
+    if restart:
+        sys.exit(1)
+
+
+@click.command("promote-replica")
+@click.option("--node", metavar="NAME", help="The standby to promote (default: the only one).")
+@click.option("--force", is_flag=True, help="Promote even though the primary still answers (split-brain risk).")
+@click.option("--update-connections", is_flag=True,
+              help="Also rewrite DATABASE_URL in replication.after_promote.env_files and restart its services.")
+@pass_app
+def promote_replica(app, node, force, update_connections):
+    """Emergency failover: promote the standby once the primary is down (seed's promote-replica.sh).
+
+    Refuses while the primary still answers (unless --force, with a loud warning). Shows the standby's
+    last received/replayed LSN, promotes it with pg_promote(), waits until it accepts writes, and prints
+    what to change next. Logs to failover-YYYYMMDD-HHMMSS.log under replication.log_dir.
+    """
+    from .promote import promote_replica as run
+
+    pair = _pair(app)
+    with app.lock("replication"):
+        pair.open_run_log("failover")
+        run(pair, node, force, update_connections)
+
+
+@click.command("rebuild-replica")
+@click.option("--node", metavar="NAME", help="The node to rebuild (default: the one that is not the primary).")
+@pass_app
+def rebuild_replica(app, node):
+    """Turn a node into a fresh streaming standby of the current primary (pg_basebackup -R with the slot).
+
+    Stops the node, moves its data directory aside (deleted only after the new standby streams; put
+    back if the copy fails), copies the primary, starts it and waits until it streams. Refuses to
+    rebuild the only primary. Logs to rebuild-replica-YYYYMMDD-HHMMSS.log under replication.log_dir.
+    """
+    from .rebuild import rebuild_replica as run
+
+    pair = _pair(app)
+    with app.lock("replication"):
+        pair.open_run_log("rebuild-replica")
+        run(pair, node)

@@ -1,0 +1,130 @@
+"""The `replication:` section: the primary/standby pair, how each node is driven, thresholds."""
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import field_validator, model_validator
+
+from dbdeck.config import EndpointConfig, Section
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|K|MB|M|GB|G|TB|T)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3,
+          "t": 1024**4, "tb": 1024**4}
+
+
+def parse_size(value):
+    """Bytes from 16777216, '16MB', '16 MB' or '512kB' (PostgreSQL's 1024-based units)."""
+    if value is None or isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"expected a size such as 16MB or 512kB, got {value!r}")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "").lower()])
+
+
+def format_size(value):
+    if value is None:
+        return "?"
+    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("kB", 1024)):
+        if abs(value) >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{int(value)} B"
+
+
+class NodeConfig(Section):
+    """One PostgreSQL node: how to reach it with SQL, and the driver that starts/stops it."""
+
+    endpoint: str | EndpointConfig = EndpointConfig(user="postgres", database="postgres")
+    driver: Literal["docker", "local", "systemd"] = "local"
+    # docker: the container; data_dir is the path inside it (default: the container's $PGDATA)
+    container: str | None = None
+    # local (pg_ctl) and systemd: the data directory on this host
+    data_dir: Path | None = None
+    bindir: Path | None = None
+    os_user: str | None = None
+    unit: str | None = None
+    log_file: Path | None = None  # local: pg_ctl's -l (default: <data_dir>.log beside the data directory)
+    # host:port the other node streams from (the seed's compose: postgres:5432); default: the endpoint's
+    replication_address: str | None = None
+    # host:port the applications use in DATABASE_URL for this node (rewritten by promote-replica)
+    app_address: str | None = None
+    # written to postgresql.auto.conf of a rebuilt data directory (e.g. its own port)
+    settings: dict[str, str | int | float | bool] = {}
+
+    @model_validator(mode="after")
+    def _driver_needs(self):
+        if self.driver == "docker" and not self.container:
+            raise ValueError("driver docker needs container: NAME")
+        if self.driver == "local" and not self.data_dir:
+            raise ValueError("driver local needs data_dir: PATH")
+        if self.driver == "systemd" and not (self.unit and self.data_dir):
+            raise ValueError("driver systemd needs unit: NAME and data_dir: PATH")
+        return self
+
+
+class AfterPromote(Section):
+    """What promote-replica --update-connections changes: the seed's 'Atualizando conexoes' steps."""
+
+    env_files: list[Path] = []
+    variable: str = "DATABASE_URL"
+    compose_file: Path | None = None
+    restart_services: list[str] = []
+
+
+class Replication(Section):
+    """A PostgreSQL primary + hot standby pair (seed 004's conecta-postgres / conecta-postgres-replica)."""
+
+    nodes: dict[str, NodeConfig] = {}
+    primary: str | None = None
+    replication_user: str = "replicator"
+    replication_password_file: Path | None = None
+    slot: str = "replica_slot"
+    replication_networks: list[str] = ["127.0.0.1/32"]
+    warn_lag_bytes: int | None = 16 * 1024**2
+    crit_lag_bytes: int | None = None
+    warn_lag_seconds: float | None = None
+    crit_lag_seconds: float | None = 30
+    log_dir: Path | None = None
+    wait_timeout: int = 120
+    keep_config_files: list[str] = ["postgresql.conf", "pg_hba.conf", "pg_ident.conf"]
+    after_promote: AfterPromote = AfterPromote()
+
+    @field_validator("warn_lag_bytes", "crit_lag_bytes", mode="before")
+    @classmethod
+    def _size(cls, value):
+        return parse_size(value)
+
+    @field_validator("replication_user")
+    @classmethod
+    def _role_name(cls, value):
+        # it also goes into pg_hba.conf and primary_conninfo, where quoting rules differ: keep it plain
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", value):
+            raise ValueError(f"{value!r}: use letters, digits and underscores (starting with a letter)")
+        return value
+
+    @field_validator("slot")
+    @classmethod
+    def _slot_name(cls, value):
+        if not re.fullmatch(r"[a-z0-9_]{1,63}", value):
+            raise ValueError("a replication slot name uses only lower-case letters, digits and underscores")
+        return value
+
+    @field_validator("replication_networks")
+    @classmethod
+    def _networks(cls, value):
+        import ipaddress
+
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not an address or CIDR network") from None
+        return value
+
+    @model_validator(mode="after")
+    def _primary_is_a_node(self):
+        if self.primary is not None and self.primary not in self.nodes:
+            raise ValueError(f"primary: {self.primary!r} is not one of nodes: ({', '.join(self.nodes) or 'none'})")
+        return self

@@ -1,0 +1,85 @@
+"""The configured nodes, with the pieces every replication command shares: probing, choosing the
+primary/standby, waiting, the per-run log file and step messages."""
+
+import logging
+import time
+
+import click
+
+from dbdeck.errors import ConfigError, DbdeckError, UsageError
+
+from .cluster import probe
+from .nodes import Node, make_driver
+
+log = logging.getLogger("dbdeck.replication")
+
+
+class Pair:
+    def __init__(self, app):
+        self.app = app
+        self.settings = app.config.section("replication")
+        if len(self.settings.nodes) < 2:
+            raise ConfigError(f"{app.config.where()}: replication.nodes: declare the primary and the standby "
+                              f"(found {len(self.settings.nodes)}); see etc/dbdeck.yaml")
+        self.nodes = []
+        for name, config in self.settings.nodes.items():
+            endpoint = app.endpoint(config.endpoint, key=f"replication.nodes.{name}.endpoint")
+            endpoint.name = name
+            self.nodes.append(Node(name, config, endpoint, make_driver(name, config, app.runner)))
+        self.runner = app.runner
+
+    def node(self, name):
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise UsageError(f"no node named {name!r} (nodes: {', '.join(n.name for n in self.nodes)})")
+
+    def probe(self, timeout=5):
+        return probe(self.nodes, timeout)
+
+    # --- messages ------------------------------------------------------------------------------------
+    def say(self, message, level=logging.INFO):
+        """A step: printed for the operator and written to the run's log file."""
+        log.log(level, message)
+        click.echo(("[dry-run] " if self.runner.dry_run else "") + message,
+                   err=self.app.format == "json" or level >= logging.WARNING)
+
+    def open_run_log(self, prefix):
+        """The seed's per-run log (failover-YYYYMMDD-HHMMSS.log...) under replication.log_dir."""
+        directory = self.settings.log_dir or self.app.config.core.log_dir
+        if directory is None or self.runner.dry_run:
+            return None
+        from dbdeck.log import add_run_file
+
+        handler = add_run_file(directory, prefix)
+        self.say(f"log: {handler.path}")
+        return handler
+
+    # --- waiting ---------------------------------------------------------------------------------
+    def wait_for(self, check, what, timeout=None):
+        timeout = timeout or self.settings.wait_timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            result = check()
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise DbdeckError(f"timed out after {timeout}s waiting for {what}")
+            time.sleep(0.3)
+
+    def accepts_writes(self, node):
+        """A real write test: assigning a transaction id fails on a standby."""
+        try:
+            with node.connect(timeout=3) as conn, node.endpoint.driver_errors("write test"):
+                conn.execute("SELECT pg_current_xact_id()")
+            return True
+        except DbdeckError:
+            return False
+
+    def is_streaming(self, standby, primary):
+        """The standby's WAL receiver streams and the primary lists it as streaming."""
+        snapshot = self.probe(timeout=3)
+        entry = next((s for s in snapshot.standbys if s.name == standby.name), None)
+        node = snapshot.node(standby.name)
+        return bool(entry and entry.state == "streaming" and entry.receiver_status == "streaming"
+                    and snapshot.primary and snapshot.primary.name == primary.name and node.in_recovery)

@@ -1,0 +1,179 @@
+"""rebuild-replica: a fresh standby from the current primary, keeping the old data until it streams.
+
+The data directory is rebuilt in place (works when it is a volume's mount point, as in the seed's
+containers): its contents move into <data>/.dbdeck-old-STAMP, pg_basebackup writes
+<data>/.dbdeck-new-STAMP, and only then the new files move up. A failure before the server starts
+puts the old files back; the old copy is deleted only once the new standby streams.
+"""
+
+import logging
+import sys
+import time
+
+from dbdeck.errors import DbdeckError, Refused
+
+from .cluster import split_brain_advice
+from .setup import read_password
+
+# $1 data directory, $2 stamp. Prints nothing; leftovers of an interrupted rebuild (.dbdeck-new-*) go.
+_MOVE_ASIDE = r'''set -eu
+data=$1; old="$data/.dbdeck-old-$2"; new="$data/.dbdeck-new-$2"
+mkdir -p "$data"; chmod 700 "$data"
+for stale in "$data"/.dbdeck-new-*; do [ -e "$stale" ] && rm -rf "$stale"; done
+mkdir "$old"
+for entry in "$data"/* "$data"/.[!.]* "$data"/..?*; do
+    [ -e "$entry" ] || [ -L "$entry" ] || continue
+    case "${entry##*/}" in .dbdeck-old-*|.dbdeck-new-*) continue;; esac
+    mv "$entry" "$old/"
+done
+'''
+# $1 data, $2 stamp, $3... config files to carry over from the old copy; stdin: this node's own settings.
+# They go to dbdeck-node.conf, included last from postgresql.conf: the copy brings the primary's files,
+# and the primary's own node settings (its port...) must not follow them to this node.
+_MOVE_IN = r'''set -eu
+data=$1; old="$data/.dbdeck-old-$2"; new="$data/.dbdeck-new-$2"; shift 2
+for file in "$@"; do [ -f "$old/$file" ] && cp -p "$old/$file" "$new/$file"; done
+cat > "$new/dbdeck-node.conf"
+include="include_if_exists = 'dbdeck-node.conf'"
+if [ -f "$new/postgresql.conf" ]; then
+    grep -vxF "$include" "$new/postgresql.conf" > "$new/postgresql.conf.dbdeck" || true
+    printf '%s\n' "$include" >> "$new/postgresql.conf.dbdeck"
+    mv "$new/postgresql.conf.dbdeck" "$new/postgresql.conf"
+else
+    cat "$new/dbdeck-node.conf" >> "$new/postgresql.auto.conf"
+fi
+for entry in "$new"/* "$new"/.[!.]* "$new"/..?*; do
+    [ -e "$entry" ] || [ -L "$entry" ] || continue
+    mv "$entry" "$data/"
+done
+rmdir "$new"
+'''
+_PUT_BACK = r'''set -eu
+data=$1; old="$data/.dbdeck-old-$2"; new="$data/.dbdeck-new-$2"
+rm -rf "$new"
+for entry in "$data"/* "$data"/.[!.]* "$data"/..?*; do
+    [ -e "$entry" ] || [ -L "$entry" ] || continue
+    case "${entry##*/}" in .dbdeck-old-*|.dbdeck-new-*) continue;; esac
+    rm -rf "$entry"
+done
+for entry in "$old"/* "$old"/.[!.]* "$old"/..?*; do
+    [ -e "$entry" ] || [ -L "$entry" ] || continue
+    mv "$entry" "$data/"
+done
+rmdir "$old"
+'''
+_DROP_OLD = 'rm -rf "$1/.dbdeck-old-$2"'
+
+
+def choose_target(pair, snapshot, node_name):
+    """(target node, primary node) for a rebuild, refusing to touch the only writable copy."""
+    primaries = snapshot.primaries
+    if node_name:
+        target = pair.node(node_name)
+        sources = [p for p in primaries if p.name != target.name]
+        if not sources:
+            if any(p.name == target.name for p in primaries):
+                raise Refused(f"{target.name} is the only primary: rebuilding it would destroy the only writable "
+                              f"copy; promote the standby first (promote-replica)")
+            raise DbdeckError("no reachable primary to copy from: " + _roles(snapshot))
+        if len(sources) > 1:
+            raise DbdeckError("more than one other primary; cannot tell which to copy from: " + _roles(snapshot))
+        return target, pair.node(sources[0].name)
+    if len(primaries) > 1:
+        raise Refused(f"split-brain: {split_brain_advice(primaries)}. Choose the node to throw away with --node")
+    if not primaries:
+        raise DbdeckError("no reachable primary to copy from: " + _roles(snapshot))
+    others = [n for n in pair.nodes if n.name != primaries[0].name]
+    if len(others) > 1:
+        raise DbdeckError("several standbys are configured: choose one with --node")
+    return others[0], pair.node(primaries[0].name)
+
+
+def _roles(snapshot):
+    return ", ".join(f"{n.name}: {n.role}" for n in snapshot.nodes)
+
+
+def _setting_line(key, value):
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif isinstance(value, (int, float)):
+        text = str(value)
+    else:
+        text = "'" + str(value).replace("'", "''") + "'"
+    return f"{key} = {text}\n"
+
+
+def rebuild_replica(pair, node_name=None):
+    settings = pair.settings
+    snapshot = pair.probe()
+    target, primary = choose_target(pair, snapshot, node_name)
+    password = read_password(pair)
+    host, port = primary.replication_address
+    driver = target.driver
+    data = driver.data_dir
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    pair.say(f"rebuilding {target.name} ({driver.describe()}) as a standby of {primary.name} "
+             f"(streaming from {host}:{port} as {settings.replication_user}, slot {settings.slot})")
+
+    with primary.connect() as conn, primary.endpoint.driver_errors("slot check"):
+        row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                           (settings.slot,)).fetchone()
+        if row is None:
+            if pair.runner.dry_run:
+                pair.say(f"would create slot {settings.slot} on {primary.name}")
+            else:
+                conn.execute("SELECT pg_create_physical_replication_slot(%s)", (settings.slot,))
+                pair.say(f"slot {settings.slot}: created on {primary.name}")
+        elif row[0] and target.name in {s.name for s in snapshot.standbys if s.state}:
+            pair.say(f"slot {settings.slot} is in use by {target.name}; it is released when {target.name} stops")
+        elif row[0]:
+            raise Refused(f"slot {settings.slot} on {primary.name} is in use by another standby; give this one its "
+                          f"own replication.slot")
+
+    was_running = driver.is_running()
+    pair.say(f"stopping {target.name}")
+    try:
+        driver.stop("fast", timeout=60)
+    except DbdeckError as exc:
+        pair.say(f"fast shutdown failed ({exc}); stopping immediately", logging.WARNING)
+        driver.stop("immediate", timeout=30)
+    if not pair.runner.dry_run:
+        pair.wait_for(lambda: not driver.is_running(), f"{target.name} to stop", timeout=60)
+
+    pair.say(f"moving {data} aside to {data}/.dbdeck-old-{stamp} (deleted only after the new standby streams)")
+    driver.shell(_MOVE_ASIDE, data, stamp, offline=True)
+    new = f"{data}/.dbdeck-new-{stamp}"
+    try:
+        progress = sys.stderr.isatty()
+        pair.say(f"pg_basebackup from {primary.name} into {new}")
+        driver.shell('exec "$@"', driver.tool("pg_basebackup"), "-h", host, "-p", port,
+                     "-U", settings.replication_user, "-D", new, "-R", "-X", "stream", "-c", "fast",
+                     "-S", settings.slot, "--no-password", *(["-P"] if progress else []),
+                     env={"PGPASSWORD": password}, offline=True, timeout=24 * 3600, passthrough=progress)
+        node_settings = "".join(_setting_line(k, v) for k, v in target.config.settings.items())
+        driver.shell(_MOVE_IN, data, stamp, *settings.keep_config_files, stdin=node_settings, offline=True)
+    except BaseException:
+        pair.say(f"rebuild failed before {target.name} started: putting the old data directory back",
+                 logging.ERROR)
+        try:
+            driver.shell(_PUT_BACK, data, stamp, offline=True)
+        except DbdeckError as exc:
+            pair.say(f"could not put the old data back ({exc}); it is in {data}/.dbdeck-old-{stamp}", logging.ERROR)
+            raise
+        if was_running:
+            pair.say(f"starting {target.name} again on its old data")
+            driver.start()
+        raise
+
+    pair.say(f"starting {target.name}")
+    driver.start()
+    if pair.runner.dry_run:
+        pair.say(f"would wait until {target.name} streams from {primary.name}, then delete the old data")
+        return target, primary
+    try:
+        pair.wait_for(lambda: pair.is_streaming(target, primary), f"{target.name} to stream from {primary.name}")
+    except DbdeckError as exc:
+        raise DbdeckError(f"{exc}; the previous data directory is kept in {data}/.dbdeck-old-{stamp}") from None
+    driver.shell(_DROP_OLD, data, stamp, offline=False)
+    pair.say(f"{target.name} is streaming from {primary.name}; old data deleted")
+    return target, primary
