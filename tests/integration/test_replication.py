@@ -9,7 +9,6 @@ import os
 import shutil
 import stat
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -159,7 +158,7 @@ def test_setup_master_and_rebuild_build_a_streaming_pair(local_pair):
     text = pair.run("check-replication")
     assert text.returncode == 0 and text.stdout.startswith("REPLICATION OK - primary alpha")
     assert list(pair.log_dir.glob("rebuild-replica-*.log"))
-    _secret_free(pair, setup_out := again.stdout + again.stderr, text.stdout)
+    _secret_free(pair, again.stdout + again.stderr, text.stdout)
 
 
 def _standby_has(pair, query, expected):

@@ -1,0 +1,123 @@
+"""The seed's container pair (conecta-postgres / conecta-postgres-replica) driven by the docker driver:
+setup-master, rebuild-replica filling an empty replica container, check, failover and rebuilding the old
+primary's container as the new standby. The data directories are mount points, as in the seed."""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from ..conftest import BIN, COMPOSE_DIR, CONTAINER_PREFIX, _docker_ready, new_password, wait_for
+
+pytestmark = pytest.mark.integration
+
+PRIMARY = f"{CONTAINER_PREFIX}conecta-postgres"
+REPLICA = f"{CONTAINER_PREFIX}conecta-postgres-replica"
+
+
+@pytest.fixture(scope="module")
+def conecta(workdir, docker_compose_command):
+    from dbdeck.plugins.sandbox.servers import free_port, give_to, os_user_for
+
+    _docker_ready()
+    base = workdir / "conecta"
+    give_to(base, None, 0o755)
+    user = os_user_for("postgres")
+    password = new_password().replace("'", "")
+    password_file = base / "initdb.pw"
+    password_file.write_text(password + "\n")
+    if user:
+        import pwd
+
+        entry = pwd.getpwnam(user)
+        os.chown(password_file, entry.pw_uid, entry.pw_gid)
+    os.chmod(password_file, 0o600)
+    env = {**os.environ, "CONECTA_PRIMARY_DATA": str(give_to(base / "primary-data", user, 0o700)),
+           "CONECTA_REPLICA_DATA": str(give_to(base / "replica-data", user, 0o700)),
+           "CONECTA_PASSWORD_FILE": str(password_file), "CONECTA_PRIMARY_PORT": str(free_port()),
+           "CONECTA_REPLICA_PORT": str(free_port()), "DBDECK_TEST_CONTAINER_PREFIX": CONTAINER_PREFIX}
+    compose = [*shlex.split(docker_compose_command), "-p", f"dbdeck-conecta-{os.getpid()}",
+               "-f", str(COMPOSE_DIR / "conecta-postgres.yml")]
+    subprocess.run([*compose, "up", "-d"], env=env, check=True, capture_output=True)
+    config = base / "dbdeck.yaml"
+    node = lambda container, port: {  # noqa: E731
+        "endpoint": {"host": "127.0.0.1", "port": int(port), "user": "postgres", "password": password,
+                     "database": "postgres", "connect_timeout": 3},
+        "driver": "docker", "container": container}
+    config.write_text(yaml.safe_dump({
+        "dbdeck": {"run_dir": str(base / "run"), "state_dir": str(base / "state")},
+        "replication": {
+            "nodes": {"conecta-postgres": node(PRIMARY, env["CONECTA_PRIMARY_PORT"]),
+                      "conecta-postgres-replica": node(REPLICA, env["CONECTA_REPLICA_PORT"])},
+            "primary": "conecta-postgres", "replication_password_file": str(base / "secrets" / "replicator"),
+            "log_dir": str(base / "logs"), "wait_timeout": 60}}))
+
+    def run(command, *args):
+        return subprocess.run([str(BIN / command), "--config", str(config), *args], capture_output=True,
+                              text=True, timeout=300)
+
+    def sql(port_key, statement):
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=env[port_key], user="postgres", password=password,
+                             dbname="postgres", autocommit=True, connect_timeout=3) as conn:
+            cur = conn.execute(statement)
+            return cur.fetchall() if cur.description else None
+
+    def answers(port_key):
+        try:
+            return sql(port_key, "SELECT 1") == [(1,)]
+        except Exception:
+            return False
+
+    assert wait_for(lambda: answers("CONECTA_PRIMARY_PORT"), timeout=60), "conecta-postgres did not start"
+    yield run, sql, answers
+    subprocess.run([*compose, "down", "-v", "-t", "5"], env=env, capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _check(run):
+    result = run("check-replication", "--format", "json")
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_container_pair_setup_rebuild_check_failover_and_rejoin(conecta):
+    run, sql, answers = conecta
+    setup = run("setup-master")
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    rebuild = run("rebuild-replica")
+    assert rebuild.returncode == 0, rebuild.stdout + rebuild.stderr
+    assert "container conecta-postgres-replica" in rebuild.stdout or REPLICA in rebuild.stdout
+    code, report = _check(run)
+    assert code == 0, report
+    assert report["primary"] == "conecta-postgres"
+    assert report["standbys"][0]["state"] == "streaming"
+
+    sql("CONECTA_PRIMARY_PORT", "CREATE TABLE contatos AS SELECT generate_series(1, 500) AS id")
+    assert wait_for(lambda: answers("CONECTA_REPLICA_PORT") and
+                    sql("CONECTA_REPLICA_PORT", "SELECT count(*) FROM contatos") == [(500,)], timeout=20)
+
+    subprocess.run(["docker", "stop", "-t", "10", REPLICA], check=True, capture_output=True)
+    code, report = _check(run)
+    assert code == 2 and any("conecta-postgres-replica is down" in p for p in report["problems"])
+    subprocess.run(["docker", "start", REPLICA], check=True, capture_output=True)
+    assert wait_for(lambda: _check(run)[0] == 0, timeout=30)
+
+    refused = run("promote-replica")
+    assert refused.returncode == 1 and "still answers" in refused.stderr
+    subprocess.run(["docker", "kill", PRIMARY], check=True, capture_output=True)  # SIGKILL: the master died
+    promoted = run("promote-replica")
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    sql("CONECTA_REPLICA_PORT", "INSERT INTO contatos SELECT generate_series(501, 600)")
+
+    rejoin = run("rebuild-replica")  # the stopped old primary's container becomes the standby
+    assert rejoin.returncode == 0, rejoin.stdout + rejoin.stderr
+    assert "rebuilding conecta-postgres " in rejoin.stdout
+    code, report = _check(run)
+    assert code == 0, report
+    assert report["primary"] == "conecta-postgres-replica"
+    assert sql("CONECTA_PRIMARY_PORT", "SELECT pg_is_in_recovery(), count(*) FROM contatos") == [(True, 600)]
