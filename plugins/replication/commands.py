@@ -36,9 +36,11 @@ def _size_option(ctx, param, value):
               help="CRITICAL over this replay delay (default 30, or replication.crit_lag_seconds).")
 @click.option("--serve", metavar="[HOST]:PORT", help="Serve /metrics (Prometheus) until stopped, probing per scrape.")
 @click.option("--timeout", type=float, default=5, show_default=True, help="Seconds to wait for each node.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the report to FILE atomically (node_exporter's textfile collector never reads half a file).")
 @pass_app
 def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_lag_seconds, crit_lag_seconds,
-                      serve, timeout):
+                      serve, timeout, output):
     """Which node is primary, each standby's state, LSNs, lag, slots, timeline, and a verdict.
 
     Exit codes follow Nagios: 0 OK, 1 WARNING, 2 CRITICAL (no standby, standby down, two primaries,
@@ -81,15 +83,21 @@ def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_l
     if output_format == "prometheus":
         from .metrics import exposition
 
-        click.echo(exposition(snapshot, status), nl=False)
+        report = exposition(snapshot, status)
     elif output_format == "json":
         from dbdeck import secrets
 
         document = {"status": STATUS_NAMES[status], "exit_code": status, "problems": problems,
                     "primary": snapshot.primary.name if snapshot.primary else None, **snapshot.as_dict()}
-        click.echo(secrets.mask(json.dumps(document, indent=2, default=str)))
+        report = secrets.mask(json.dumps(document, indent=2, default=str)) + "\n"
     else:
-        click.echo(_text_report(snapshot, status, problems, thresholds))
+        report = _text_report(snapshot, status, problems, thresholds) + "\n"
+    if output:
+        from dbdeck.state import write_atomic
+
+        write_atomic(output, report)
+    else:
+        click.echo(report, nl=False)
     sys.exit(status)
 
 

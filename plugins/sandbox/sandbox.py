@@ -182,6 +182,16 @@ class Sandbox:
                   "endpoints": endpoints}
         if "prod" in endpoints and "dev" in endpoints:
             config["sync_prod_to_dev"] = {"source": "prod", "target": "dev"}
+        if "primary" in endpoints and "standby" in endpoints:
+            servers = state["servers"]
+            config["replication"] = {
+                "nodes": {name: {"endpoint": name, "driver": "local", "data_dir": servers[name]["datadir"],
+                                 "settings": {"port": servers[name]["port"],
+                                              "unix_socket_directories": servers[name]["socket_dir"]}}
+                          for name in ("primary", "standby")},
+                "primary": "primary", "replication_user": REPLICATION_USER, "slot": REPLICATION_SLOT,
+                "replication_password_file": str(self.secrets_dir / f"{REPLICATION_USER}.password"),
+                "log_dir": str(self.dir / "logs")}
         header = ("# Written by `dbdeck sandbox up`: throwaway servers on 127.0.0.1.\n"
                   "# Use it with: dbdeck --config .dbdeck-sandbox/dbdeck.yaml <command>\n")
         self.config_path.write_text(header + yaml.safe_dump(config, sort_keys=False))

@@ -101,6 +101,14 @@ def local_pair(workdir, request):
     pair = LocalPair(base, primary, standby_server, base / "dbdeck.yaml", base / "logs",
                      base / "secrets" / "replicator")
     _write_config(pair.config, base, primary, standby_port, pair.password_file, pair.log_dir)
+    hba_before = Path(pair.sql(primary.port, "SHOW hba_file")[0][0]).read_text()
+    dry = pair.run("setup-master", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "CREATE ROLE replicator WITH LOGIN REPLICATION PASSWORD '***'" in dry.stdout
+    assert not pair.password_file.exists()
+    assert pair.sql(primary.port, "SELECT count(*) FROM pg_roles WHERE rolname = 'replicator'") == [(0,)]
+    assert pair.sql(primary.port, "SELECT count(*) FROM pg_replication_slots") == [(0,)]
+    assert Path(pair.sql(primary.port, "SHOW hba_file")[0][0]).read_text() == hba_before
     setup = pair.run("setup-master")
     assert setup.returncode == 0, setup.stdout + setup.stderr
     rebuild = pair.run("rebuild-replica")
@@ -289,6 +297,10 @@ def test_prometheus_exposition_and_serve(local_pair):
     for name in ("pg_replication_lag_seconds", "pg_stat_replication_replay_lsn", "pg_replication_lag_bytes",
                  "pg_replication_slot_retained_wal_bytes", "pg_up", "pg_replication_is_primary"):
         assert f"\n{name}{{" in "\n" + metrics.stdout, name
+    textfile = pair.base / "replication.prom"
+    written = pair.run("check-replication", "--format", "prometheus", "--output", str(textfile))
+    assert written.returncode == 0 and written.stdout == ""
+    assert "pg_replication_lag_seconds{" in textfile.read_text()
     port = free_port()
     server = subprocess.Popen([str(BIN / "check-replication"), "--config", str(pair.config), "--serve",
                                f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -39,3 +39,41 @@ def test_every_console_script_has_a_bin_executable_and_back():
         from dbdeck import launch
 
         assert callable(getattr(launch, name.replace("-", "_")))
+
+
+def test_replication_alert_rules_are_the_seeds_and_pass_promtool():
+    import shutil
+    import subprocess
+
+    import pytest
+    import yaml
+
+    rules_file = ROOT / "etc" / "prometheus" / "replication-alerts.yml"
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool is not installed: run scripts/bootstrap (apt-get install prometheus)", pytrace=False)
+    result = subprocess.run(["promtool", "check", "rules", str(rules_file)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rules = {r["alert"]: r for r in yaml.safe_load(rules_file.read_text())["groups"][0]["rules"]}
+    assert rules["PostgresReplicaOffline"]["expr"] == "absent(pg_stat_replication_replay_lsn)"
+    assert rules["PostgresReplicationLagHigh"]["expr"] == "pg_replication_lag_seconds > 30"
+    assert rules["PostgresReplicationLagCritical"]["expr"] == "pg_replication_lag_seconds > 300"
+    # the metrics the rules use are the ones check-replication exports
+    metrics = (ROOT / "plugins" / "replication" / "metrics.py").read_text()
+    assert '"pg_replication_lag_seconds"' in metrics and 'f"pg_stat_replication_{kind}_lsn"' in metrics
+
+
+def test_service_units_verify(tmp_path):
+    """The shipped long-running units pass systemd-analyze verify (ExecStart pointed at this checkout)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is not installed: run scripts/bootstrap (apt-get install systemd)", pytrace=False)
+    for unit in ("dbdeck-replication-metrics.service", "dbdeck-webhook-relay.service"):
+        text = (ROOT / "systemd" / unit).read_text()
+        text = text.replace("/usr/local/bin/", f"{ROOT}/bin/").replace("User=dbdeck", "User=root")
+        (tmp_path / unit).write_text(text)
+        result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True)
+        assert result.returncode == 0 and not result.stderr.strip(), unit + ": " + result.stderr
