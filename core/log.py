@@ -82,8 +82,11 @@ def setup(verbosity=0):
 
 def add_daily_file(directory, prefix, level=logging.INFO):
     """Also log to <directory>/<prefix>-YYYYMMDD.log (e.g. /var/log/crm-sync/sync-20261123.log)."""
+    return _attach_file_handler(DailyFileHandler(directory, prefix), level)
+
+
+def _attach_file_handler(handler, level):
     logger = logging.getLogger("dbdeck")
-    handler = DailyFileHandler(directory, prefix)
     handler.setFormatter(MaskingFormatter(_FILE_FORMAT))
     handler.setLevel(level)
     logger.addHandler(handler)
@@ -117,11 +120,4 @@ class RunFileHandler(logging.StreamHandler):
 
 def add_run_file(directory, prefix, level=logging.INFO):
     """Also log this run to its own file under directory; returns the handler (its .path is the file)."""
-    logger = logging.getLogger("dbdeck")
-    handler = RunFileHandler(directory, prefix)
-    handler.setFormatter(MaskingFormatter(_FILE_FORMAT))
-    handler.setLevel(level)
-    logger.addHandler(handler)
-    if logger.level > level or logger.level == logging.NOTSET:
-        logger.setLevel(level)
-    return handler
+    return _attach_file_handler(RunFileHandler(directory, prefix), level)

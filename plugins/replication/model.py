@@ -70,6 +70,7 @@ class AfterPromote(Section):
     env_files: list[Path] = []
     variable: str = "DATABASE_URL"
     compose_file: Path | None = None
+    compose_project: str | None = None
     restart_services: list[str] = []
 
 

@@ -143,6 +143,8 @@ def compose_command(pair, dry=False):
     """`docker compose` when the v2 plugin is there, else `docker-compose` (v1)."""
     after = pair.settings.after_promote
     files = ["-f", str(after.compose_file)] if after.compose_file else []
+    if after.compose_project:
+        files += ["-p", after.compose_project]
     if dry:
         return ["docker", "compose", *files]
     probe = pair.runner.run(["docker", "compose", "version"], check=False, read_only=True)

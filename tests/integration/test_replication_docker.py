@@ -40,21 +40,26 @@ def conecta(workdir, docker_compose_command):
            "CONECTA_REPLICA_DATA": str(give_to(base / "replica-data", user, 0o700)),
            "CONECTA_PASSWORD_FILE": str(password_file), "CONECTA_PRIMARY_PORT": str(free_port()),
            "CONECTA_REPLICA_PORT": str(free_port()), "DBDECK_TEST_CONTAINER_PREFIX": CONTAINER_PREFIX}
-    compose = [*shlex.split(docker_compose_command), "-p", f"dbdeck-conecta-{os.getpid()}",
-               "-f", str(COMPOSE_DIR / "conecta-postgres.yml")]
+    project = f"dbdeck-conecta-{os.getpid()}"
+    compose_file = COMPOSE_DIR / "conecta-postgres.yml"
+    compose = [*shlex.split(docker_compose_command), "-p", project, "-f", str(compose_file)]
+    app_env = base / "app.env"
+    app_env.write_text(f"DATABASE_URL=postgresql://conecta:senha@127.0.0.1:{env['CONECTA_PRIMARY_PORT']}/conecta_db\n")
     subprocess.run([*compose, "up", "-d"], env=env, check=True, capture_output=True)
     config = base / "dbdeck.yaml"
     node = lambda container, port: {  # noqa: E731
         "endpoint": {"host": "127.0.0.1", "port": int(port), "user": "postgres", "password": password,
                      "database": "postgres", "connect_timeout": 3},
-        "driver": "docker", "container": container}
+        "driver": "docker", "container": container, "app_address": f"127.0.0.1:{port}"}
     config.write_text(yaml.safe_dump({
         "dbdeck": {"run_dir": str(base / "run"), "state_dir": str(base / "state")},
         "replication": {
             "nodes": {"conecta-postgres": node(PRIMARY, env["CONECTA_PRIMARY_PORT"]),
                       "conecta-postgres-replica": node(REPLICA, env["CONECTA_REPLICA_PORT"])},
             "primary": "conecta-postgres", "replication_password_file": str(base / "secrets" / "replicator"),
-            "log_dir": str(base / "logs"), "wait_timeout": 60}}))
+            "log_dir": str(base / "logs"), "wait_timeout": 60,
+            "after_promote": {"env_files": [str(app_env)], "compose_file": str(compose_file),
+                              "compose_project": project, "restart_services": ["api-gateway"]}}}))
 
     def run(command, *args):
         return subprocess.run([str(BIN / command), "--config", str(config), *args], capture_output=True,
@@ -75,9 +80,14 @@ def conecta(workdir, docker_compose_command):
             return False
 
     assert wait_for(lambda: answers("CONECTA_PRIMARY_PORT"), timeout=60), "conecta-postgres did not start"
-    yield run, sql, answers
+    yield run, sql, answers, app_env, env
     subprocess.run([*compose, "down", "-v", "-t", "5"], env=env, capture_output=True)
     shutil.rmtree(base, ignore_errors=True)
+
+
+def _started_at(name):
+    return subprocess.run(["docker", "inspect", "-f", "{{.State.StartedAt}}", CONTAINER_PREFIX + name],
+                          capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _check(run):
@@ -86,7 +96,7 @@ def _check(run):
 
 
 def test_container_pair_setup_rebuild_check_failover_and_rejoin(conecta):
-    run, sql, answers = conecta
+    run, sql, answers, app_env, env = conecta
     setup = run("setup-master")
     assert setup.returncode == 0, setup.stdout + setup.stderr
     rebuild = run("rebuild-replica")
@@ -110,8 +120,11 @@ def test_container_pair_setup_rebuild_check_failover_and_rejoin(conecta):
     refused = run("promote-replica")
     assert refused.returncode == 1 and "still answers" in refused.stderr
     subprocess.run(["docker", "kill", PRIMARY], check=True, capture_output=True)  # SIGKILL: the master died
-    promoted = run("promote-replica")
+    started = _started_at("conecta-api-gateway")
+    promoted = run("promote-replica", "--update-connections")
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert f"@127.0.0.1:{env['CONECTA_REPLICA_PORT']}/conecta_db" in app_env.read_text()
+    assert _started_at("conecta-api-gateway") != started  # the seed's "docker compose restart" step
     sql("CONECTA_REPLICA_PORT", "INSERT INTO contatos SELECT generate_series(501, 600)")
 
     rejoin = run("rebuild-replica")  # the stopped old primary's container becomes the standby

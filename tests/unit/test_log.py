@@ -27,3 +27,26 @@ def test_daily_file_switches_with_the_date(tmp_path):
         handler.emit(record)
     handler.close()
     assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["first day\n", "third day\n"]
+
+
+def test_run_files_are_one_per_run_masked_and_private(tmp_path):
+    import logging
+    import stat
+
+    from dbdeck import secrets
+    from dbdeck.log import add_run_file
+
+    secrets.register("run-file-secret-xyz")
+    logger = logging.getLogger("dbdeck")
+    first, second = add_run_file(tmp_path, "failover"), add_run_file(tmp_path, "failover")
+    try:
+        logger.info("promoting with password run-file-secret-xyz")
+    finally:
+        for handler in (first, second):
+            logger.removeHandler(handler)
+            handler.close()
+    assert first.path != second.path and first.path.name.startswith("failover-")
+    for handler in (first, second):
+        text = handler.path.read_text()
+        assert "promoting with password ***" in text and "run-file-secret-xyz" not in text
+        assert stat.S_IMODE(handler.path.stat().st_mode) == 0o640
