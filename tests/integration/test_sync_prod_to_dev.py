@@ -1,14 +1,11 @@
-import json
 import os
 import signal
 import stat
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from dbdeck.errors import DbdeckError
 from tests.conftest import BIN, _start_postgres, wait_for
 
 pytestmark = pytest.mark.integration

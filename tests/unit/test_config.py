@@ -1,8 +1,6 @@
-import os
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 
 from dbdeck import config
 from dbdeck.config import ConfigSection, Section
