@@ -64,6 +64,10 @@ class Endpoint:
         return int(port) if port else None
 
     @property
+    def password(self):
+        return self._params.get("password")
+
+    @property
     def user(self):
         return self._params.get("user")
 

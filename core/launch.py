@@ -8,11 +8,13 @@ import sys
 
 from dbdeck.cli import main, main_for
 
+auto_failover = main_for("auto-failover")
 check_replication = main_for("check-replication")
 promote_replica = main_for("promote-replica")
 rebuild_replica = main_for("rebuild-replica")
 setup_master = main_for("setup-master")
 setup_sync_cron = main_for("setup-sync-cron")
+switchover = main_for("switchover")
 sync_databases = main_for("sync-databases")
 sync_prod_to_dev = main_for("sync-prod-to-dev")
 webhook_relay = main_for("webhook-relay")

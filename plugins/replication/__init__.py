@@ -5,9 +5,10 @@ from dbdeck.hookspecs import hookimpl
 
 @hookimpl
 def register_commands(cli):
-    from .commands import check_replication, promote_replica, rebuild_replica, setup_master
+    from .commands import (auto_failover, check_replication, promote_replica, rebuild_replica, setup_master,
+                           switchover)
 
-    for command in (check_replication, setup_master, promote_replica, rebuild_replica):
+    for command in (check_replication, setup_master, promote_replica, rebuild_replica, switchover, auto_failover):
         cli.add_command(command)
 
 

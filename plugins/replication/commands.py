@@ -203,17 +203,106 @@ def promote_replica(app, node, force, update_connections):
 
 @click.command("rebuild-replica")
 @click.option("--node", metavar="NAME", help="The node to rebuild (default: the one that is not the primary).")
+@click.option("--rejoin", is_flag=True, help="Try pg_rewind first (fast, keeps the files), base backup if it fails.")
 @pass_app
-def rebuild_replica(app, node):
+def rebuild_replica(app, node, rejoin):
     """Turn a node into a fresh streaming standby of the current primary (pg_basebackup -R with the slot).
 
     Stops the node, moves its data directory aside (deleted only after the new standby streams; put
     back if the copy fails), copies the primary, starts it and waits until it streams. Refuses to
     rebuild the only primary. Logs to rebuild-replica-YYYYMMDD-HHMMSS.log under replication.log_dir.
     """
-    from .rebuild import rebuild_replica as run
+    from .rebuild import choose_target, rebuild_replica as run
 
     pair = _pair(app)
     with app.lock("replication"):
         pair.open_run_log("rebuild-replica")
-        run(pair, node)
+        if rejoin:
+            from .standby import rejoin as rejoin_node
+
+            target, primary = choose_target(pair, pair.probe(), node)
+            rejoin_node(pair, target, primary)
+        else:
+            run(pair, node)
+
+
+@click.command("switchover")
+@click.option("--max-lag", "max_lag", callback=_size_option, metavar="SIZE",
+              help="Refuse when the standby is further behind (default replication.switchover_max_lag_bytes).")
+@click.option("--timeout", type=int, metavar="S",
+              help="Seconds to wait for the standby to replay the shutdown checkpoint (default 30).")
+@pass_app
+def switchover(app, max_lag, timeout):
+    """Planned role swap with zero data loss (seed's switchover.sh); run it again to swap back.
+
+    Pre-checks (standby streaming, lag, slot, pg_rewind prerequisites), blocks new writes, checkpoints and
+    shuts the primary down cleanly, waits until the standby replayed its shutdown checkpoint (else
+    restarts the old primary and aborts), promotes, and turns the old primary into a streaming standby
+    of the new one (pg_rewind when needed). --dry-run runs the pre-checks and prints the plan.
+    Logs to switchover-YYYYMMDD-HHMMSS.log under replication.log_dir.
+    """
+    from .switchover import switchover as run
+
+    pair = _pair(app)
+    with app.lock("replication"):
+        pair.open_run_log("switchover")
+        run(pair, max_lag if max_lag is not None else pair.settings.switchover_max_lag_bytes,
+            timeout or pair.settings.switchover_timeout)
+
+
+@click.command("auto-failover")
+@click.option("--daemon", is_flag=True, help="Detach; output to auto-failover.log, pid in auto-failover.pid.")
+@click.option("--interval", type=float, metavar="S", help="Seconds between checks (default 1).")
+@click.option("--failures", type=int, metavar="N", help="Consecutive failed checks before failing over (default 3).")
+@click.option("--no-rejoin", is_flag=True, help="Leave the old primary fenced instead of rejoining it.")
+@pass_app
+def auto_failover(app, daemon, interval, failures, no_rejoin):
+    """Monitor the primary and fail over to the standby when it is gone (seed's auto-failover.sh).
+
+    A check is a new connection plus a query with a timeout. After N consecutive failures, and only if the
+    standby is healthy, not too far behind and no longer receives WAL (else the primary is alive and only
+    this monitor lost it), the old primary is fenced (stopped; container restart policy off; standby.signal,
+    so it can only come back read-only), the standby promoted, and the old primary rejoined as a standby
+    (pg_rewind, else a base backup). One log line per state change; events go to the notify hook.
+    Pauses while another replication command (switchover, rebuild) holds the lock.
+    """
+    import os
+    import signal
+    import threading
+
+    pair = _pair(app)
+    settings = pair.settings.auto_failover
+    run_dir = app.config.core.run_dir
+    from dbdeck.lock import default_run_dir
+
+    pid_file = settings.pid_file or (run_dir or default_run_dir()) / "auto-failover.pid"
+    if daemon:
+        log_dir = pair.settings.log_dir or app.config.core.log_dir
+        log_file = settings.log_file or (log_dir / "auto-failover.log" if log_dir else pid_file.with_suffix(".log"))
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "dbdeck.launch", "auto-failover"]
+        if app.config.path:
+            argv += ["--config", str(os.path.abspath(app.config.path))]
+        argv += [*(["--interval", interval] if interval else []), *(["--failures", failures] if failures else []),
+                 *(["--no-rejoin"] if no_rejoin else []), *(["-v"] * app.verbosity)]
+        process = app.runner.start_daemon(argv, log_path=log_file)
+        click.echo(f"auto-failover running in the background (pid {process.pid}); log {log_file}; pid file {pid_file}")
+        return
+    from .failover import Monitor
+
+    with app.lock("auto-failover"):
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")
+        monitor = Monitor(pair, interval=interval or settings.interval, failures=failures or settings.failures,
+                          timeout=settings.check_timeout, max_lag_bytes=settings.max_lag_bytes,
+                          rejoin=settings.rejoin and not no_rejoin, lock=app.lock("replication"))
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        pair.say(f"auto-failover: checking every {monitor.interval:g}s, failover after {monitor.failures_needed} "
+                 f"failed checks (timeout {monitor.timeout:g}s each)")
+        try:
+            monitor.run(stop)
+        finally:
+            pid_file.unlink(missing_ok=True)
+            pair.say("auto-failover stopped")

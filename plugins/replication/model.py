@@ -74,6 +74,37 @@ class AfterPromote(Section):
     restart_services: list[str] = []
 
 
+class AutoFailover(Section):
+    """auto-failover's detection: a failover after `failures` failed checks `interval` seconds apart."""
+
+    interval: float = 1.0
+    failures: int = 3
+    check_timeout: float = 2.0
+    max_lag_bytes: int = 16 * 1024**2
+    rejoin: bool = True
+    log_file: Path | None = None   # --daemon output; default <log_dir>/auto-failover.log
+    pid_file: Path | None = None   # default <run_dir>/auto-failover.pid
+
+    @field_validator("max_lag_bytes", mode="before")
+    @classmethod
+    def _size(cls, value):
+        return parse_size(value)
+
+    @field_validator("interval", "check_timeout")
+    @classmethod
+    def _positive(cls, value):
+        if value <= 0:
+            raise ValueError("must be more than 0")
+        return value
+
+    @field_validator("failures")
+    @classmethod
+    def _at_least_one(cls, value):
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+
 class Replication(Section):
     """A PostgreSQL primary + hot standby pair (seed 004's conecta-postgres / conecta-postgres-replica)."""
 
@@ -91,8 +122,14 @@ class Replication(Section):
     wait_timeout: int = 120
     keep_config_files: list[str] = ["postgresql.conf", "pg_hba.conf", "pg_ident.conf"]
     after_promote: AfterPromote = AfterPromote()
+    auto_failover: AutoFailover = AutoFailover()
+    switchover_timeout: int = 30
+    switchover_max_lag_bytes: int = 16 * 1024**2
+    # 'FIRST 1 (*)' makes every commit wait for the standby: a failover then loses no acknowledged commit,
+    # at the price of commit latency and of writes blocking while no standby is connected
+    synchronous_standby_names: str | None = None
 
-    @field_validator("warn_lag_bytes", "crit_lag_bytes", mode="before")
+    @field_validator("warn_lag_bytes", "crit_lag_bytes", "switchover_max_lag_bytes", mode="before")
     @classmethod
     def _size(cls, value):
         return parse_size(value)

@@ -41,8 +41,8 @@ class Pair:
     def say(self, message, level=logging.INFO):
         """A step: printed for the operator and written to the run's log file."""
         log.log(level, message)
-        click.echo(("[dry-run] " if self.runner.dry_run else "") + message,
-                   err=self.app.format == "json" or level >= logging.WARNING)
+        if level < logging.WARNING:  # warnings and errors already reach stderr through logging
+            click.echo(("[dry-run] " if self.runner.dry_run else "") + message, err=self.app.format == "json")
 
     def open_run_log(self, prefix):
         """The seed's per-run log (failover-YYYYMMDD-HHMMSS.log...) under replication.log_dir."""

@@ -93,7 +93,7 @@ def _roles(snapshot):
     return ", ".join(f"{n.name}: {n.role}" for n in snapshot.nodes)
 
 
-def _setting_line(key, value):
+def setting_line(key, value):
     if isinstance(value, bool):
         text = "on" if value else "off"
     elif isinstance(value, (int, float)):
@@ -150,7 +150,7 @@ def rebuild_replica(pair, node_name=None):
                      "-U", settings.replication_user, "-D", new, "-R", "-X", "stream", "-c", "fast",
                      "-S", settings.slot, "--no-password", *(["-P"] if progress else []),
                      env={"PGPASSWORD": password}, offline=True, timeout=24 * 3600, passthrough=progress)
-        node_settings = "".join(_setting_line(k, v) for k, v in target.config.settings.items())
+        node_settings = "".join(setting_line(k, v) for k, v in target.config.settings.items())
         driver.shell(_MOVE_IN, data, stamp, *settings.keep_config_files, stdin=node_settings, offline=True)
     except BaseException:
         pair.say(f"rebuild failed before {target.name} started: putting the old data directory back",

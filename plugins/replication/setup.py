@@ -114,6 +114,7 @@ def setup_master(pair, primary_name=None, apply_settings=False):
         _ensure_role(pair, conn, user, password, generated)
         _ensure_hba(pair, node, conn, user)
         _ensure_slot(pair, conn, settings.slot)
+        _ensure_synchronous(pair, conn, settings.synchronous_standby_names)
         checks = check_settings(conn)
         restart = _report_and_apply(pair, conn, checks, apply_settings)
     blocking = [c for c in checks if not c.ok and c.blocking]
@@ -213,6 +214,23 @@ def _ensure_slot(pair, conn, slot):
         return
     conn.execute("SELECT pg_create_physical_replication_slot(%s)", (slot,))
     pair.say(f"slot {slot}: created")
+
+
+def _ensure_synchronous(pair, conn, wanted):
+    if wanted is None:
+        return
+    current = conn.execute("SHOW synchronous_standby_names").fetchone()[0]
+    if current == wanted:
+        pair.say(f"synchronous_standby_names = '{wanted}': already set")
+        return
+    statement = sql.SQL("ALTER SYSTEM SET synchronous_standby_names = {}").format(sql.Literal(wanted))
+    if pair.runner.dry_run:
+        pair.say(f"would execute: {statement.as_string(conn)}; SELECT pg_reload_conf()")
+        return
+    conn.execute(statement)
+    conn.execute("SELECT pg_reload_conf()")
+    pair.say(f"synchronous_standby_names = '{wanted}' (was '{current}'): "
+             + ("commits now wait for the standby" if wanted else "commits no longer wait for a standby"))
 
 
 def check_settings(conn):

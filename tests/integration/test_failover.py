@@ -1,0 +1,269 @@
+"""Fault injection on real local pairs: a writer records every acknowledged commit, a watcher checks
+continuously that two writable primaries never exist, and each scenario checks both afterwards."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+from ..conftest import BIN, wait_for
+from .test_replication import local_pair  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.integration
+
+
+class Writer(threading.Thread):
+    """Inserts ids one by one into whichever node accepts writes; remembers those acknowledged."""
+
+    def __init__(self, pair, pause=0.01):
+        super().__init__(daemon=True)
+        self.pair, self.pause = pair, pause
+        self.acknowledged, self.stop = [], threading.Event()
+        self.next_id = 1
+
+    def run(self):
+        ports = [self.pair.alpha_port, self.pair.beta_port]
+        while not self.stop.is_set():
+            for port in ports:
+                try:
+                    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
+                                         password=self.pair.primary.password, connect_timeout=2,
+                                         autocommit=True) as conn:
+                        conn.execute("SET statement_timeout = 5000")
+                        while not self.stop.is_set():
+                            conn.execute("INSERT INTO acks VALUES (%s)", (self.next_id,))
+                            self.acknowledged.append(self.next_id)
+                            self.next_id += 1
+                            time.sleep(self.pause)
+                except psycopg.Error:
+                    self.next_id += 1  # an unacknowledged attempt: its id may or may not exist
+            time.sleep(0.05)
+
+    def finish(self):
+        self.stop.set()
+        self.join(timeout=20)
+
+
+class SplitBrainWatch(threading.Thread):
+    """Samples both nodes every 50 ms; records any moment both accept writes."""
+
+    def __init__(self, pair):
+        super().__init__(daemon=True)
+        self.pair, self.stop, self.both = pair, threading.Event(), []
+
+    def writable(self, port):
+        try:
+            with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
+                                 password=self.pair.primary.password, connect_timeout=1, autocommit=True) as conn:
+                return conn.execute("SELECT NOT pg_is_in_recovery()").fetchone()[0]
+        except psycopg.Error:
+            return False
+
+    def run(self):
+        while not self.stop.is_set():
+            if self.writable(self.pair.alpha_port) and self.writable(self.pair.beta_port):
+                self.both.append(time.time())
+            time.sleep(0.05)
+
+    def finish(self):
+        self.stop.set()
+        self.join(timeout=10)
+        return self.both
+
+
+def _ids(pair, port):
+    return {row[0] for row in pair.sql(port, "SELECT id FROM acks")}
+
+
+def _recovery(pair, port):
+    return pair.sql(port, "SELECT pg_is_in_recovery()")[0][0]
+
+
+def _with_config(pair, **replication):
+    config = yaml.safe_load(pair.config.read_text())
+    config["replication"].update(replication)
+    pair.config.write_text(yaml.safe_dump(config))
+
+
+def _postmaster_pid(pair, datadir):
+    return int(Path(datadir, "postmaster.pid").read_text().split()[0])
+
+
+def _start_monitor(pair, *args):
+    log = open(pair.base / "monitor.log", "w")
+    process = subprocess.Popen([str(BIN / "auto-failover"), "--config", str(pair.config), *args],
+                               stdout=log, stderr=subprocess.STDOUT)
+    assert wait_for(lambda: "monitoring primary" in (pair.base / "monitor.log").read_text(), timeout=20), \
+        (pair.base / "monitor.log").read_text()
+    return process
+
+
+def _stop_monitor(process):
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+
+
+def test_switchover_twice_under_write_load_loses_nothing(local_pair):
+    pair = local_pair
+    pair.sql(pair.alpha_port, "CREATE TABLE acks (id int PRIMARY KEY)")
+    writer = Writer(pair)
+    watch = SplitBrainWatch(pair)
+    writer.start(), watch.start()
+    time.sleep(0.5)
+    dry = pair.run("switchover", "--dry-run")
+    assert dry.returncode == 0 and "pre-checks passed" in dry.stdout and "plan:" in dry.stdout, dry.stderr
+    first = pair.run("switchover")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert _recovery(pair, pair.alpha_port) is True and _recovery(pair, pair.beta_port) is False
+    time.sleep(0.5)
+    second = pair.run("switchover")
+    assert second.returncode == 0, second.stdout + second.stderr
+    time.sleep(0.5)
+    writer.finish()
+    assert not watch.finish(), "two writable primaries observed"
+    assert _recovery(pair, pair.alpha_port) is False
+    code, report, _ = pair.check()
+    assert code == 0 and report["primary"] == "alpha"
+    acknowledged = set(writer.acknowledged)
+    assert len(acknowledged) > 20
+    assert acknowledged <= _ids(pair, pair.alpha_port)
+    assert list(pair.log_dir.glob("switchover-*.log"))
+
+
+def test_switchover_refused_when_the_standby_is_down(local_pair):
+    pair = local_pair
+    pair.standby_server.stop()
+    refused = pair.run("switchover")
+    assert refused.returncode == 1 and "no standby is streaming" in refused.stderr
+    assert _recovery(pair, pair.alpha_port) is False
+    pair.sql(pair.alpha_port, "CREATE TABLE still_writable (x int)")  # the primary kept running
+
+
+def test_kill_9_with_synchronous_replication_fails_over_without_losing_a_commit(local_pair):
+    pair = local_pair
+    _with_config(pair, synchronous_standby_names="*")
+    setup = pair.run("setup-master")
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert pair.sql(pair.alpha_port, "SHOW synchronous_standby_names") == [("*",)]
+    pair.sql(pair.alpha_port, "CREATE TABLE acks (id int PRIMARY KEY)")
+    monitor = _start_monitor(pair)
+    writer, watch = Writer(pair, pause=0.002), SplitBrainWatch(pair)
+    writer.start(), watch.start()
+    try:
+        time.sleep(1.0)
+        os.kill(_postmaster_pid(pair, pair.primary.server.datadir), signal.SIGKILL)
+        assert wait_for(lambda: _safe(lambda: _recovery(pair, pair.beta_port) is False), timeout=30), \
+            (pair.base / "monitor.log").read_text()
+        # the old primary rejoins as a standby on its own (pg_rewind after crash recovery)
+        assert wait_for(lambda: pair.check()[0] == 0, timeout=60), (
+            (pair.base / "monitor.log").read_text() + pair.primary.server.log_path.read_text()[-3000:])
+        time.sleep(0.5)
+    finally:
+        writer.finish()
+        _stop_monitor(monitor)
+    assert not watch.finish(), "two writable primaries observed"
+    acknowledged = set(writer.acknowledged)
+    assert len(acknowledged) > 20
+    assert acknowledged <= _ids(pair, pair.beta_port), "acknowledged commits lost"
+    log = (pair.base / "monitor.log").read_text()
+    assert "FAILOVER: beta is the primary" in log and "rejoined" in log
+
+
+def _safe(check):
+    try:
+        return check()
+    except Exception:
+        return False
+
+
+def test_sigstop_shorter_than_the_detection_window_causes_no_failover(local_pair):
+    pair = local_pair
+    monitor = _start_monitor(pair)
+    pids = [_postmaster_pid(pair, pair.primary.server.datadir)]
+    pids += [int(p) for p in subprocess.run(["pgrep", "-P", str(pids[0])], capture_output=True,
+                                            text=True).stdout.split()]
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        # 4 s: longer than one check's timeout (2 s), so a check must fail, shorter than 3 failed checks
+        time.sleep(4)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(3)
+    finally:
+        for pid in pids:
+            _safe(lambda: os.kill(pid, signal.SIGCONT))
+        _stop_monitor(monitor)
+    log = (pair.base / "monitor.log").read_text()
+    assert "check failed" in log, log  # the monitor did notice
+    assert "FAILOVER" not in log
+    assert _recovery(pair, pair.beta_port) is True and pair.check()[0] == 0
+
+
+def test_monitor_that_cannot_reach_a_live_primary_does_not_fail_over(local_pair):
+    pair = local_pair
+    # the monitor's view of alpha is broken (a wrong port, like a lost route); beta still streams from it
+    config = yaml.safe_load(pair.config.read_text())
+    config["replication"]["nodes"]["alpha"]["endpoint"]["port"] = 1
+    config["replication"]["primary"] = "alpha"
+    broken = pair.base / "broken.yaml"
+    broken.write_text(yaml.safe_dump(config))
+    from dbdeck.cli import App
+    from dbdeck.plugins.replication.failover import Monitor
+    from dbdeck.plugins.replication.pair import Pair
+
+    app = App()
+    app.config_path = str(pair.config)
+    monitor = Monitor(Pair(app), interval=0.1, failures=2, timeout=1)
+    assert monitor.find_primary() and monitor.primary.name == "alpha"
+    app_broken = App()
+    app_broken.config_path = str(broken)
+    monitor.pair = Pair(app_broken)
+    monitor.primary = monitor.pair.node("alpha")
+    assert monitor.tick() is None and monitor.tick() is None
+    assert monitor.state == "held"
+    assert _recovery(pair, pair.beta_port) is True and _recovery(pair, pair.alpha_port) is False
+
+
+def test_fenced_old_primary_restarts_read_only(local_pair):
+    pair = local_pair
+    monitor = _start_monitor(pair, "--no-rejoin")
+    watch = SplitBrainWatch(pair)
+    watch.start()
+    try:
+        os.kill(_postmaster_pid(pair, pair.primary.server.datadir), signal.SIGKILL)
+        assert wait_for(lambda: _safe(lambda: _recovery(pair, pair.beta_port) is False), timeout=30)
+        assert wait_for(lambda: "FAILOVER" in (pair.base / "monitor.log").read_text(), timeout=10)
+        # "restarts by itself a minute later": it comes back as a standby, never writable
+        pair.primary.server.start()
+        assert wait_for(lambda: _safe(lambda: _recovery(pair, pair.alpha_port) is True), timeout=30)
+        time.sleep(1)
+    finally:
+        _stop_monitor(monitor)
+    assert not watch.finish(), "two writable primaries observed"
+    assert (Path(pair.primary.server.datadir) / "standby.signal").exists()
+
+
+def test_divergent_old_primary_rejoins_through_pg_rewind(local_pair):
+    pair = local_pair
+    pair.sql(pair.alpha_port, "CREATE TABLE acks (id int PRIMARY KEY)")
+    pair.sql(pair.alpha_port, "INSERT INTO acks VALUES (1)")
+    assert wait_for(lambda: _safe(lambda: _ids(pair, pair.beta_port) == {1}), timeout=15)
+    pair.sql(pair.beta_port, "SELECT pg_promote()")
+    assert wait_for(lambda: _recovery(pair, pair.beta_port) is False, timeout=20)
+    pair.sql(pair.alpha_port, "INSERT INTO acks SELECT generate_series(1000, 1100)")  # divergent: only on alpha
+    pair.sql(pair.beta_port, "INSERT INTO acks VALUES (2)")
+    rejoined = pair.run("rebuild-replica", "--rejoin", "--node", "alpha")
+    assert rejoined.returncode == 0, rejoined.stdout + rejoined.stderr
+    assert "rejoined as a standby of beta (pg_rewind)" in rejoined.stdout
+    assert "base backup" not in rejoined.stdout
+    assert wait_for(lambda: _safe(lambda: _ids(pair, pair.alpha_port) == {1, 2}), timeout=15)
+    assert _recovery(pair, pair.alpha_port) is True
+    code, report, _ = pair.check()
+    assert code == 0 and report["primary"] == "beta"
