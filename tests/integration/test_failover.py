@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from ..conftest import BIN, wait_for
-from .test_replication import local_pair  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,114 @@
+"""Fixtures shared by the replication and failover tests: a local primary/standby pair built by the
+commands under test (a fresh primary, `setup-master`, then `rebuild-replica` from an empty directory)."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dbdeck.run import Runner
+
+from ..conftest import BIN, _start_postgres
+
+
+class LocalPair:
+    def __init__(self, base, primary, standby_server, config_path, log_dir, password_file):
+        self.base = base
+        self.primary = primary                  # StartedPostgres
+        self.standby_server = standby_server    # PostgresServer (same paths as the node's config)
+        self.config = config_path
+        self.log_dir = log_dir
+        self.password_file = password_file
+        self.names = ("alpha", "beta")
+
+    def run(self, command, *args, env=None, timeout=180):
+        return subprocess.run([str(BIN / command), "--config", str(self.config), *map(str, args)],
+                              capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+    def check(self, *args):
+        result = self.run("check-replication", "--format", "json", *args)
+        return result.returncode, json.loads(result.stdout), result
+
+    def sql(self, port, statement, database="postgres"):
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=self.primary.password,
+                             dbname=database, autocommit=True, connect_timeout=5) as conn:
+            cur = conn.execute(statement)
+            return cur.fetchall() if cur.description else None
+
+    @property
+    def alpha_port(self):
+        return self.primary.port
+
+    @property
+    def beta_port(self):
+        return self.standby_server.port
+
+
+def write_pair_config(path, base, primary, standby_port, password_file, log_dir, extra=None):
+    node = lambda name, port, data, settings=None: {  # noqa: E731
+        "endpoint": {"host": "127.0.0.1", "port": port, "user": "postgres", "password": primary.password,
+                     "database": "postgres", "connect_timeout": 3},
+        "driver": "local", "data_dir": str(data), "settings": settings or {},
+        "app_address": f"127.0.0.1:{port}",
+    }
+    config = {
+        "dbdeck": {"run_dir": str(base / "run"), "state_dir": str(base / "state")},
+        "replication": {
+            "nodes": {
+                "alpha": node("alpha", primary.port, primary.server.datadir),
+                "beta": node("beta", standby_port, base / "beta",
+                             {"port": standby_port, "unix_socket_directories": str(base / "beta.run")}),
+            },
+            "primary": "alpha",
+            "replication_password_file": str(password_file),
+            "slot": "replica_slot",
+            # 127.0.0.1 is in initdb's default pg_hba; 127.0.0.2 makes setup-master add a line
+            "replication_networks": ["127.0.0.1/32", "127.0.0.2/32"],
+            "log_dir": str(log_dir),
+            "wait_timeout": 60,
+            **(extra or {}),
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+
+
+@pytest.fixture
+def local_pair(workdir, request):
+    """alpha = a fresh primary; beta = its standby, built by setup-master + rebuild-replica."""
+    from dbdeck.plugins.sandbox.servers import PostgresServer, free_port, give_to
+
+    name = f"rp{os.getpid() % 1000}{request.node.name[-12:].replace('[', '').replace(']', '')}"
+    base = workdir / name
+    give_to(base, None, 0o755)
+    primary = _start_postgres(base, "alpha")
+    standby_port = free_port()
+    give_to(base / "beta.run", primary.server.os_user, 0o700)
+    give_to(base / "beta", primary.server.os_user, 0o700)  # an empty directory for the new standby
+    standby_server = PostgresServer(base / "beta", standby_port, Runner(), socket_dir=base / "beta.run")
+    pair = LocalPair(base, primary, standby_server, base / "dbdeck.yaml", base / "logs",
+                     base / "secrets" / "replicator")
+    write_pair_config(pair.config, base, primary, standby_port, pair.password_file, pair.log_dir)
+    hba_before = Path(pair.sql(primary.port, "SHOW hba_file")[0][0]).read_text()
+    dry = pair.run("setup-master", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "CREATE ROLE replicator WITH LOGIN REPLICATION PASSWORD '***'" in dry.stdout
+    assert not pair.password_file.exists()
+    assert pair.sql(primary.port, "SELECT count(*) FROM pg_roles WHERE rolname = 'replicator'") == [(0,)]
+    assert pair.sql(primary.port, "SELECT count(*) FROM pg_replication_slots") == [(0,)]
+    assert Path(pair.sql(primary.port, "SHOW hba_file")[0][0]).read_text() == hba_before
+    setup = pair.run("setup-master")
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    rebuild = pair.run("rebuild-replica")
+    assert rebuild.returncode == 0, rebuild.stdout + rebuild.stderr
+    yield pair
+    standby_server.destroy()
+    primary.server.destroy()
+    shutil.rmtree(base, ignore_errors=True)
+
+
