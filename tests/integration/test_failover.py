@@ -266,3 +266,20 @@ def test_divergent_old_primary_rejoins_through_pg_rewind(local_pair):
     assert _recovery(pair, pair.alpha_port) is True
     code, report, _ = pair.check()
     assert code == 0 and report["primary"] == "beta"
+
+
+def test_daemon_mode_detaches_with_a_pid_file_and_stops_on_sigterm(local_pair):
+    pair = local_pair
+    _with_config(pair, auto_failover={"pid_file": str(pair.base / "af.pid"),
+                                      "log_file": str(pair.base / "af.log")})
+    started = pair.run("auto-failover", "--daemon", timeout=30)
+    assert started.returncode == 0 and "pid" in started.stdout, started.stderr
+    pid_file = pair.base / "af.pid"
+    assert wait_for(pid_file.exists, timeout=20)
+    pid = int(pid_file.read_text())
+    assert wait_for(lambda: "monitoring primary alpha" in (pair.base / "af.log").read_text(), timeout=20)
+    second = pair.run("auto-failover", timeout=30)  # the lock: one monitor at a time
+    assert second.returncode == 75
+    os.kill(pid, signal.SIGTERM)
+    assert wait_for(lambda: not pid_file.exists(), timeout=20)
+    assert "auto-failover stopped" in (pair.base / "af.log").read_text()

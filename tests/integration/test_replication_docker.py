@@ -134,3 +134,35 @@ def test_container_pair_setup_rebuild_check_failover_and_rejoin(conecta):
     assert code == 0, report
     assert report["primary"] == "conecta-postgres-replica"
     assert sql("CONECTA_PRIMARY_PORT", "SELECT pg_is_in_recovery(), count(*) FROM contatos") == [(True, 600)]
+
+
+def test_container_pair_auto_failover_fences_and_rejoins(conecta):
+    """After the first test the replica container is the primary: kill it, the monitor fails over to
+    conecta-postgres and rejoins the killed container (restart policy off, pg_rewind in a helper container)."""
+    import signal
+    import time
+
+    run, sql, answers, app_env, env = conecta
+    code, report = _check(run)
+    assert code == 0 and report["primary"] == "conecta-postgres-replica", report
+    log_path = app_env.parent / "monitor.log"
+    with open(log_path, "w") as log:
+        monitor = subprocess.Popen([str(BIN / "auto-failover"), "--config", str(app_env.parent / "dbdeck.yaml")],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: "monitoring primary" in log_path.read_text(), timeout=20), log_path.read_text()
+        sql("CONECTA_REPLICA_PORT", "INSERT INTO contatos SELECT generate_series(601, 700)")
+        subprocess.run(["docker", "kill", REPLICA], check=True, capture_output=True)
+        assert wait_for(lambda: "rejoined" in log_path.read_text(), timeout=120), log_path.read_text()
+        time.sleep(0.5)
+    finally:
+        monitor.send_signal(signal.SIGTERM)
+        assert monitor.wait(timeout=60) == 0
+    text = log_path.read_text()
+    assert "FAILOVER: conecta-postgres is the primary" in text
+    restart = subprocess.run(["docker", "inspect", "-f", "{{.HostConfig.RestartPolicy.Name}}", REPLICA],
+                             capture_output=True, text=True).stdout.strip()
+    assert restart in ("no", "")
+    code, report = _check(run)
+    assert code == 0 and report["primary"] == "conecta-postgres", report
+    assert sql("CONECTA_REPLICA_PORT", "SELECT pg_is_in_recovery(), count(*) FROM contatos") == [(True, 700)]
