@@ -197,8 +197,8 @@ def promote_replica(app, node, force, update_connections):
 
     pair = _pair(app)
     with app.lock("replication"):
-        pair.open_run_log("failover")
-        run(pair, node, force, update_connections)
+        with pair.run_log("failover"):
+            run(pair, node, force, update_connections)
 
 
 @click.command("rebuild-replica")
@@ -216,14 +216,14 @@ def rebuild_replica(app, node, rejoin):
 
     pair = _pair(app)
     with app.lock("replication"):
-        pair.open_run_log("rebuild-replica")
-        if rejoin:
-            from .standby import rejoin as rejoin_node
+        with pair.run_log("rebuild-replica"):
+            if rejoin:
+                from .standby import rejoin as rejoin_node
 
-            target, primary = choose_target(pair, pair.probe(), node)
-            rejoin_node(pair, target, primary)
-        else:
-            run(pair, node)
+                target, primary = choose_target(pair, pair.probe(), node)
+                rejoin_node(pair, target, primary)
+            else:
+                run(pair, node)
 
 
 @click.command("switchover")
@@ -245,9 +245,9 @@ def switchover(app, max_lag, timeout):
 
     pair = _pair(app)
     with app.lock("replication"):
-        pair.open_run_log("switchover")
-        run(pair, max_lag if max_lag is not None else pair.settings.switchover_max_lag_bytes,
-            timeout or pair.settings.switchover_timeout)
+        with pair.run_log("switchover"):
+            run(pair, max_lag if max_lag is not None else pair.settings.switchover_max_lag_bytes,
+                timeout or pair.settings.switchover_timeout)
 
 
 @click.command("auto-failover")

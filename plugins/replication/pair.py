@@ -1,6 +1,7 @@
 """The configured nodes, with the pieces every replication command shares: probing, choosing the
 primary/standby, waiting, the per-run log file and step messages."""
 
+import contextlib
 import logging
 import time
 
@@ -44,16 +45,25 @@ class Pair:
         if level < logging.WARNING:  # warnings and errors already reach stderr through logging
             click.echo(("[dry-run] " if self.runner.dry_run else "") + message, err=self.app.format == "json")
 
-    def open_run_log(self, prefix):
-        """The seed's per-run log (failover-YYYYMMDD-HHMMSS.log...) under replication.log_dir."""
+    @contextlib.contextmanager
+    def run_log(self, prefix):
+        """The seed's per-run log (failover-YYYYMMDD-HHMMSS.log...) under replication.log_dir; the run's
+        outcome, a refusal or an error included, ends up in it."""
         directory = self.settings.log_dir or self.app.config.core.log_dir
         if directory is None or self.runner.dry_run:
-            return None
+            yield None
+            return
         from dbdeck.log import add_run_file
 
         handler = add_run_file(directory, prefix)
         self.say(f"log: {handler.path}")
-        return handler
+        try:
+            yield handler
+        except DbdeckError as exc:
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, f"failed: {exc}", (), None))
+            raise
+        else:
+            handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "done", (), None))
 
     # --- waiting ---------------------------------------------------------------------------------
     def wait_for(self, check, what, timeout=None):

@@ -283,3 +283,15 @@ def test_daemon_mode_detaches_with_a_pid_file_and_stops_on_sigterm(local_pair):
     os.kill(pid, signal.SIGTERM)
     assert wait_for(lambda: not pid_file.exists(), timeout=20)
     assert "auto-failover stopped" in (pair.base / "af.log").read_text()
+
+
+def test_switchover_aborts_and_restarts_the_primary_when_the_standby_cannot_catch_up(local_pair):
+    pair = local_pair
+    pair.sql(pair.beta_port, "SELECT pg_wal_replay_pause()")  # the standby will not replay the checkpoint
+    aborted = pair.run("switchover", "--timeout", "3")
+    assert aborted.returncode == 1 and "switchover aborted" in aborted.stderr, aborted.stdout + aborted.stderr
+    assert _recovery(pair, pair.alpha_port) is False and _recovery(pair, pair.beta_port) is True
+    pair.sql(pair.alpha_port, "CREATE TABLE writable_again (x int)")  # read-only block lifted
+    assert pair.sql(pair.alpha_port, "SHOW default_transaction_read_only") == [("off",)]
+    pair.sql(pair.beta_port, "SELECT pg_wal_replay_resume()")
+    assert wait_for(lambda: pair.check()[0] == 0, timeout=30)

@@ -144,8 +144,10 @@ def test_promote_refused_while_primary_up_then_failover_and_rebuild_old_primary(
     pair.sql(pair.beta_port, "INSERT INTO orders SELECT generate_series(101, 150)")  # writes succeed
     assert f"@127.0.0.1:{pair.beta_port}/crm" in env_file.read_text()
     assert "NODE_ENV=production" in env_file.read_text()
-    failover_logs = list(pair.log_dir.glob("failover-*.log"))
-    assert failover_logs and "promote" in failover_logs[0].read_text()
+    failover_logs = [log.read_text() for log in sorted(pair.log_dir.glob("failover-*.log"))]
+    assert len(failover_logs) == 2  # the refused run and the promotion (a dry run writes no log)
+    assert any("still answers" in text and "ERROR" in text for text in failover_logs)  # refusals are logged too
+    assert any("is the primary now" in text and text.rstrip().endswith("done") for text in failover_logs)
 
     # the old primary comes back as a standby of the new one, with the rows written meanwhile
     pair.primary.server.start()
