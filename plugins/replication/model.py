@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import PositiveFloat, PositiveInt, field_validator, model_validator
 
 from dbdeck.config import EndpointConfig, Section
 
@@ -77,9 +77,9 @@ class AfterPromote(Section):
 class AutoFailover(Section):
     """auto-failover's detection: a failover after `failures` failed checks `interval` seconds apart."""
 
-    interval: float = 1.0
-    failures: int = 3
-    check_timeout: float = 2.0
+    interval: PositiveFloat = 1.0
+    failures: PositiveInt = 3
+    check_timeout: PositiveFloat = 2.0
     max_lag_bytes: int = 16 * 1024**2
     rejoin: bool = True
     log_file: Path | None = None   # --daemon output; default <log_dir>/auto-failover.log
@@ -90,19 +90,6 @@ class AutoFailover(Section):
     def _size(cls, value):
         return parse_size(value)
 
-    @field_validator("interval", "check_timeout")
-    @classmethod
-    def _positive(cls, value):
-        if value <= 0:
-            raise ValueError("must be more than 0")
-        return value
-
-    @field_validator("failures")
-    @classmethod
-    def _at_least_one(cls, value):
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
 
 
 class Replication(Section):

@@ -14,6 +14,7 @@ from dbdeck.errors import DbdeckError, Refused
 
 from .cluster import split_brain_advice
 from .setup import read_password
+from .standby import apply_node_settings
 
 # $1 data directory, $2 stamp. Prints nothing; leftovers of an interrupted rebuild (.dbdeck-new-*) go.
 _MOVE_ASIDE = r'''set -eu
@@ -27,21 +28,10 @@ for entry in "$data"/* "$data"/.[!.]* "$data"/..?*; do
     mv "$entry" "$old/"
 done
 '''
-# $1 data, $2 stamp, $3... config files to carry over from the old copy; stdin: this node's own settings.
-# They go to dbdeck-node.conf, included last from postgresql.conf: the copy brings the primary's files,
-# and the primary's own node settings (its port...) must not follow them to this node.
+# $1 data, $2 stamp, $3... config files to carry over from the old copy (the node's own, not the primary's).
 _MOVE_IN = r'''set -eu
 data=$1; old="$data/.dbdeck-old-$2"; new="$data/.dbdeck-new-$2"; shift 2
 for file in "$@"; do [ -f "$old/$file" ] && cp -p "$old/$file" "$new/$file"; done
-cat > "$new/dbdeck-node.conf"
-include="include_if_exists = 'dbdeck-node.conf'"
-if [ -f "$new/postgresql.conf" ]; then
-    grep -vxF "$include" "$new/postgresql.conf" > "$new/postgresql.conf.dbdeck" || true
-    printf '%s\n' "$include" >> "$new/postgresql.conf.dbdeck"
-    mv "$new/postgresql.conf.dbdeck" "$new/postgresql.conf"
-else
-    cat "$new/dbdeck-node.conf" >> "$new/postgresql.auto.conf"
-fi
 for entry in "$new"/* "$new"/.[!.]* "$new"/..?*; do
     [ -e "$entry" ] || [ -L "$entry" ] || continue
     mv "$entry" "$data/"
@@ -93,16 +83,6 @@ def _roles(snapshot):
     return ", ".join(f"{n.name}: {n.role}" for n in snapshot.nodes)
 
 
-def setting_line(key, value):
-    if isinstance(value, bool):
-        text = "on" if value else "off"
-    elif isinstance(value, (int, float)):
-        text = str(value)
-    else:
-        text = "'" + str(value).replace("'", "''") + "'"
-    return f"{key} = {text}\n"
-
-
 def rebuild_replica(pair, node_name=None):
     settings = pair.settings
     snapshot = pair.probe()
@@ -150,8 +130,8 @@ def rebuild_replica(pair, node_name=None):
                      "-U", settings.replication_user, "-D", new, "-R", "-X", "stream", "-c", "fast",
                      "-S", settings.slot, "--no-password", *(["-P"] if progress else []),
                      env={"PGPASSWORD": password}, offline=True, timeout=24 * 3600, passthrough=progress)
-        node_settings = "".join(setting_line(k, v) for k, v in target.config.settings.items())
-        driver.shell(_MOVE_IN, data, stamp, *settings.keep_config_files, stdin=node_settings, offline=True)
+        driver.shell(_MOVE_IN, data, stamp, *settings.keep_config_files, offline=True)
+        apply_node_settings(target)
     except BaseException:
         pair.say(f"rebuild failed before {target.name} started: putting the old data directory back",
                  logging.ERROR)

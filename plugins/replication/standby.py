@@ -91,6 +91,9 @@ def _saved_config(pair, node):
     return saved
 
 
+# $1 data directory; stdin: the node's own settings. They go to dbdeck-node.conf, included last from
+# postgresql.conf: a copy (pg_basebackup, pg_rewind) brings the primary's files, and the primary's own
+# node settings (its port...) must not follow them to this node.
 _APPLY_NODE_SETTINGS = r'''set -eu
 data=$1; include="include_if_exists = 'dbdeck-node.conf'"
 cat > "$data/dbdeck-node.conf"
@@ -98,14 +101,26 @@ if [ -f "$data/postgresql.conf" ]; then
     grep -vxF "$include" "$data/postgresql.conf" > "$data/postgresql.conf.dbdeck" || true
     printf '%s\n' "$include" >> "$data/postgresql.conf.dbdeck"
     mv "$data/postgresql.conf.dbdeck" "$data/postgresql.conf"
+else
+    cat "$data/dbdeck-node.conf" >> "$data/postgresql.auto.conf"
 fi
 '''
 
 
-def node_settings_text(node):
-    from .rebuild import setting_line
+def setting_line(key, value):
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif isinstance(value, (int, float)):
+        text = str(value)
+    else:
+        text = "'" + str(value).replace("'", "''") + "'"
+    return f"{key} = {text}\n"
 
-    return "".join(setting_line(k, v) for k, v in node.config.settings.items())
+
+def apply_node_settings(node):
+    """Write the node's `settings:` into its stopped data directory."""
+    text = "".join(setting_line(k, v) for k, v in node.config.settings.items())
+    node.driver.shell(_APPLY_NODE_SETTINGS, node.driver.data_dir, stdin=text, offline=True)
 
 
 def rewind(pair, node, source):
@@ -129,7 +144,7 @@ def rewind(pair, node, source):
                       f"--source-server={conninfo}", "--progress", env=env, offline=True, timeout=6 * 3600)
     for name, text in saved.items():
         node.driver.shell('cat > "$1/$2"', node.driver.data_dir, name, stdin=text, offline=True)
-    node.driver.shell(_APPLY_NODE_SETTINGS, node.driver.data_dir, stdin=node_settings_text(node), offline=True)
+    apply_node_settings(node)
     follow(pair, node, source)
 
 
@@ -149,7 +164,7 @@ def rejoin(pair, node, primary):
     except DbdeckError as exc:
         pair.say(f"pg_rewind path failed ({str(exc).splitlines()[0]}); falling back to a fresh base backup",
                  logging.WARNING)
-    from .rebuild import rebuild_replica
+    from .rebuild import rebuild_replica  # rebuild uses this module's helpers
 
     rebuild_replica(pair, node.name)
     return "basebackup"
