@@ -147,15 +147,36 @@ class Monitor:
         self.primary, self.failed = standby, 0
         self._state("promoted", f"FAILOVER: {standby.name} is the primary (was {old.name})", logging.WARNING,
                     "critical")
+        self._synchronous(standby, "")
         if self.rejoin:
             try:
                 how = rejoin(self.pair, old, standby)
                 self._state("rejoined", f"{old.name} rejoined as a standby of {standby.name} ({how})",
                             severity="info")
+                self._synchronous(standby, self.pair.settings.synchronous_standby_names)
             except DbdeckError as exc:
                 self._state("rejoin-failed", f"{old.name} stays fenced; rejoin failed: {exc}", logging.ERROR,
                             "warning")
         return standby.name
+
+    def _synchronous(self, primary, wanted):
+        """Alone, a primary that waits for a synchronous standby would block every commit: it runs
+        asynchronously until a standby has rejoined, then the configured setting applies again."""
+        if wanted is None:
+            return
+        try:
+            with primary.connect(timeout=self.timeout) as conn:
+                current = conn.execute("SHOW synchronous_standby_names").fetchone()[0]
+                if current == wanted:
+                    return
+                from psycopg import sql
+
+                conn.execute(sql.SQL("ALTER SYSTEM SET synchronous_standby_names = {}").format(sql.Literal(wanted)))
+                conn.execute("SELECT pg_reload_conf()")
+            self.pair.say(f"{primary.name}: synchronous_standby_names = '{wanted}'"
+                          + (" (no standby yet: commits do not wait until one rejoins)" if not wanted else ""))
+        except Exception as exc:
+            self.pair.say(f"{primary.name}: could not set synchronous_standby_names: {exc}", logging.ERROR)
 
     def run(self, stop):
         """Loop until stop (a threading.Event) is set."""

@@ -150,6 +150,11 @@ def test_kill_9_with_synchronous_replication_fails_over_without_losing_a_commit(
     setup = pair.run("setup-master")
     assert setup.returncode == 0, setup.stdout + setup.stderr
     assert pair.sql(pair.alpha_port, "SHOW synchronous_standby_names") == [("*",)]
+    # rebuilt now, the standby carries the setting too (postgresql.auto.conf is copied): once promoted and
+    # alone it would block every commit unless auto-failover relaxes it
+    rebuilt = pair.run("rebuild-replica")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert pair.sql(pair.beta_port, "SHOW synchronous_standby_names") == [("*",)]
     pair.sql(pair.alpha_port, "CREATE TABLE acks (id int PRIMARY KEY)")
     monitor = _start_monitor(pair)
     writer, watch = Writer(pair, pause=0.002), SplitBrainWatch(pair)
@@ -172,6 +177,9 @@ def test_kill_9_with_synchronous_replication_fails_over_without_losing_a_commit(
     assert acknowledged <= _ids(pair, pair.beta_port), "acknowledged commits lost"
     log = (pair.base / "monitor.log").read_text()
     assert "FAILOVER: beta is the primary" in log and "rejoined" in log
+    # alone, beta committed without waiting; once alpha rejoined, the configured synchronous setting applies
+    assert "commits do not wait until one rejoins" in log
+    assert pair.sql(pair.beta_port, "SHOW synchronous_standby_names") == [("*",)]
 
 
 def _safe(check):
