@@ -14,7 +14,7 @@ from dbdeck.errors import DbdeckError, Refused
 
 from .cluster import split_brain_advice
 from .setup import read_password
-from .standby import apply_node_settings
+from .standby import apply_node_settings, ensure_slot
 
 # $1 data directory, $2 stamp. Prints nothing; leftovers of an interrupted rebuild (.dbdeck-new-*) go.
 _MOVE_ASIDE = r'''set -eu
@@ -95,20 +95,11 @@ def rebuild_replica(pair, node_name=None):
     pair.say(f"rebuilding {target.name} ({driver.describe()}) as a standby of {primary.name} "
              f"(streaming from {host}:{port} as {settings.replication_user}, slot {settings.slot})")
 
-    with primary.connect() as conn, primary.endpoint.driver_errors("slot check"):
-        row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
-                           (settings.slot,)).fetchone()
-        if row is None:
-            if pair.runner.dry_run:
-                pair.say(f"would create slot {settings.slot} on {primary.name}")
-            else:
-                conn.execute("SELECT pg_create_physical_replication_slot(%s)", (settings.slot,))
-                pair.say(f"slot {settings.slot}: created on {primary.name}")
-        elif row[0] and target.name in {s.name for s in snapshot.standbys if s.state}:
-            pair.say(f"slot {settings.slot} is in use by {target.name}; it is released when {target.name} stops")
-        elif row[0]:
-            raise Refused(f"slot {settings.slot} on {primary.name} is in use by another standby; give this one its "
-                          f"own replication.slot")
+    if ensure_slot(pair, primary):
+        if target.name not in {s.name for s in snapshot.standbys if s.state}:
+            raise Refused(f"slot {settings.slot} on {primary.name} is in use by another standby; give this one "
+                          f"its own replication.slot")
+        pair.say(f"slot {settings.slot} is in use by {target.name}; it is released when {target.name} stops")
 
     was_running = driver.is_running()
     pair.say(f"stopping {target.name}")

@@ -113,7 +113,7 @@ def setup_master(pair, primary_name=None, apply_settings=False):
     with node.connect() as conn, node.endpoint.driver_errors("setup-master"):
         _ensure_role(pair, conn, user, password, generated)
         _ensure_hba(pair, node, conn, user)
-        _ensure_slot(pair, conn, settings.slot)
+        ensure_slot(pair, conn, name)
         _ensure_synchronous(pair, conn, settings.synchronous_standby_names)
         checks = check_settings(conn)
         restart = _report_and_apply(pair, conn, checks, apply_settings)
@@ -202,18 +202,22 @@ def _covers(address, netmask, network):
     return rule.version == network.version and network.subnet_of(rule)
 
 
-def _ensure_slot(pair, conn, slot):
+def ensure_slot(pair, conn, where):
+    """The physical replication slot on the primary behind conn, created when missing.
+    Returns whether a standby streams through it right now."""
+    slot = pair.settings.slot
     row = conn.execute("SELECT slot_type, active FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
     if row:
         if row[0] != "physical":
             raise DbdeckError(f"slot {slot} exists but is a {row[0]} slot; choose another replication.slot name")
-        pair.say(f"slot {slot}: present ({'active' if row[1] else 'inactive'})")
-        return
+        pair.say(f"slot {slot}: present on {where} ({'active' if row[1] else 'inactive'})")
+        return row[1]
     if pair.runner.dry_run:
-        pair.say(f"would execute: SELECT pg_create_physical_replication_slot('{slot}')")
-        return
+        pair.say(f"would execute on {where}: SELECT pg_create_physical_replication_slot('{slot}')")
+        return False
     conn.execute("SELECT pg_create_physical_replication_slot(%s)", (slot,))
-    pair.say(f"slot {slot}: created")
+    pair.say(f"slot {slot}: created on {where}")
+    return False
 
 
 def _ensure_synchronous(pair, conn, wanted):

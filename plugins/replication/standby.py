@@ -8,7 +8,7 @@ import logging
 
 from dbdeck.errors import DbdeckError
 
-from .setup import read_password
+from .setup import ensure_slot as ensure_slot_on_connection, read_password
 
 # $1 data directory; stdin: the primary_conninfo/primary_slot_name lines. The password is in the
 # conninfo, so the file stays private. default_transaction_read_only is dropped: switchover sets it
@@ -49,15 +49,7 @@ def follow(pair, node, primary):
 
 def ensure_slot(pair, primary):
     with primary.connect() as conn, primary.endpoint.driver_errors("slot"):
-        exists = conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
-                              (pair.settings.slot,)).fetchone()
-        if exists:
-            return
-        if pair.runner.dry_run:
-            pair.say(f"would create slot {pair.settings.slot} on {primary.name}")
-            return
-        conn.execute("SELECT pg_create_physical_replication_slot(%s)", (pair.settings.slot,))
-        pair.say(f"slot {pair.settings.slot}: created on {primary.name}")
+        return ensure_slot_on_connection(pair, conn, primary.name)
 
 
 def stop_node(pair, node, mode="fast"):
