@@ -289,17 +289,16 @@ def _report_and_apply(pair, conn, checks, apply_settings):
                 pair.say(f"would execute: {statement.as_string(conn)}")
                 continue
             conn.execute(statement)
-            check.current, check.ok = f"{target} (after restart)" if check.needs_restart else target, True
             pair.say(f"  set {check.name} = {target} (ALTER SYSTEM)")
-            if check.needs_restart:
+            if check.needs_restart:  # stays not ok until the restart
+                check.current = f"{check.current} ({target} after restart)"
                 restart_needed.append(check.name)
+            else:
+                check.current, check.ok = target, True
         if not pair.runner.dry_run:
             conn.execute("SELECT pg_reload_conf()")
     elif wrong:
         pair.say("settings marked FIX/warn: rerun with --apply-settings to set them with ALTER SYSTEM")
     if restart_needed:
         pair.say(f"RESTART the primary for {', '.join(restart_needed)} to take effect", logging.WARNING)
-        for check in checks:
-            if check.name in restart_needed:
-                check.ok = False
     return restart_needed

@@ -240,3 +240,29 @@ def test_bad_configuration_is_unknown_and_changes_nothing(local_pair, tmp_path):
     assert result.returncode == 1 and "answers but refuses" in result.stderr, result.stderr
     assert "nope" not in result.stdout + result.stderr
     assert pair.sql(pair.beta_port, "SELECT pg_is_in_recovery()") == [(True,)]
+
+
+def test_setup_master_apply_settings_reports_the_restart(workdir):
+    from dbdeck.plugins.sandbox.servers import free_port, give_to
+
+    from ..conftest import _start_postgres
+
+    base = workdir / "apply-settings"
+    give_to(base, None, 0o755)
+    primary = _start_postgres(base, "alpha", settings={"wal_log_hints": "off"})
+    try:
+        config = base / "dbdeck.yaml"
+        _write_config(config, base, primary, free_port(), base / "secrets" / "replicator", base / "logs")
+        run = lambda *args: subprocess.run([str(BIN / "setup-master"), "--config", str(config), *args],  # noqa: E731
+                                           capture_output=True, text=True, timeout=120)
+        report = run()
+        assert report.returncode == 0, report.stderr  # wal_log_hints is advice, not a blocker
+        assert "warn wal_log_hints = off" in report.stdout and "--apply-settings" in report.stdout
+        applied = run("--apply-settings")
+        assert applied.returncode == 1 and "RESTART the primary for wal_log_hints" in applied.stderr
+        primary.server.stop()
+        primary.server.start()
+        after = run()
+        assert after.returncode == 0 and "ok   wal_log_hints = on" in after.stdout, after.stdout
+    finally:
+        primary.server.destroy()
