@@ -132,6 +132,10 @@ class Monitor:
         if standby is None:
             self._state("held", f"not failing over: {reason}", logging.WARNING, "warning")
             return None
+        if self.pair.runner.dry_run:
+            self._state("would-fail-over", f"primary {old.name} failed {self.failed} checks; {standby.name} agrees "
+                                           f"it is gone: would fence {old.name} and promote {standby.name}")
+            return None
         self._state("failing-over", f"primary {old.name} failed {self.failed} checks; {standby.name} agrees it is "
                                     f"gone: fencing {old.name}, promoting {standby.name}", logging.WARNING)
         try:

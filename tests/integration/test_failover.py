@@ -303,3 +303,16 @@ def test_switchover_aborts_and_restarts_the_primary_when_the_standby_cannot_catc
     assert pair.sql(pair.alpha_port, "SHOW default_transaction_read_only") == [("off",)]
     pair.sql(pair.beta_port, "SELECT pg_wal_replay_resume()")
     assert wait_for(lambda: pair.check()[0] == 0, timeout=30)
+
+
+def test_dry_run_monitor_says_what_it_would_do_and_changes_nothing(local_pair):
+    pair = local_pair
+    monitor = _start_monitor(pair, "--dry-run")
+    try:
+        pair.primary.server.stop(mode="immediate")
+        assert wait_for(lambda: "would fence alpha and promote beta" in (pair.base / "monitor.log").read_text(),
+                        timeout=30), (pair.base / "monitor.log").read_text()
+    finally:
+        _stop_monitor(monitor)
+    assert _recovery(pair, pair.beta_port) is True
+    assert not (Path(pair.primary.server.datadir) / "standby.signal").exists()
