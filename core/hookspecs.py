@@ -13,6 +13,7 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 DEFAULT_PLUGINS = (
+    "dbdeck.plugins.deploy",
     "dbdeck.plugins.replication",
     "dbdeck.plugins.sandbox",
     "dbdeck.plugins.schedule",

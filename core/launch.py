@@ -9,7 +9,9 @@ import sys
 from dbdeck.cli import main, main_for
 
 auto_failover = main_for("auto-failover")
+backup = main_for("backup")
 check_replication = main_for("check-replication")
+deploy = main_for("deploy")
 promote_replica = main_for("promote-replica")
 rebuild_replica = main_for("rebuild-replica")
 setup_master = main_for("setup-master")

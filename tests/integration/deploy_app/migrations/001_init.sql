@@ -1,0 +1,1 @@
+CREATE TABLE IF NOT EXISTS example (id int PRIMARY KEY);
