@@ -75,8 +75,15 @@ class App:
         return JobLock(job_name, self.config.core.run_dir)
 
     def notify(self, event):
+        if self.dry_run:
+            self.runner.say(f"would notify: {event.kind}: {event.message}")
+            return
         log.log(logging.WARNING if event.severity != "info" else logging.INFO, "%s: %s", event.kind, event.message)
-        self.plugin_manager.hook.notify(event=event)
+        try:
+            config = self.config
+        except DbdeckError:
+            config = None
+        self.plugin_manager.hook.notify(event=event, config=config)
 
     def emit(self, data, text=None):
         """Print a result: JSON with --format json, otherwise text (a string or a callable)."""

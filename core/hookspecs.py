@@ -14,6 +14,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 DEFAULT_PLUGINS = (
     "dbdeck.plugins.deploy",
+    "dbdeck.plugins.notify",
     "dbdeck.plugins.replication",
     "dbdeck.plugins.sandbox",
     "dbdeck.plugins.schedule",
@@ -49,10 +50,12 @@ def scheduled_jobs(config):
 
 
 @hookspec
-def notify(event):
+def notify(event, config):
     """Deliver a ``dbdeck.events.Event`` (failover happened, deploy rolled back, sync failed...).
 
-    Called for every event; a plugin sends mail, a webhook or a chat message and must not raise.
+    Called for every event (never in a dry run); ``config`` is the loaded configuration (None when it
+    could not be loaded). A plugin sends mail, a webhook or a chat message and must not raise.
+    The built-in ``notify`` plugin posts to ``notify.webhook_url`` and/or runs ``notify.command``.
     """
 
 

@@ -285,7 +285,13 @@ class Deployment:
     # --- outcomes -----------------------------------------------------------------------------------
 
     def _succeed(self, state, built):
-        server, profile = self.server, self.profile
+        server = self.server
+        if self.runner.dry_run:
+            server.tag(f"{server.image()}:latest", self.version)
+            self.hooks.run("post-deploy", self._hook_variables("succeeded"), must_succeed=False)
+            self.context.app.notify(Event("deploy.succeeded", f"{self.context.environment}: {self.version} deployed"))
+            self.say(f"Dry run of {self.version} to {self.context.environment} done: nothing was run, nothing changed")
+            return
         server.tag(f"{server.image()}:latest", self.version)
         history = [h for h in state.get("history", []) if h.get("version") != self.version]
         history.insert(0, {"version": self.version, "image_id": built, "deployed_at": iso_now(), "by": who()})

@@ -82,7 +82,9 @@ class Server:
 
     def lock_holder(self):
         text = self.sh(f"cat {LOCK_FILE} 2>/dev/null || true", read_only=True).stdout
-        return parse_holder(text) if text.strip() else None
+        if not text and not self.sh(f"test -e {LOCK_FILE} && echo held || true", read_only=True).stdout.strip():
+            return None
+        return parse_holder(text)
 
     # --- state ------------------------------------------------------------------------------------
 
@@ -275,6 +277,8 @@ def backup_path(name):
 
 
 def parse_holder(text):
+    if not text.strip():
+        return {}
     try:
         return json.loads(text)
     except ValueError:

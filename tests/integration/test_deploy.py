@@ -59,8 +59,10 @@ class World:
             "database": {"container": database_container, "user": "postgres", "name": DATABASE},
         }
         self.config = root / "dbdeck.yaml"
+        self.events = root / "events.jsonl"
         self.config.write_text(yaml.safe_dump({
             "dbdeck": {"run_dir": str(root / "run"), "state_dir": str(root / "state")},
+            "notify": {"command": ["sh", "-c", f"cat >> {self.events}; echo >> {self.events}"]},
             "deploy": {"server": server, "environments": {
                 "production": profile,
                 "staging": {**profile, "health_from": "server"},
@@ -159,6 +161,7 @@ def test_dry_run_prints_every_remote_command_and_changes_nothing(world):
                      "would check: GET", "deploy.lock"):
         assert expected in out, f"{expected!r} missing from the dry run:\n{out}"
     assert "runner-secret" not in out
+    assert "would notify: deploy.succeeded" in out and not world.events.exists()
 
 
 def test_first_deploy_says_rollback_is_impossible_then_serves(world):
@@ -213,6 +216,9 @@ def test_failing_migration_rolls_back_to_v2(world):
     assert world.state()["current"] == "v2"
     assert "v3" not in world.tags()
     assert world.audit()[-1]["outcome"] == "rolled_back" and world.audit()[-1]["version"] == "v3"
+    events = [json.loads(line) for line in world.events.read_text().splitlines() if line.strip()]
+    assert events[-1]["kind"] == "deploy.rolled_back" and events[-1]["severity"] == "critical"
+    assert events[-1]["details"]["version"] == "v3" and events[-1]["details"]["previous"] == "v2"
     hook_env = (world.root / "rollback.env").read_text()
     assert "DBDECK_DEPLOY_VERSION=v3" in hook_env and "DBDECK_DEPLOY_PREVIOUS_VERSION=v2" in hook_env
 

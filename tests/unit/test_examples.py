@@ -78,3 +78,32 @@ def test_service_units_verify(tmp_path):
         (tmp_path / unit).write_text(text)
         result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True)
         assert result.returncode == 0 and not result.stderr.strip(), unit + ": " + result.stderr
+
+
+def test_github_actions_example_deploys_with_one_call_and_a_concurrency_group():
+    import yaml
+
+    workflow = yaml.safe_load((ROOT / "etc" / "github-actions" / "deploy-production.yml").read_text())
+    assert workflow["concurrency"] == {"group": "deploy-production", "cancel-in-progress": False}
+    steps = workflow["jobs"]["deploy"]["steps"]
+    runs = [step.get("run", "") for step in steps]
+    assert any(run.startswith("deploy --env production") for run in runs)
+    assert not any("<<" in run or "StrictHostKeyChecking=no" in run for run in runs)
+    assert workflow["jobs"]["deploy"]["needs"] == "test"
+
+
+def test_example_config_deploy_profiles_are_the_seeds_table():
+    app = App()
+    app.config_path = str(ROOT / "etc" / "dbdeck.yaml")
+    deploy = app.config.section("deploy")
+    production, staging = deploy.profile("production"), deploy.profile("staging")
+    assert (production.branch, production.port, production.container) == ("main", 3001, "crm-backend")
+    assert (staging.branch, staging.port, staging.container) == ("develop", 3002, "crm-backend-dev")
+    assert production.backup and production.rollback and not staging.backup and not staging.rollback
+    assert (production.health_attempts, staging.health_attempts) == (30, 20)
+    assert production.health_interval == staging.health_interval == 5
+    assert not production.rsync_delete and staging.rsync_delete
+    assert production.compose_file == "docker-compose.production.yml"
+    assert {"logs", "uploads", "certbot"} <= set(production.excludes)
+    assert not {"logs", "uploads", "certbot"} & set(staging.excludes)
+    assert production.database.name == "crm_whatsapp_saas" and production.database.user == "crm_user"
