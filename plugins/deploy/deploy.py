@@ -224,8 +224,9 @@ class Deployment:
             current = current if current and current != self.version else f"{ADOPTED_VERSION}-{now_stamp()}"
             self.say("Saving current image for rollback...")
             server.tag(running, current)
-            state.setdefault("history", []).insert(0, {"version": current, "image_id": running,
-                                                       "deployed_at": None, "by": "adopted by dbdeck"})
+            history = [h for h in state.setdefault("history", []) if h.get("version") != current]
+            state["history"] = [{"version": current, "image_id": running, "deployed_at": None,
+                                 "by": "adopted by dbdeck"}, *history]
             state["current"] = current
         return current
 

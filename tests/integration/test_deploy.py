@@ -389,3 +389,31 @@ def test_production_rsync_keeps_files_created_on_the_server(world):
     result = world.deploy("v11")
     assert result.returncode == 0, _out(result)
     assert (world.path / "hand-made.txt").exists() and (world.path / "uploads" / "invoice.pdf").exists()
+
+
+@pytest.fixture(scope="module")
+def seed_server(tmp_path_factory, sshd, app_database, dbdeck_bin_module):
+    """A server the seed's workflow deployed: the app runs, built by compose, with no dbdeck state."""
+    made = World(tmp_path_factory.mktemp("seed"), sshd, app_database, dbdeck_bin_module, "seedapp")
+    shutil.copytree(made.source, made.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".env*"))
+    (made.path / "VERSION").write_text("seed-built\n")
+    for command in (["build", "backend"], ["up", "-d", "--no-deps", "backend"]):
+        subprocess.run(["docker-compose", "-f", "docker-compose.yml", *command], cwd=made.path, check=True,
+                       capture_output=True)
+    yield made
+    made.remove()
+
+
+def test_an_image_deployed_by_the_seed_scripts_is_adopted_for_rollback(seed_server):
+    deadline = time.monotonic() + 30
+    while seed_server.serving() != "seed-built" and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert seed_server.serving() == "seed-built"
+    result = seed_server.deploy("v1", fail_migration=True)
+    out = _out(result)
+    assert result.returncode == 1, out
+    assert "First deploy" not in out and "Saving current image for rollback..." in out
+    assert "rolled back to pre-dbdeck-" in out
+    assert seed_server.serving() == "seed-built"
+    adopted = seed_server.state()["current"]
+    assert adopted.startswith("pre-dbdeck-") and adopted in seed_server.tags()
