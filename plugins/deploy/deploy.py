@@ -64,9 +64,9 @@ def resolve(app, environment):
     return Context(app, environment, profile, server, path)
 
 
-def open_server(context):
+def open_server(context, probe_in_dry_run=False):
     target = make_target(context.runner, context.server_settings, context.path)
-    return Server(target, context.profile, context.environment)
+    return Server(target, context.profile, context.environment, probe_in_dry_run)
 
 
 def default_version(source, runner):

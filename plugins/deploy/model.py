@@ -11,9 +11,9 @@ A profile in the YAML is merged over the built-in one of the same name, key by k
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import AfterValidator, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from dbdeck.config import Section
 
@@ -36,6 +36,15 @@ SEED_EXCLUDES_STAGING = ["node_modules", "dist", ".env", ".env.*", "coverage", "
 _DOCKER_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _DOCKER_NAME = re.compile(r"^[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*$")
 _CONTAINER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _container_name(value):
+    if not _CONTAINER.match(value):
+        raise ValueError(f"{value!r} is not a container name")
+    return value
+
+
+ContainerName = Annotated[str, AfterValidator(_container_name)]
 
 
 def check_version(value):
@@ -65,17 +74,10 @@ class Server(Section):
 class Database(Section):
     """The app database, dumped through its container as the seed did (`docker exec crm-postgres pg_dump`)."""
 
-    container: str = "crm-postgres"
+    container: ContainerName = "crm-postgres"
     user: str = "crm_user"
     name: str = "crm_whatsapp_saas"
     format: Literal["plain", "custom"] = "plain"
-
-    @field_validator("container")
-    @classmethod
-    def _container(cls, value):
-        if not _CONTAINER.match(value):
-            raise ValueError(f"{value!r} is not a container name")
-        return value
 
 
 class Profile(Section):
@@ -83,7 +85,7 @@ class Profile(Section):
 
     branch: str | None = None
     port: PositiveInt | None = None
-    container: str
+    container: ContainerName
     service: str = "backend"
     compose_file: str = "docker-compose.yml"
     compose_project: str | None = None
@@ -121,13 +123,6 @@ class Profile(Section):
     log_lines: PositiveInt = 50
 
     hooks_dir: Path | None = None
-
-    @field_validator("container")
-    @classmethod
-    def _container(cls, value):
-        if not _CONTAINER.match(value):
-            raise ValueError(f"{value!r} is not a container name")
-        return value
 
     @field_validator("image")
     @classmethod

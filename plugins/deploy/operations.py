@@ -14,9 +14,9 @@ from .server import describe_holder, iso_now, who
 
 
 @contextmanager
-def _server(app, environment):
+def _server(app, environment, reads_only=False):
     context = resolve(app, environment)
-    server = open_server(context)
+    server = open_server(context, probe_in_dry_run=reads_only)
     try:
         yield context, server
     finally:
@@ -70,10 +70,7 @@ def _previous_version(state, current):
 
 
 def status_command(app, environment):
-    with _server(app, environment) as (context, server):
-        if app.dry_run:
-            context.say("status only reads; nothing to do in a dry run")
-            return
+    with _server(app, environment, reads_only=True) as (context, server):
         state = server.read_state()
         tags = set(server.tags())
         container, exit_code = server.container_state()
@@ -107,7 +104,7 @@ def status_command(app, environment):
 
 
 def lock_command(app, environment, action, reason=None):
-    with _server(app, environment) as (context, server):
+    with _server(app, environment, reads_only=action == "status") as (context, server):
         if action == "acquire":
             token = random_tokens.token_hex(8)
             server.acquire_lock(reason or "manual", token)
@@ -120,9 +117,6 @@ def lock_command(app, environment, action, reason=None):
                      f"released the deploy lock held by {describe_holder(previous)}" if previous.strip()
                      else "the deploy lock was not held")
         else:
-            if app.dry_run:
-                context.say("lock status only reads; nothing to do in a dry run")
-                return
             holder = server.lock_holder()
             app.emit({"locked": holder is not None, "holder": holder},
                      f"held by {describe_holder(holder)}" if holder is not None else "free")
@@ -131,10 +125,7 @@ def lock_command(app, environment, action, reason=None):
 
 
 def backup_list_command(app, environment):
-    with _server(app, environment) as (context, server):
-        if app.dry_run:
-            context.say("backup list only reads; nothing to do in a dry run")
-            return
+    with _server(app, environment, reads_only=True) as (context, server):
         rows = server.backups()
         app.emit(rows, lambda: "\n".join(f"{row['name']:<36} {row['bytes']:>14,} bytes  {row['mode']}"
                                          for row in rows) or "no backups")

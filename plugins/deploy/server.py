@@ -44,18 +44,20 @@ def who():
 class Server:
     """One environment's app directory on its server."""
 
-    def __init__(self, target, profile, environment):
+    def __init__(self, target, profile, environment, probe_in_dry_run=False):
         self.target = target
         self.profile = profile
         self.environment = environment
+        # a deploy's dry run runs nothing on the server, not even reads; status and lists do read
+        self.probe_in_dry_run = probe_in_dry_run
         self._compose = None
 
     @property
     def dry_run(self):
         return self.target.runner.dry_run
 
-    def sh(self, script, **kwargs):
-        return self.target.sh(script, **kwargs)
+    def sh(self, script, read_only=False, **kwargs):
+        return self.target.sh(script, read_only=read_only and self.probe_in_dry_run, **kwargs)
 
     # --- lock -------------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ class World:
     def __init__(self, root, sshd, database_container, dbdeck_bin, name, target="ssh"):
         from dbdeck.plugins.sandbox.servers import free_port
 
-        self.root, self.run_bin, self.name = root, dbdeck_bin, name
+        self.root, self.run_bin, self.name, self.sshd = root, dbdeck_bin, name, sshd
         self.source = root / "source"
         self.path = root / "server" / "deploy-backend"
         self.hooks = root / "hooks"
@@ -151,9 +151,13 @@ def _out(result):
 
 def test_dry_run_prints_every_remote_command_and_changes_nothing(world):
     before = sorted(p.relative_to(world.path) for p in world.path.rglob("*"))
+    sshd_log = world.sshd.key.parent / "sshd.log"
+    logins = sshd_log.read_text().count("Accepted publickey")
+    assert logins > 0, "sshd does not log logins: this test could not see a connection"
     result = world.deploy("v0-dry", "production", "--dry-run")
     out = _out(result)
     assert result.returncode == 0, out
+    assert sshd_log.read_text().count("Accepted publickey") == logins, "the dry run connected to the server"
     assert sorted(p.relative_to(world.path) for p in world.path.rglob("*")) == before
     assert docker("inspect", world.container, check=False).returncode != 0
     assert world.tags() == []
