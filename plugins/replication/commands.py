@@ -25,7 +25,18 @@ def _size_option(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
-@click.command("check-replication")
+class NagiosCommand(click.Command):
+    """A bad flag is UNKNOWN (3) for a monitoring plugin: click's usual 2 would read as CRITICAL."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            click.echo(f"REPLICATION UNKNOWN - {exc.format_message()}")
+            sys.exit(_UNKNOWN)
+
+
+@click.command("check-replication", cls=NagiosCommand)
 @click.option("--format", "output_format", type=click.Choice(["text", "json", "prometheus"]), default=None,
               help="text for people (default), json, or Prometheus text exposition (node_exporter textfile).")
 @click.option("--warn-lag-bytes", callback=_size_option, metavar="SIZE",

@@ -158,3 +158,14 @@ def test_metrics_omit_replay_lsn_without_a_streaming_standby():
     text = exposition(down, CRITICAL)
     assert "pg_stat_replication_replay_lsn" not in text and "pg_replication_lag_seconds" not in text
     assert 'pg_up{node="b"} 0.0' in text and "pg_replication_check_status 2.0" in text
+
+
+def test_check_replication_bad_flags_are_unknown_not_critical():
+    import subprocess
+    from pathlib import Path
+
+    check = Path(__file__).resolve().parents[2] / "bin" / "check-replication"
+    for args in (["--bogus"], ["--warn-lag-bytes", "lots"]):
+        done = subprocess.run([str(check), *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert done.stdout.startswith("REPLICATION UNKNOWN - ")
