@@ -204,7 +204,21 @@ class Deployment:
             problem = self._health_check()
         if problem is not None:
             self._fail(problem, built, state)
+        if self.runner.dry_run:
+            self._show_rollback_plan()
         self._succeed(state, built)
+
+    def _show_rollback_plan(self):
+        server, profile = self.server, self.profile
+        if not profile.rollback:
+            self.say("If the migrations or the health check failed: the container's logs would be printed "
+                     "(rollback is off for this environment)")
+            return
+        self.say(f"If the migrations or the health check failed, these would run to roll back to "
+                 f"{self.previous}:")
+        server.container_logs()
+        server.tag(f"{server.image()}:{self.previous}", "latest")
+        server.replace_container()
 
     def _keep_running_image(self, state):
         """Make sure the image serving now has a version tag; return that version (None: first deploy)."""

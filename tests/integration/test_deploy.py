@@ -162,7 +162,7 @@ def test_dry_run_prints_every_remote_command_and_changes_nothing(world):
     assert docker("inspect", world.container, check=False).returncode != 0
     assert world.tags() == []
     for expected in ("would run: ssh", "pg_dump", "rsync", "build backend", "up -d --no-deps", "/app/migrate.py",
-                     "would check: GET", "deploy.lock"):
+                     "would check: GET", "deploy.lock", "to roll back to", "docker logs --tail 20"):
         assert expected in out, f"{expected!r} missing from the dry run:\n{out}"
     assert "runner-secret" not in out
     assert "would notify: deploy.succeeded" in out and not world.events.exists()
