@@ -88,7 +88,8 @@ class App:
     def emit(self, data, text=None):
         """Print a result: JSON with --format json, otherwise text (a string or a callable)."""
         if self.format == "json":
-            click.echo(secrets.mask(json.dumps(data, indent=2, default=str, sort_keys=False)))
+            # masked value by value: masking the JSON text could swallow a closing quote
+            click.echo(json.dumps(secrets.mask_values(data), indent=2, default=str, sort_keys=False))
         else:
             click.echo(secrets.mask(text() if callable(text) else (text if text is not None else str(data))))
 

@@ -93,8 +93,12 @@ class Endpoint:
     __str__ = describe
 
     # --- driver access --------------------------------------------------------------------------
-    def connect(self, autocommit=True, **overrides):
-        """A psycopg (3) or pymysql connection; only for endpoints with a DSN or host."""
+    def connect(self, autocommit=True, driver_options=None, **overrides):
+        """A psycopg (3) or pymysql connection; only for endpoints with a DSN or host.
+
+        overrides replace connection parameters (dbname, user...); driver_options go to the driver
+        as they are (e.g. pymysql's local_infile).
+        """
         if not self.has_driver_access:
             raise DbdeckError(f"endpoint {self.name} is reached only through docker exec (container "
                               f"{self.container}); give it a host/port or dsn for a direct connection")
@@ -104,13 +108,14 @@ class Endpoint:
                 import psycopg
 
                 params.setdefault("connect_timeout", self.config.connect_timeout)
-                return psycopg.connect(autocommit=autocommit, **params)
+                return psycopg.connect(autocommit=autocommit, **params, **(driver_options or {}))
             import pymysql
 
             return pymysql.connect(
                 host=params.get("host") or "127.0.0.1", port=int(params.get("port") or 3306),
                 user=params.get("user"), password=params.get("password") or "", database=params.get("dbname"),
-                connect_timeout=self.config.connect_timeout, autocommit=autocommit, charset="utf8mb4")
+                connect_timeout=self.config.connect_timeout, autocommit=autocommit, charset="utf8mb4",
+                **(driver_options or {}))
         except Exception as exc:
             raise DbdeckError(f"cannot connect to {self.describe()}: {_first_line(exc)}") from None
 

@@ -14,6 +14,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 DEFAULT_PLUGINS = (
     "dbdeck.plugins.deploy",
+    "dbdeck.plugins.local_sync",
     "dbdeck.plugins.notify",
     "dbdeck.plugins.replication",
     "dbdeck.plugins.sandbox",

@@ -54,3 +54,14 @@ def mask(text):
     text = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
     text = _KEY_VALUE_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
     return text
+
+
+def mask_values(data):
+    """mask() applied to every string inside nested dicts, lists and tuples (keys included)."""
+    if isinstance(data, str):
+        return mask(data)
+    if isinstance(data, dict):
+        return {mask_values(key): mask_values(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [mask_values(value) for value in data]
+    return data

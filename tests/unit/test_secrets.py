@@ -35,3 +35,13 @@ def test_only_secret_named_variables_are_treated_as_secrets():
     Runner().run(["true"], env={"PGUSER": "plainuser-name", "PGPASSWORD": "named-secret-pw"})
     assert secrets.mask("plainuser-name named-secret-pw") == "plainuser-name ***"
     assert printable(["x"], {"PGHOST": "db", "MYSQL_PWD": "v"}) == "MYSQL_PWD=*** PGHOST=db x"
+
+
+def test_mask_values_keeps_json_valid_when_a_message_says_password():
+    import json
+
+    message = "(1045, \"Access denied for user 'x' (using password: YES)\")"
+    masked = secrets.mask_values({"error": message, "nested": [("password=abc123",)], "n": 3})
+    text = json.dumps(masked)
+    assert json.loads(text)["error"].startswith("(1045, \"Access denied")
+    assert masked["nested"] == [["password=***"]] and masked["n"] == 3
