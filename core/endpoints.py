@@ -275,11 +275,32 @@ def _connection_params(config):
     return params
 
 
+# Prisma's DATABASE_URL carries options of its own that libpq rejects; `schema` becomes the search_path
+_PRISMA_ONLY = {"schema", "connection_limit", "pool_timeout", "pgbouncer", "statement_cache_size", "socket_timeout",
+                "sslaccept", "sslidentity", "sslpassword"}
+
+
+def _without_prisma_options(dsn):
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgres", "postgresql") or not parts.query:
+        return dsn, {}
+    from urllib.parse import parse_qsl, urlencode
+
+    kept, extra = [], {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "schema" and value and value != "public":
+            extra["options"] = f"-c search_path={value}"
+        elif key not in _PRISMA_ONLY:
+            kept.append((key, value))
+    return parts._replace(query=urlencode(kept)).geturl(), extra
+
+
 def _parse_libpq(dsn):
     from psycopg.conninfo import conninfo_to_dict
 
     try:
-        return conninfo_to_dict(dsn)
+        dsn, extra = _without_prisma_options(dsn)
+        return {**conninfo_to_dict(dsn), **extra}
     except Exception as exc:
         raise DbdeckError(f"malformed PostgreSQL DSN ({secrets.mask(dsn)}): {_first_line(exc)}") from None
 

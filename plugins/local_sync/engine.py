@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 from dbdeck import secrets
-from dbdeck.errors import DbdeckError, LockBusy, Refused, UsageError
+from dbdeck.errors import ConfigError, DbdeckError, LockBusy, Refused, UsageError
 from dbdeck.events import Event
 
 from .source import DELETES_TABLE, Source, check_source_tables, prune_statement, setup_statements
@@ -34,10 +34,10 @@ class LocalSync:
         self.messages = MESSAGES[settings.language]
         self.source_endpoint = app.endpoint(settings.source, "local_sync.source")
         if not self.source_endpoint.has_driver_access:
-            raise DbdeckError("local_sync.source: no connection to the main database: set DATABASE_URL (or "
+            raise ConfigError("local_sync.source: no connection to the main database: set DATABASE_URL (or "
                               "local_sync.source.dsn, or an endpoint with a host)")
         if self.source_endpoint.kind != "postgresql":
-            raise DbdeckError("local_sync.source must be a PostgreSQL endpoint (the main database)")
+            raise ConfigError("local_sync.source must be a PostgreSQL endpoint (the main database)")
         self.source = Source(self.source_endpoint, settings)
         self._warned = set()
         self._output = threading.Lock()
@@ -202,8 +202,9 @@ class LocalSync:
                 removed = tenant.merge(mapping, columns, stage, delete_missing=True)
             else:
                 rows, removed = tenant.full_swap(mapping, columns, self.source, connection, query)
+            collapsed = self._report_collapsed(tenant, mapping)
             tenant.record(mapping.name, instance, stamp, "full", rows)
-            return {"mode": "full", "reason": reason, "rows": rows, "removed": removed or 0}
+            return {"mode": "full", "reason": reason, "rows": rows, "removed": removed or 0, "collapsed": collapsed}
 
         query = self.source.select(connection, mapping, instance, columns, types, since=since)
         deleted = self.source.deleted_keys(connection, mapping, since) if mapping.capture_deletes and captured else []
@@ -212,6 +213,7 @@ class LocalSync:
         if changed or deleted:
             stage = tenant.stage(mapping)
             rows = tenant.load(stage, columns, self.source, connection, query) if changed else 0
+            collapsed = self._report_collapsed(tenant, mapping) if changed else 0
             absent = []
             for chunk in self.source.key_chunks(deleted):
                 present = self.source.select(connection, mapping, instance, columns, types, keys=chunk)
@@ -223,9 +225,15 @@ class LocalSync:
                 absent += [key for key in chunk if tuple(key[k] for k in mapping.key) not in still_there]
             removed = tenant.merge(mapping, columns, stage, delete_keys=absent)
         else:
-            rows = 0
+            rows = collapsed = 0
         tenant.record(mapping.name, instance, stamp, "incremental", rows)
-        return {"mode": "incremental", "reason": None, "rows": rows, "removed": removed or 0}
+        return {"mode": "incremental", "reason": None, "rows": rows, "removed": removed or 0, "collapsed": collapsed}
+
+    def _report_collapsed(self, tenant, mapping):
+        if tenant.collapsed:
+            log.warning("%s: %d source row(s) shared a key (primary or unique) with a later row; the later one "
+                        "was kept", mapping.name, tenant.collapsed)
+        return tenant.collapsed
 
     def _prune_captured_deletions(self):
         if not any(m.capture_deletes for m in self.settings.tables):

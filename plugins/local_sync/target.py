@@ -19,6 +19,7 @@ from a derived table, which MySQL 5.5+ and MariaDB 10.0+ all accept.
 import contextlib
 import logging
 import os
+import re
 import tempfile
 import threading
 
@@ -58,6 +59,7 @@ class Tenant:
         self.say = say or (lambda line: None)
         self.connection = None
         self.local_infile = False
+        self.collapsed = 0
 
     # --- connection ----------------------------------------------------------------------------------
     def open(self):
@@ -201,7 +203,11 @@ class Tenant:
 
     # --- loading -------------------------------------------------------------------------------------
     def load(self, table, columns, source, connection, query):
-        """Stream the query's rows into `table` (REPLACE: duplicates collapse, last wins); return the row count."""
+        """Stream the query's rows into `table` (REPLACE: duplicates collapse, last wins); return the row count.
+
+        `collapsed` counts the rows a later row with the same key (primary or unique) replaced.
+        """
+        self.collapsed = 0
         if self.dry_run:
             count = source.count(connection, query)
             self.say(f"would load {count} row(s) into {self.endpoint.name}.{table} "
@@ -218,8 +224,10 @@ class Tenant:
         count = 0
         with self.errors(f"insert into {table}"):
             for rows in batches:
-                self.execute(head + ", ".join([row_marks] * len(rows)), [value for row in rows for value in row])
+                affected = self.execute(head + ", ".join([row_marks] * len(rows)),
+                                        [value for row in rows for value in row])
                 count += len(rows)
+                self.collapsed += max(0, affected - len(rows))  # REPLACE counts a replaced row twice
         return count
 
     def _load_data(self, table, columns, chunks):
@@ -233,8 +241,11 @@ class Tenant:
                          f"FIELDS TERMINATED BY ',' OPTIONALLY ENCLOSED BY '\"' ESCAPED BY '' "
                          f"LINES TERMINATED BY '\\n' ({column_list(columns)})")
             try:
-                with self.errors(f"LOAD DATA into {table}"):
-                    self.execute(statement, (fifo,))
+                with self.errors(f"LOAD DATA into {table}"), self.connection.cursor() as cursor:
+                    cursor.execute(statement, (fifo,))
+                    # "Records: 3  Deleted: 1  Skipped: 0  Warnings: 0": Deleted = rows replaced by a later one
+                    found = re.search(rb"Deleted:\s*(\d+)", getattr(cursor._result, "message", b"") or b"")
+                    self.collapsed += int(found.group(1)) if found else 0
             finally:
                 feeder.finish()
             if feeder.error is not None:

@@ -182,6 +182,9 @@ class Sandbox:
                   "endpoints": endpoints}
         if "prod" in endpoints and "dev" in endpoints:
             config["sync_prod_to_dev"] = {"source": "prod", "target": "dev"}
+        if "prod" in endpoints and "tenant" in endpoints:
+            # the sample CRM data's instance 'exatron' lives in the MariaDB tenant database
+            config["local_sync"] = {"source": "prod", "instances": [{"name": "exatron", "target": "tenant"}]}
         if "primary" in endpoints and "standby" in endpoints:
             servers = state["servers"]
             config["replication"] = {

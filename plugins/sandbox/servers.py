@@ -209,12 +209,13 @@ class MariaDBServer:
             argv.append(f"--user={self.os_user}")
         self.runner.run(argv, timeout=180)
 
-    def start(self, timeout=60):
+    def start(self, timeout=60, options=()):
+        """Start mariadbd; options are extra server flags (later ones win, e.g. a bigger buffer pool)."""
         mariadbd = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
         argv = [mariadbd, "--no-defaults", f"--datadir={self.datadir}", f"--port={self.port}",
                 "--bind-address=127.0.0.1", f"--socket={self.socket}", f"--pid-file={self.pid_file}",
                 "--skip-name-resolve", "--innodb-buffer-pool-size=64M", "--innodb-flush-log-at-trx-commit=2",
-                "--character-set-server=utf8mb4", "--collation-server=utf8mb4_unicode_ci"]
+                "--character-set-server=utf8mb4", "--collation-server=utf8mb4_unicode_ci", *options]
         if self.os_user:
             argv.append(f"--user={self.os_user}")
         self.runner.start_daemon(argv, log_path=self.log_path)

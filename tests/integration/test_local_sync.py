@@ -361,7 +361,8 @@ def test_values_arrive_byte_for_byte_and_odd_identifiers_are_quoted(world, metho
         SELECT id, body AS "note text", note_day, weight, payload, updated_at FROM "Odd ""Notes"" v1"
         WHERE instance = %(instance)s UNION ALL SELECT 100, 'dup again', NULL, NULL, NULL, now()
 """, instances=["exatron"])
-    world.sync("--full")
+    result = world.sync("--full")
+    assert result["instances"][0]["tables"]["tenant `notes`"]["collapsed"] == 1
     assert world.mysql("SELECT `note text` FROM `tenant ``notes``` WHERE id = 100", instance="exatron") in (
         (("dup",),), (("dup again",),))
 

@@ -34,6 +34,12 @@ def test_sandbox_up_status_down(dbdeck_bin, workdir):
     sample = dbdeck_bin("--config", config, "endpoints", "prod")
     assert "production" in sample.stdout
 
+    # the sandbox's config wires local-sync: prod's sample contacts into the MariaDB tenant
+    synced = dbdeck_bin("--config", config, "local-sync", "--format", "json")
+    assert synced.returncode == 0, synced.stderr
+    tables = json.loads(synced.stdout)["instances"][0]["tables"]
+    assert tables["wpp_contacts"]["rows"] == 1000 and tables["wpp_contacts"]["mode"] == "full"
+
     again = dbdeck_bin("sandbox", "up", "--dir", box)
     assert again.returncode == 0, again.stderr
 

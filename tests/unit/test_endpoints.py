@@ -88,3 +88,12 @@ def test_dry_run_execute_prints_sql():
     ep = Endpoint("dev", EndpointConfig(host="h"), Runner(dry_run=True, echo=lines.append))
     ep.execute("DROP DATABASE x")
     assert lines == ["[dry-run] would execute on dev: DROP DATABASE x"]
+
+
+def test_prisma_database_url_options_are_understood():
+    from dbdeck.endpoints import _parse_libpq
+
+    params = _parse_libpq("postgresql://app:p%40ss@db:5432/crm?schema=public&connection_limit=5&sslmode=require")
+    assert params == {"user": "app", "password": "p@ss", "host": "db", "port": "5432", "dbname": "crm",
+                      "sslmode": "require"}
+    assert _parse_libpq("postgresql://app@db/crm?schema=tenant1")["options"] == "-c search_path=tenant1"

@@ -72,7 +72,7 @@ def test_service_units_verify(tmp_path):
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze is not installed: run scripts/bootstrap (apt-get install systemd)", pytrace=False)
     for unit in ("dbdeck-replication-metrics.service", "dbdeck-webhook-relay.service",
-                 "dbdeck-auto-failover.service"):
+                 "dbdeck-auto-failover.service", "dbdeck-local-sync-watch.service"):
         text = (ROOT / "systemd" / unit).read_text()
         text = text.replace("/usr/local/bin/", f"{ROOT}/bin/").replace("User=dbdeck", "User=root")
         (tmp_path / unit).write_text(text)
