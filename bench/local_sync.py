@@ -174,15 +174,20 @@ local_sync:
 def quiesce(pg, maria, timeout=60):
     """Wait until both servers wrote out what the previous load left dirty."""
     pg.psql("CHECKPOINT")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        dirty, total = (int(v) for v in maria.sql(
-            "SELECT (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = "
-            "'INNODB_BUFFER_POOL_PAGES_DIRTY'), (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
-            "WHERE VARIABLE_NAME = 'INNODB_BUFFER_POOL_PAGES_TOTAL')").split())
-        if dirty <= total // 100:
-            return
-        time.sleep(0.5)
+    previous = maria.sql("SELECT @@GLOBAL.innodb_max_dirty_pages_pct").strip()
+    maria.sql("SET GLOBAL innodb_max_dirty_pages_pct = 0")  # the page cleaner flushes at full speed
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dirty, total = (int(v) for v in maria.sql(
+                "SELECT (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = "
+                "'INNODB_BUFFER_POOL_PAGES_DIRTY'), (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
+                "WHERE VARIABLE_NAME = 'INNODB_BUFFER_POOL_PAGES_TOTAL')").split())
+            if dirty <= total // 100:
+                return
+            time.sleep(0.5)
+    finally:
+        maria.sql(f"SET GLOBAL innodb_max_dirty_pages_pct = {float(previous)}")
 
 
 def _startup(config):

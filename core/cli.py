@@ -33,9 +33,9 @@ class App:
     @property
     def plugin_manager(self):
         if self._manager is None:
-            from .pluginmanager import make_manager
+            from .pluginmanager import shared_manager
 
-            self._manager = make_manager()
+            self._manager = shared_manager()
         return self._manager
 
     @property
@@ -146,9 +146,9 @@ class PluginGroup(click.Group):
     def _ensure_plugins(self):
         if not self._plugins_loaded:
             self._plugins_loaded = True
-            from .pluginmanager import make_manager
+            from .pluginmanager import shared_manager
 
-            make_manager().hook.register_commands(cli=self)
+            shared_manager().hook.register_commands(cli=self)
             for command in self.commands.values():
                 _with_global_options(command)
 

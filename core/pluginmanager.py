@@ -22,6 +22,17 @@ def make_manager(load_entry_points=True):
     return manager
 
 
+_shared = None
+
+
+def shared_manager():
+    """The process's plugin manager: the command lookup and the config loader register plugins once."""
+    global _shared
+    if _shared is None:
+        _shared = make_manager()
+    return _shared
+
+
 def _load_entry_points(manager):
     manager._dbdeck_dists = {}
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
