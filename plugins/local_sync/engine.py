@@ -142,7 +142,7 @@ class LocalSync:
             watermark, captured, horizon = self.source.snapshot_facts(connection)
             # every source query is checked against the tenant's columns before anything is written
             for mapping in self.settings.tables:
-                known = tenant.columns(mapping.name) or mapping.columns
+                known = mapping.columns or tenant.columns(mapping.name)
                 if known:
                     self.source.shape(connection, mapping, name, known)
             with tenant.errors("state table"):
@@ -194,7 +194,13 @@ class LocalSync:
         stamp = watermark.isoformat()
         if mode == "full":
             query = self.source.select(connection, mapping, instance, columns, types)
-            blockers = tenant.swap_blockers(mapping.name) if tenant.table_exists(mapping.name) else []
+            blockers = []
+            if tenant.table_exists(mapping.name):
+                blockers = tenant.swap_blockers(mapping.name)
+                # a rebuilt table would lose what the tenant keeps in columns the source does not feed
+                unfed = [c for c in tenant.columns(mapping.name) if c not in columns]
+                if unfed:
+                    blockers.append(f"column(s) {', '.join(unfed)} not fed by the source query")
             if blockers:
                 log.info("%s: merging instead of swapping (%s)", mapping.name, ", ".join(blockers))
                 stage = tenant.stage(mapping)

@@ -3,7 +3,7 @@
 import re
 from typing import Literal
 
-from pydantic import PositiveInt, field_validator, model_validator
+from pydantic import NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from dbdeck.config import EndpointConfig, Section
 
@@ -105,29 +105,18 @@ class LocalSync(Section):
     language: Literal["pt", "en"] = "pt"
     method: Literal["auto", "load_data", "insert"] = "auto"
     insert_batch_rows: PositiveInt = 2000
-    overlap_seconds: int = 300
+    overlap_seconds: NonNegativeInt = 300
     capture_retention_days: PositiveInt = 7
     lock_wait_seconds: PositiveInt = 10
     jobs: PositiveInt = 2
     watch: WatchSettings = WatchSettings()
 
-    @field_validator("tables", mode="before")
+    @field_validator("tables", "instances", mode="before")
     @classmethod
     def _names(cls, value):
-        # `tables: [wpp_contacts, wpp_chats]` keeps only those built-ins, with their defaults
+        # `tables: [wpp_contacts, wpp_chats]` keeps only those built-ins with their defaults;
+        # `instances: [exatron, acme]` lists tenants on target_server
         return [{"name": v} if isinstance(v, str) else v for v in (value or [])]
-
-    @field_validator("instances", mode="before")
-    @classmethod
-    def _instance_names(cls, value):
-        return [{"name": v} if isinstance(v, str) else v for v in (value or [])]
-
-    @field_validator("overlap_seconds")
-    @classmethod
-    def _overlap(cls, value):
-        if value < 0:
-            raise ValueError("must be 0 or more")
-        return value
 
     @model_validator(mode="after")
     def _tenants(self):

@@ -239,6 +239,17 @@ def test_a_table_with_a_trigger_is_merged_not_swapped_and_keeps_its_trigger(worl
     assert world.mysql("SHOW TRIGGERS", instance="exatron")
 
 
+def test_a_column_the_tenant_added_survives_a_full_sync(world):
+    world.sync("--instance", "acme")
+    world.mysql("ALTER TABLE wpp_contacts ADD COLUMN local_note VARCHAR(50) NULL", instance="acme")
+    world.mysql("UPDATE wpp_contacts SET local_note = 'kept' WHERE id = (SELECT * FROM (SELECT MIN(id) "
+                "FROM wpp_contacts) AS m)", instance="acme")
+    world.sync("--instance", "acme", "--full")
+    assert world.mysql("SELECT COUNT(*) FROM wpp_contacts WHERE local_note = 'kept'", instance="acme")[0][0] == 1
+    world.instances = ["acme"]
+    world.assert_equal()
+
+
 def test_a_transaction_committing_after_the_run_read_past_it_is_not_lost(world):
     world.write_config("  overlap_seconds: 0\n")  # only the oldest-writer guard protects this row
     world.sync()

@@ -52,7 +52,7 @@ def test_labels_follow_the_language_and_the_seeds_summary_words():
     ({"target_server": None, "instances": ["a"]}, "give its target"),
     ({"target_server": None, "instances": [], "instances_query": "SELECT 'a'"}, "needs target_server"),
     ({"tables": ["wpp_chats", "wpp_chats"]}, "mapped twice"),
-    ({"overlap_seconds": -1}, "0 or more"),
+    ({"overlap_seconds": -1}, "greater than or equal to 0"),
 ])
 def test_invalid_settings_say_what_is_wrong(bad, message):
     with pytest.raises(ValidationError, match=message):
