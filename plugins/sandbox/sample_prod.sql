@@ -91,4 +91,9 @@ FROM contacts c WHERE c.id % 4 <> 1;
 INSERT INTO perfis (nome, email)
 SELECT 'Perfil ' || g, 'perfil' || g || '@example.com' FROM generate_series(1, 50) g;
 
+-- history: the CRM rows were last written a day ago (an incremental local-sync then reads only new changes)
+UPDATE contacts SET updated_at = now() - interval '1 day';
+UPDATE contact_sectors SET updated_at = now() - interval '1 day';
+UPDATE chats SET updated_at = now() - interval '1 day';
+
 ANALYZE;
