@@ -104,7 +104,9 @@ class LocalSync(Section):
     tables: list[TableMapping] = [TableMapping(name=name) for name in BUILTIN_TABLES]
     language: Literal["pt", "en"] = "pt"
     method: Literal["auto", "load_data", "insert"] = "auto"
-    insert_batch_rows: PositiveInt = 2000
+    # rows per multi-row REPLACE when LOAD DATA LOCAL is off; a batch wider than the server's
+    # max_allowed_packet is split (bench: 10000 beat 2000 and 500 by 10-25%)
+    insert_batch_rows: PositiveInt = 10000
     overlap_seconds: NonNegativeInt = 300
     capture_retention_days: PositiveInt = 7
     lock_wait_seconds: PositiveInt = 10

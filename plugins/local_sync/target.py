@@ -60,6 +60,7 @@ class Tenant:
         self.connection = None
         self.local_infile = False
         self.collapsed = 0
+        self.max_statement_bytes = 1 << 20
 
     # --- connection ----------------------------------------------------------------------------------
     def open(self):
@@ -69,7 +70,10 @@ class Tenant:
             # strict: a value MySQL cannot store fails the batch instead of being truncated silently
             self.execute("SET SESSION sql_mode = 'STRICT_TRANS_TABLES,NO_ENGINE_SUBSTITUTION'")
             self.execute(f"SET SESSION lock_wait_timeout = {int(self.settings.lock_wait_seconds)}")
-            infile = self.query("SELECT @@local_infile")[0][0]
+            # LOAD DATA LOCAL waits for rows while the source query may still be sorting or joining
+            self.execute("SET SESSION net_read_timeout = 3600")
+            infile, packet = self.query("SELECT @@local_infile, @@max_allowed_packet")[0]
+        self.max_statement_bytes = int(packet) * 9 // 10
         self.local_infile = bool(int(infile)) and self.settings.method != "insert"
         if self.settings.method == "load_data" and not self.local_infile:
             raise DbdeckError(f"{self.endpoint.name}: method load_data needs local_infile=ON on the server "
@@ -222,10 +226,17 @@ class Tenant:
         head = f"REPLACE INTO {quote(table)} ({column_list(columns)}) VALUES "
         row_marks = "(" + ", ".join(["%s"] * len(columns)) + ")"
         count = 0
-        with self.errors(f"insert into {table}"):
-            for rows in batches:
-                affected = self.execute(head + ", ".join([row_marks] * len(rows)),
-                                        [value for row in rows for value in row])
+        with self.errors(f"insert into {table}"), self.connection.cursor() as cursor:
+            pending = [list(rows) for rows in batches]
+            while pending:
+                rows = pending.pop(0)
+                statement = cursor.mogrify(head + ", ".join([row_marks] * len(rows)),
+                                           [value for row in rows for value in row])
+                if len(statement) > self.max_statement_bytes and len(rows) > 1:
+                    # wide rows: halve the batch until it fits the server's max_allowed_packet
+                    pending[:0] = [rows[:len(rows) // 2], rows[len(rows) // 2:]]
+                    continue
+                affected = cursor.execute(statement)
                 count += len(rows)
                 self.collapsed += max(0, affected - len(rows))  # REPLACE counts a replaced row twice
         return count

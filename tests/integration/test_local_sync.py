@@ -444,3 +444,16 @@ def test_bad_configuration_is_a_clear_error_and_changes_nothing(world):
     assert done.returncode == 1
     assert "gives no column(s) phone, customer_id, is_deleted" in done.stdout
     assert world.mysql("SHOW TABLES", instance="acme") == ()
+
+
+def test_the_insert_path_splits_batches_to_fit_a_small_max_allowed_packet(world):
+    world.write_config("  method: insert\n")
+    previous = world.mysql("SELECT @@GLOBAL.max_allowed_packet", database=None)[0][0]
+    world.mysql("SET GLOBAL max_allowed_packet = 16384", database=None)  # 1000 contacts are ~60 KB
+    try:
+        result = world.sync("--instance", "exatron")
+    finally:
+        world.mysql(f"SET GLOBAL max_allowed_packet = {int(previous)}", database=None)
+    assert result["instances"][0]["tables"]["wpp_contacts"]["rows"] == 1000
+    world.instances = ["exatron"]
+    world.assert_equal()
