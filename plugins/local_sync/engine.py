@@ -141,15 +141,19 @@ class LocalSync:
             connection = self.source.connect()
             watermark, captured, horizon = self.source.snapshot_facts(connection)
             # every source query is checked against the tenant's columns before anything is written
+            # (a table that is yet to be created from its DDL is checked right after)
+            types = {}
             for mapping in self.settings.tables:
                 known = mapping.columns or tenant.columns(mapping.name)
                 if known:
-                    self.source.shape(connection, mapping, name, known)
+                    types[mapping.name] = self.source.shape(connection, mapping, name, known)
             with tenant.errors("state table"):
                 tenant.ensure_state_table()
             columns = {}
             for mapping in self.settings.tables:
                 columns[mapping.name] = tenant.ensure_table(mapping)
+                if mapping.name not in types:
+                    types[mapping.name] = self.source.shape(connection, mapping, name, columns[mapping.name])
                 say(m["table_ok"].format(table=mapping.name))
             tables, parts = {}, []
             for mapping in self.settings.tables:
@@ -157,7 +161,8 @@ class LocalSync:
                 say(m["syncing"].format(label=long_label, instance=name))
                 started = time.monotonic()
                 result = self._sync_table(tenant, connection, mapping, name, columns[mapping.name],
-                                          state.get(mapping.name), watermark, captured, horizon, full)
+                                          types[mapping.name], state.get(mapping.name), (watermark, captured, horizon),
+                                          full)
                 if not self.dry_run:
                     tenant.connection.commit()
                 result["seconds"] = round(time.monotonic() - started, 3)
@@ -174,9 +179,8 @@ class LocalSync:
                 connection.close()
             tenant.close()
 
-    def _sync_table(self, tenant, connection, mapping, instance, columns, previous, watermark, captured, horizon,
-                    full):
-        types = self.source.shape(connection, mapping, instance, columns)
+    def _sync_table(self, tenant, connection, mapping, instance, columns, types, previous, snapshot, full):
+        watermark, captured, horizon = snapshot
         since = previous["watermark"] if previous else None
         mode, reason = "incremental", None
         if full:
