@@ -457,3 +457,31 @@ def test_the_insert_path_splits_batches_to_fit_a_small_max_allowed_packet(world)
     assert result["instances"][0]["tables"]["wpp_contacts"]["rows"] == 1000
     world.instances = ["exatron"]
     world.assert_equal()
+
+
+def test_a_server_with_local_infile_off_gets_multi_row_inserts(world):
+    world.mysql("SET GLOBAL local_infile = 0", database=None)
+    try:
+        world.write_config("  method: load_data\n", instances=["acme"])
+        refused = world.run()
+        assert refused.returncode == 1 and "needs local_infile=ON" in refused.stdout
+        assert world.mysql("SHOW TABLES", instance="acme") == ()
+        world.write_config("", instances=["acme"])  # method: auto
+        world.sync()
+    finally:
+        world.mysql("SET GLOBAL local_infile = 1", database=None)
+    world.instances = ["acme"]
+    world.assert_equal()
+
+
+def test_tables_left_by_a_killed_full_sync_are_dropped_by_the_next_run(world):
+    world.sync("--instance", "acme")
+    # what kill -9 in the middle of a full sync leaves: the half-loaded new copy (and, later, the old one)
+    world.mysql("CREATE TABLE wpp_contacts__dbdeck_new LIKE wpp_contacts", instance="acme")
+    world.mysql("INSERT INTO wpp_contacts__dbdeck_new VALUES (1, 'acme', 'half', 'x', NULL, 0)", instance="acme")
+    world.mysql("CREATE TABLE wpp_chats__dbdeck_old LIKE wpp_chats", instance="acme")
+    world.sync("--instance", "acme", "--full")
+    tables = sorted(r[0] for r in world.mysql("SHOW TABLES", instance="acme"))
+    assert tables == ["dbdeck_local_sync_state", "wpp_chats", "wpp_contact_sectors", "wpp_contacts"]
+    world.instances = ["acme"]
+    world.assert_equal()
