@@ -485,3 +485,18 @@ def test_tables_left_by_a_killed_full_sync_are_dropped_by_the_next_run(world):
     assert tables == ["dbdeck_local_sync_state", "wpp_chats", "wpp_contact_sectors", "wpp_contacts"]
     world.instances = ["acme"]
     world.assert_equal()
+
+
+def test_a_value_the_tenant_cannot_store_fails_the_table_and_changes_nothing(world):
+    world.mysql(f"ALTER DATABASE {world.tenant_db('acme')} CHARACTER SET latin1", database=None)
+    world.sync("--instance", "acme")  # plain sample names fit latin1
+    world.pg("UPDATE contacts SET name = 'Emoji 🎉', updated_at = now() WHERE id = "
+             "(SELECT min(id) FROM contacts WHERE instance = 'acme')")
+    for method in ("load_data", "insert"):
+        world.write_config(f"  method: {method}\n", instances=["acme"])
+        for args in ((), ("--full",)):
+            done = world.run("--instance", "acme", *args)
+            assert done.returncode == 1, done.stdout
+            assert "Incorrect string value" in done.stdout
+            assert world.mysql("SELECT COUNT(*) FROM wpp_contacts WHERE name LIKE 'Emoji%%'", instance="acme") == ((0,),)
+            assert world.mysql("SELECT COUNT(*) FROM wpp_contacts", instance="acme")[0][0] == 500
