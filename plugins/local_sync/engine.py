@@ -209,12 +209,13 @@ class LocalSync:
                 log.info("%s: merging instead of swapping (%s)", mapping.name, ", ".join(blockers))
                 stage = tenant.stage(mapping)
                 rows = tenant.load(stage, columns, self.source, connection, query)
-                removed = tenant.merge(mapping, columns, stage, delete_missing=True)
+                removed, method = tenant.merge(mapping, columns, stage, delete_missing=True), "merge"
             else:
-                rows, removed = tenant.full_swap(mapping, columns, self.source, connection, query)
+                rows, removed, method = tenant.full_swap(mapping, columns, self.source, connection, query)
             collapsed = self._report_collapsed(tenant, mapping)
             tenant.record(mapping.name, instance, stamp, "full", rows)
-            return {"mode": "full", "reason": reason, "rows": rows, "removed": removed or 0, "collapsed": collapsed}
+            return {"mode": "full", "method": method, "reason": reason, "rows": rows, "removed": removed or 0,
+                    "collapsed": collapsed}
 
         query = self.source.select(connection, mapping, instance, columns, types, since=since)
         deleted = self.source.deleted_keys(connection, mapping, since) if mapping.capture_deletes and captured else []
@@ -237,7 +238,8 @@ class LocalSync:
         else:
             rows = collapsed = 0
         tenant.record(mapping.name, instance, stamp, "incremental", rows)
-        return {"mode": "incremental", "reason": None, "rows": rows, "removed": removed or 0, "collapsed": collapsed}
+        return {"mode": "incremental", "method": "merge", "reason": None, "rows": rows, "removed": removed or 0,
+                "collapsed": collapsed}
 
     def _report_collapsed(self, tenant, mapping):
         if tenant.collapsed:

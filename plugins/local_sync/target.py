@@ -39,6 +39,7 @@ STATE_DDL = f"""CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
     PRIMARY KEY (table_name)
 )"""
 NEW_SUFFIX, OLD_SUFFIX = "__dbdeck_new", "__dbdeck_old"
+ER_LOCK_WAIT_TIMEOUT = 1205
 _FIFO_CHUNK = 1 << 20
 
 
@@ -272,6 +273,12 @@ class Tenant:
 
     # --- the three ways ------------------------------------------------------------------------------
     def full_swap(self, mapping, columns, source, connection, query):
+        """Load a new copy and rename it in; return (rows, rows removed, "swap" or "merge").
+
+        When a session of the tenant's application keeps the table open longer than lock_wait_seconds
+        (a long transaction holds its metadata lock, which RENAME must wait for and which would queue
+        every other query behind it), the loaded copy is merged in with row locks instead.
+        """
         table = mapping.name
         new, old = table + NEW_SUFFIX, table + OLD_SUFFIX
         with self.errors(f"full sync of {table}"):
@@ -281,14 +288,32 @@ class Tenant:
                 rows = self.load(new, columns, source, connection, query)
                 if not self.dry_run:
                     self.connection.commit()
-                self.write(f"RENAME TABLE {quote(table)} TO {quote(old)}, {quote(new)} TO {quote(table)}")
+                swapped = self._rename_in(table, new, old)
             except BaseException:
                 with contextlib.suppress(Exception):
                     self.connection.rollback()
                     self.write(f"DROP TABLE IF EXISTS {quote(new)}")
                 raise
-            self.write(f"DROP TABLE {quote(old)}")
-        return rows, 0
+            if swapped:
+                self.write(f"DROP TABLE {quote(old)}")
+                return rows, 0, "swap"
+            removed = self.merge(mapping, columns, new, delete_missing=True)
+            self.connection.commit()
+            self.write(f"DROP TABLE {quote(new)}")
+        return rows, removed, "merge"
+
+    def _rename_in(self, table, new, old):
+        import pymysql
+
+        try:
+            self.write(f"RENAME TABLE {quote(table)} TO {quote(old)}, {quote(new)} TO {quote(table)}")
+            return True
+        except pymysql.err.OperationalError as exc:
+            if exc.args[0] != ER_LOCK_WAIT_TIMEOUT:
+                raise
+            log.warning("%s.%s: another session kept the table open for %ss; merging the new rows in instead of "
+                        "renaming", self.endpoint.name, table, self.settings.lock_wait_seconds)
+            return False
 
     def stage(self, mapping):
         stage = f"dbdeck_stage_{mapping.name}"[:64]

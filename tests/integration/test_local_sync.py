@@ -231,6 +231,8 @@ def test_a_table_with_a_trigger_is_merged_not_swapped_and_keeps_its_trigger(worl
              "WHERE instance = 'exatron'")
     result = world.sync("--full", "--instance", "exatron")
     assert result["instances"][0]["tables"]["wpp_chats"]["removed"] == 1
+    assert result["instances"][0]["tables"]["wpp_chats"]["method"] == "merge"
+    assert result["instances"][0]["tables"]["wpp_contacts"]["method"] == "swap"
     world.assert_equal()
     assert world.mysql("SELECT COUNT(*) FROM audit", instance="exatron")[0][0] == 1
     assert world.mysql("SHOW TRIGGERS", instance="exatron")
@@ -500,3 +502,27 @@ def test_a_value_the_tenant_cannot_store_fails_the_table_and_changes_nothing(wor
             assert "Incorrect string value" in done.stdout
             assert world.mysql("SELECT COUNT(*) FROM wpp_contacts WHERE name LIKE 'Emoji%%'", instance="acme") == ((0,),)
             assert world.mysql("SELECT COUNT(*) FROM wpp_contacts", instance="acme")[0][0] == 500
+
+
+def test_a_long_reader_on_the_tenant_does_not_block_a_full_sync(world):
+    world.write_config("  lock_wait_seconds: 1\n", instances=["acme"])
+    world.sync()
+    world.pg("UPDATE contacts SET name = 'during a long read', updated_at = now() WHERE id = "
+             "(SELECT min(id) FROM contacts WHERE instance = 'acme')")
+    world.pg("DELETE FROM chats WHERE id = (SELECT min(id) FROM chats WHERE instance = 'acme')")
+    reader = pymysql.connect(host="127.0.0.1", port=world.maria.port, user="dbdeck", password=world.maria.password,
+                             database=world.tenant_db("acme"), autocommit=False)
+    try:
+        with reader.cursor() as cursor:  # an open transaction that read the table holds its metadata lock
+            cursor.execute("SELECT COUNT(*) FROM wpp_contacts")
+        result = world.sync("--full")
+    finally:
+        reader.rollback()
+        reader.close()
+    tables = result["instances"][0]["tables"]
+    assert tables["wpp_contacts"]["method"] == "merge"   # could not be renamed while read: merged in
+    assert tables["wpp_chats"]["method"] == "swap" and tables["wpp_chats"]["rows"] == 374
+    world.instances = ["acme"]
+    world.assert_equal()
+    tables = [r[0] for r in world.mysql("SHOW TABLES", instance="acme")]
+    assert not [t for t in tables if "__dbdeck" in t], tables
