@@ -526,3 +526,26 @@ def test_a_long_reader_on_the_tenant_does_not_block_a_full_sync(world):
     world.assert_equal()
     tables = [r[0] for r in world.mysql("SHOW TABLES", instance="acme")]
     assert not [t for t in tables if "__dbdeck" in t], tables
+
+
+def test_watch_reconnects_after_losing_the_main_database(world):
+    assert world.run("setup").returncode == 0
+    world.write_config("  watch: {reconnect_seconds: 1}\n", instances=["acme"])
+    world.sync()
+    process = subprocess.Popen([str(BIN / "local-sync"), "--config", str(world.config), "watch"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    listening = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'"
+    try:
+        assert wait_for(lambda: world.pg(listening)[0][0] == 1, 20), "watch never listened"
+        # the connection drops (a restart, a failover): the listener's backend is gone
+        world.pg("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'")
+        new_id = world.pg("INSERT INTO contacts (instance, name, phone) VALUES ('acme', 'Depois', '5588') "
+                          "RETURNING id")[0][0]
+        assert wait_for(lambda: world.mysql("SELECT name FROM wpp_contacts WHERE id = %s", (new_id,),
+                                            instance="acme") == (("Depois",),), 20), "not delivered after reconnect"
+        assert wait_for(lambda: world.pg(listening)[0][0] == 1, 20), "watch did not listen again"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert "reconnecting" in err
