@@ -115,8 +115,11 @@ def watch(app, instance):
                        "one round now:")
         _run(app, instance, False)
         return
-    watcher = Watcher(make_sync(app, quiet=True), instance,
-                      report=lambda line: (log.info(line), click.echo("[LocalSync] " + line, err=True)))
+    def report(line):
+        log.info(line)
+        click.echo("[LocalSync] " + line, err=True)
+
+    watcher = Watcher(make_sync(app, quiet=True), instance, report)
     watcher.install_signal_handlers()
     with app.lock("local-sync-watch" + (f".{instance}" if instance else "")):
         watcher.run()

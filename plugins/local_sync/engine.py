@@ -16,7 +16,8 @@ from dbdeck import secrets
 from dbdeck.errors import ConfigError, DbdeckError, LockBusy, Refused, UsageError
 from dbdeck.events import Event
 
-from .source import DELETES_TABLE, Source, check_source_tables, prune_statement, setup_statements
+from .source import (DELETES_TABLE, Source, check_source_tables, prune_statement, relation_exists,
+                     setup_statements)
 from .tables import MESSAGES
 from .target import Tenant
 
@@ -252,8 +253,7 @@ class LocalSync:
             return
         try:
             with self.source_endpoint.connect() as connection:
-                exists = connection.execute("SELECT to_regclass(%s) IS NOT NULL", (DELETES_TABLE,)).fetchone()[0]
-                if not exists:
+                if not relation_exists(connection, DELETES_TABLE):
                     return
                 statement = prune_statement(self.settings.capture_retention_days)
                 if self.dry_run:
@@ -261,7 +261,7 @@ class LocalSync:
                 else:
                     connection.execute(statement)
         except Exception as exc:  # housekeeping: never fails a run that synced
-            log.warning("could not prune %s: %s", DELETES_TABLE, exc)
+            log.warning("could not prune %s: %s", DELETES_TABLE, secrets.mask(str(exc)))
 
     # --- setup and status -----------------------------------------------------------------------------
     def setup(self):

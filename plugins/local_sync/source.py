@@ -132,8 +132,7 @@ class Source:
         with self.endpoint.driver_errors("watermark"), connection.cursor() as cursor:
             cursor.execute(WATERMARK_SQL, {"retention": self.settings.capture_retention_days})
             watermark, horizon = cursor.fetchone()
-            cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (DELETES_TABLE,))
-            installed = cursor.fetchone()[0]
+            installed = relation_exists(connection, DELETES_TABLE)
         return watermark, installed, horizon
 
     def deleted_keys(self, connection, mapping, since):
@@ -157,6 +156,11 @@ class Source:
     def key_chunks(keys):
         for start in range(0, len(keys), _KEYS_PER_QUERY):
             yield keys[start:start + _KEYS_PER_QUERY]
+
+
+def relation_exists(connection, name):
+    """Whether a table (name as SQL would write it) exists on the main database."""
+    return connection.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
 
 
 def qualified(table):
@@ -229,8 +233,6 @@ def check_source_tables(connection, mappings):
         if mapping.capture_deletes:
             tables.append(mapping.capture_deletes.source_table)
         for table in tables:
-            found = connection.execute("SELECT to_regclass(%s) IS NOT NULL",
-                                       (sql.Identifier(*split_name(table)).as_string(connection),)).fetchone()[0]
-            if not found:
+            if not relation_exists(connection, sql.Identifier(*split_name(table)).as_string(connection)):
                 raise DbdeckError(f"local_sync.tables.{mapping.name}: source table {table} does not exist on the "
                                   f"main database")

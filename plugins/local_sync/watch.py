@@ -37,15 +37,11 @@ class Watcher:
     def run(self):
         while not self.stop.is_set():
             try:
-                self._listen()
+                # a dropped connection (restart, failover) surfaces as a driver error: one masked line
+                with self.sync.source_endpoint.driver_errors("watch"):
+                    self._listen()
             except DbdeckError as exc:
                 self.report(f"watch: {exc}; reconnecting in {self.settings.reconnect_seconds}s")
-            except Exception as exc:  # a dropped connection surfaces as the driver's own error
-                if type(exc).__module__.startswith("psycopg"):
-                    self.report(f"watch: connection to the main database lost ({str(exc).strip().splitlines()[0]}); "
-                                f"reconnecting in {self.settings.reconnect_seconds}s")
-                else:
-                    raise
             self.stop.wait(self.settings.reconnect_seconds)
 
     def _listen(self):
