@@ -304,7 +304,7 @@ class LocalSync:
                             "watermark": row.get("watermark"),
                             "source_rows": source_rows,
                             "target_rows": tenant.row_count(mapping.name) if exists else None,
-                            "lag_seconds": round((datetime.now(timezone.utc).replace(tzinfo=None) - last).total_seconds()) if last else None,
+                            "lag_seconds": _seconds_since(last),
                         }
                 finally:
                     connection.close()
@@ -325,6 +325,13 @@ class LocalSync:
             self._warned.add(message)
             log.warning(message)
             self.echo(PREFIX + "WARNING: " + message)
+
+
+def _seconds_since(utc_naive):
+    """Seconds from a DATETIME the tenant stored in UTC (UTC_TIMESTAMP()) to now, or None."""
+    if utc_naive is None:
+        return None
+    return round((datetime.now(timezone.utc).replace(tzinfo=None) - utc_naive).total_seconds())
 
 
 def _older(since, horizon, overlap_seconds):
