@@ -34,16 +34,27 @@ class JobLock:
         self.path = self.run_dir / f"{_SAFE_NAME.sub('_', name)}.lock"
         self._fd = None
 
-    def acquire(self):
+    def acquire(self, wait=0.0, waiting=None):
+        """Take the lock; LockBusy when another process holds it. With wait > 0, keep trying for that many
+        seconds first; waiting(holder) is called once when the wait starts (to say who we wait for)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise LockBusy(f"{self.name} is already running{_describe(holder)}; not starting a second run "
-                           f"(lock {self.path})") from None
+        deadline = time.monotonic() + wait
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise LockBusy(f"{self.name} is already running{_describe(holder)}; not starting a second run "
+                                   f"(lock {self.path})") from None
+                if waiting and not announced:
+                    waiting(holder)
+                    announced = True
+                time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({
             "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

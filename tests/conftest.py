@@ -65,13 +65,13 @@ class StartedPostgres:
         return endpoint(name, self.port, self.password, database, runner=runner, **extra)
 
 
-def _start_postgres(workdir, name, settings=None):
+def _start_postgres(workdir, name, settings=None, stock=False):
     from dbdeck.plugins.sandbox.servers import PostgresServer, free_port
 
     require("pg_ctl", "postgresql")
     password = new_password()
     server = PostgresServer(workdir / name, free_port(), Runner(), socket_dir=workdir / f"{name}.run")
-    server.init(password, settings)
+    server.init(password, settings, stock=stock)
     server.start()
     return StartedPostgres(server, password)
 

@@ -19,13 +19,17 @@ SELECT pg_is_in_recovery() AS in_recovery,
        current_setting('server_version') AS version,
        (SELECT system_identifier::text FROM pg_control_system()) AS system_identifier,
        CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END AS current_lsn,
-       CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint())
+       CASE WHEN pg_is_in_recovery()
+            -- the timeline it receives now; its last restartpoint's lags behind after a switchover
+            THEN COALESCE((SELECT received_tli FROM pg_stat_wal_receiver WHERE received_tli > 0),
+                          (SELECT timeline_id FROM pg_control_checkpoint()))
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END AS timeline,
        pg_last_wal_receive_lsn()::text AS receive_lsn,
        pg_last_wal_replay_lsn()::text AS replay_lsn,
        extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 AS replay_age_seconds,
        CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() END AS replay_paused,
-       current_setting('transaction_read_only') = 'on' AS read_only
+       current_setting('transaction_read_only') = 'on' AS read_only,
+       current_setting('synchronous_standby_names') AS synchronous_standby_names
 """
 _RECEIVER_QUERY = """
 SELECT status, received_tli, sender_host, sender_port, slot_name, flushed_lsn::text AS flushed_lsn,
@@ -69,6 +73,7 @@ class NodeState:
     replay_age_seconds: float | None = None
     replay_paused: bool | None = None
     read_only: bool | None = None
+    synchronous_standby_names: str | None = None
     wal_receiver: dict | None = None
     senders: list = field(default_factory=list)
     slots: list = field(default_factory=list)
@@ -200,6 +205,7 @@ class Thresholds:
     crit_lag_bytes: int | None = None
     warn_lag_seconds: float | None = None
     crit_lag_seconds: float | None = 30
+    synchronous_standby_names: str | None = None  # what the primary should run with once a standby streams
 
 
 def evaluate(snapshot, thresholds):
@@ -233,6 +239,7 @@ def evaluate(snapshot, thresholds):
             _check_lag(add, standby, thresholds)
             if standby.replay_paused:
                 add(WARNING, f"standby {standby.name}: WAL replay is paused (pg_wal_replay_resume() resumes it)")
+        _check_synchronous(add, primary, snapshot.standbys, thresholds.synchronous_standby_names)
         for slot in primary.slots:
             if slot["wal_status"] == "lost":
                 add(CRITICAL, f"slot {slot['slot_name']} lost WAL its standby needs: rebuild the standby")
@@ -261,6 +268,21 @@ def split_brain_advice(primaries):
                 f"now and rebuild it as a standby (rebuild-replica --node {stale[0]}) after saving anything "
                 f"written only there")
     return f"{where}; stop the one that should not take writes now and rebuild it as a standby"
+
+
+def _check_synchronous(add, primary, standbys, wanted):
+    """Synchronous replication silently lost (a role change that left '' behind) is a warning: a crash of
+    the primary would then lose acknowledged commits."""
+    streaming = [s for s in standbys if s.state == "streaming"]
+    if not wanted or not streaming:
+        return
+    if primary.synchronous_standby_names != wanted:
+        add(WARNING, f"primary {primary.name} runs synchronous_standby_names = "
+                     f"'{primary.synchronous_standby_names}', configured '{wanted}': commits do not wait for the "
+                     f"standby (switchover or setup-master sets it again)")
+    elif not any(s.sync_state in ("sync", "quorum") for s in streaming):
+        add(WARNING, f"no standby is synchronous on {primary.name} (synchronous_standby_names = '{wanted}' matches "
+                     f"none of: {', '.join(s.name for s in streaming)})")
 
 
 def _check_lag(add, standby, t):

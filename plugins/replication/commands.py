@@ -60,6 +60,7 @@ def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_l
     """
     from dbdeck.errors import DbdeckError
 
+    from . import synchronous
     from .cluster import STATUS_NAMES, Thresholds, evaluate
 
     output_format = output_format or app.format
@@ -70,7 +71,8 @@ def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_l
             warn_lag_bytes=warn_lag_bytes if warn_lag_bytes is not None else s.warn_lag_bytes,
             crit_lag_bytes=crit_lag_bytes if crit_lag_bytes is not None else s.crit_lag_bytes,
             warn_lag_seconds=warn_lag_seconds if warn_lag_seconds is not None else s.warn_lag_seconds,
-            crit_lag_seconds=crit_lag_seconds if crit_lag_seconds is not None else s.crit_lag_seconds)
+            crit_lag_seconds=crit_lag_seconds if crit_lag_seconds is not None else s.crit_lag_seconds,
+            synchronous_standby_names=synchronous.wanted(pair))
 
         def snapshot_and_status():
             snapshot = pair.probe(timeout)
@@ -137,10 +139,13 @@ def _text_report(snapshot, status, problems, thresholds):
     summary = problems[0] if problems else (
         f"primary {snapshot.primary.name}, {sum(1 for s in snapshot.standbys if s.state == 'streaming')} standby "
         f"streaming")
-    worst_bytes = max((s.lag_bytes or 0 for s in snapshot.standbys), default=0)
-    worst_seconds = max((s.lag_seconds or 0 for s in snapshot.standbys), default=0)
-    perf = (f"lag_bytes={worst_bytes}B;{thresholds.warn_lag_bytes or ''};{thresholds.crit_lag_bytes or ''} "
-            f"lag_seconds={worst_seconds:.3f}s;{thresholds.warn_lag_seconds or ''};{thresholds.crit_lag_seconds or ''}")
+    measured = [s for s in snapshot.standbys if s.lag_bytes is not None]
+    # Nagios: a value that could not be measured is U, never a reassuring 0
+    worst_bytes = f"{max(s.lag_bytes for s in measured)}B" if measured else "U"
+    seconds = [s.lag_seconds for s in measured if s.lag_seconds is not None]
+    worst_seconds = f"{max(seconds):.3f}s" if seconds else "U"
+    perf = (f"lag_bytes={worst_bytes};{thresholds.warn_lag_bytes or ''};{thresholds.crit_lag_bytes or ''} "
+            f"lag_seconds={worst_seconds};{thresholds.warn_lag_seconds or ''};{thresholds.crit_lag_seconds or ''}")
     lines = [f"REPLICATION {STATUS_NAMES[status]} - {summary} | {perf}"]
     for node in snapshot.nodes:
         if not node.reachable:
@@ -183,7 +188,7 @@ def setup_master(app, node, apply_settings):
     from .setup import setup_master as run
 
     pair = _pair(app)
-    with app.lock("replication"):
+    with pair.operator_lock():
         checks, restart = run(pair, node, apply_settings)
     if app.format == "json":
         app.emit({"settings": [vars(c) for c in checks], "restart_needed": restart})
@@ -207,7 +212,7 @@ def promote_replica(app, node, force, update_connections):
     from .promote import promote_replica as run
 
     pair = _pair(app)
-    with app.lock("replication"):
+    with pair.operator_lock():
         with pair.run_log("failover"):
             run(pair, node, force, update_connections)
 
@@ -226,7 +231,7 @@ def rebuild_replica(app, node, rejoin):
     from .rebuild import choose_target, rebuild_replica as run
 
     pair = _pair(app)
-    with app.lock("replication"):
+    with pair.operator_lock():
         with pair.run_log("rebuild-replica"):
             if rejoin:
                 from .standby import rejoin as rejoin_node
@@ -255,7 +260,7 @@ def switchover(app, max_lag, timeout):
     from .switchover import switchover as run
 
     pair = _pair(app)
-    with app.lock("replication"):
+    with pair.operator_lock():
         with pair.run_log("switchover"):
             run(pair, max_lag if max_lag is not None else pair.settings.switchover_max_lag_bytes,
                 timeout or pair.settings.switchover_timeout)
@@ -263,8 +268,11 @@ def switchover(app, max_lag, timeout):
 
 @click.command("auto-failover")
 @click.option("--daemon", is_flag=True, help="Detach; output to auto-failover.log, pid in auto-failover.pid.")
-@click.option("--interval", type=float, metavar="S", help="Seconds between checks (default 1).")
-@click.option("--failures", type=int, metavar="N", help="Consecutive failed checks before failing over (default 3).")
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Seconds between checks (default 1).")
+@click.option("--failures", type=click.IntRange(min=1), metavar="N",
+              help="Consecutive failed checks before failing over (default 3; one refused connection with the "
+                   "standby disconnected is enough).")
 @click.option("--no-rejoin", is_flag=True, help="Leave the old primary fenced instead of rejoining it.")
 @pass_app
 def auto_failover(app, daemon, interval, failures, no_rejoin):
@@ -288,6 +296,10 @@ def auto_failover(app, daemon, interval, failures, no_rejoin):
 
     pid_file = settings.pid_file or (run_dir or default_run_dir()) / "auto-failover.pid"
     if daemon:
+        from dbdeck.errors import LockBusy
+
+        if app.lock("auto-failover").holder() is not None:
+            app.lock("auto-failover").acquire()  # raises LockBusy naming the running monitor
         log_dir = pair.settings.log_dir or app.config.core.log_dir
         log_file = settings.log_file or (log_dir / "auto-failover.log" if log_dir else pid_file.with_suffix(".log"))
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -297,6 +309,8 @@ def auto_failover(app, daemon, interval, failures, no_rejoin):
         argv += [*(["--interval", interval] if interval else []), *(["--failures", failures] if failures else []),
                  *(["--no-rejoin"] if no_rejoin else []), *(["-v"] * app.verbosity)]
         process = app.runner.start_daemon(argv, log_path=log_file)
+        if not app.dry_run:
+            _wait_until_monitoring(app, process, log_file, LockBusy)
         click.echo(f"auto-failover running in the background (pid {process.pid}); log {log_file}; pid file {pid_file}")
         return
     from .failover import Monitor
@@ -304,7 +318,8 @@ def auto_failover(app, daemon, interval, failures, no_rejoin):
     with app.lock("auto-failover"):
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(f"{os.getpid()}\n")
-        monitor = Monitor(pair, interval=interval or settings.interval, failures=failures or settings.failures,
+        monitor = Monitor(pair, interval=interval if interval is not None else settings.interval,
+                          failures=failures if failures is not None else settings.failures,
                           timeout=settings.check_timeout, max_lag_bytes=settings.max_lag_bytes,
                           rejoin=settings.rejoin and not no_rejoin, lock=app.lock("replication"))
         stop = threading.Event()
@@ -317,3 +332,29 @@ def auto_failover(app, daemon, interval, failures, no_rejoin):
         finally:
             pid_file.unlink(missing_ok=True)
             pair.say("auto-failover stopped")
+
+
+def _wait_until_monitoring(app, process, log_file, lock_busy):
+    """Return once the background monitor holds its lock; if it ended instead, fail with its reason and
+    exit code (a second monitor must not report 'running in the background')."""
+    import time
+
+    from dbdeck.errors import DbdeckError
+
+    lock = app.lock("auto-failover")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        holder = lock.holder()
+        if holder and holder.get("pid") == process.pid:
+            return
+        code = process.poll()
+        if code is not None:
+            try:
+                lines = [line for line in log_file.read_text().splitlines() if line.strip()]
+            except OSError:
+                lines = []
+            reason = lines[-1] if lines else f"exit status {code}"
+            error = lock_busy(reason) if code == 75 else DbdeckError(f"auto-failover did not start: {reason}")
+            raise error
+        time.sleep(0.1)
+    raise DbdeckError(f"auto-failover (pid {process.pid}) did not start monitoring within 30s; see {log_file}")

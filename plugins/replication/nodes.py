@@ -95,6 +95,19 @@ class HostFiles:
     def tool(self, name):
         return str(self.bindir / name)
 
+    def files_in_use(self):
+        """Whether any process still works in the data directory: after a kill -9 of the postmaster its
+        backends live on for a moment, and a server started meanwhile (or pg_rewind's single-user
+        recovery) would share the files with them."""
+        data = os.path.realpath(self.data_dir)
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                if os.readlink(entry / "cwd") == data:
+                    return True
+            except OSError:
+                continue
+        return False
+
 
 class LocalDriver(HostFiles):
     """A data directory on this host managed with pg_ctl (as the postgres OS user when run as root)."""
@@ -111,9 +124,9 @@ class LocalDriver(HostFiles):
 
     def is_running(self):
         if not Path(self.data_dir, "PG_VERSION").exists():
-            return False
+            return self.files_in_use()
         return self.runner.run([self.tool("pg_ctl"), "-D", self.data_dir, "status"], as_user=self.os_user,
-                               check=False, read_only=True).returncode == 0
+                               check=False, read_only=True).returncode == 0 or self.files_in_use()
 
     def start(self, timeout=60):
         if not self.runner.dry_run:
@@ -153,7 +166,7 @@ class SystemdDriver(HostFiles):
 
     def is_running(self):
         return self.runner.run(["systemctl", "is-active", "--quiet", self.unit], check=False,
-                               read_only=True).returncode == 0
+                               read_only=True).returncode == 0 or self.files_in_use()
 
     def start(self, timeout=60):
         self.runner.run(["systemctl", "start", self.unit], timeout=timeout + 10)

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from dbdeck.errors import ConfigError, DbdeckError, UsageError
+from dbdeck.errors import ConfigError, DbdeckError, LockBusy, UsageError
 
 from .cluster import probe
 from .nodes import Node, make_driver
@@ -37,6 +37,30 @@ class Pair:
 
     def probe(self, timeout=5):
         return probe(self.nodes, timeout)
+
+    @contextlib.contextmanager
+    def operator_lock(self):
+        """The replication lock for an operator's command. A dry run changes nothing and takes none.
+        Held by the auto-failover monitor (only while it fences, promotes or rejoins), it is waited
+        for; held by another operator's command, the answer is 'already running' (exit 75) at once."""
+        if self.runner.dry_run:
+            yield None
+            return
+        lock = self.app.lock("replication")
+        try:
+            lock.acquire()
+        except LockBusy:
+            holder = lock.holder() or {}
+            if "auto-failover" not in str(holder.get("command", "")):
+                raise
+            wait = max(600, self.settings.wait_timeout)
+            lock.acquire(wait=wait, waiting=lambda who: self.say(
+                f"auto-failover (pid {who.get('pid')}) is acting on the pair since {who.get('started')}: waiting "
+                f"up to {wait}s for it to finish", logging.WARNING))
+        try:
+            yield lock
+        finally:
+            lock.release()
 
     # --- messages ------------------------------------------------------------------------------------
     def say(self, message, level=logging.INFO):

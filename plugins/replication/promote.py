@@ -9,6 +9,8 @@ from dbdeck.errors import DbdeckError, Refused
 from dbdeck.events import Event
 from dbdeck.state import write_atomic
 
+from . import synchronous
+
 
 def promote_replica(pair, node_name=None, force=False, update_connections=False):
     snapshot = pair.probe()
@@ -62,12 +64,17 @@ def promote_replica(pair, node_name=None, force=False, update_connections=False)
         pair.say(f"would execute on {standby.name}: SELECT pg_promote(wait => true, wait_seconds => "
                  f"{pair.settings.wait_timeout})")
     else:
+        from .standby import ensure_slot
+
+        # reserved before the promotion: it keeps the WAL the old primary's rejoin replays (from before the fork)
+        ensure_slot(pair, standby)
         with standby.connect() as conn, standby.endpoint.driver_errors("pg_promote"):
             done = conn.execute("SELECT pg_promote(true, %s)", (pair.settings.wait_timeout,)).fetchone()[0]
         if not done:
             raise DbdeckError(f"pg_promote() on {standby.name} did not finish within {pair.settings.wait_timeout}s")
         pair.wait_for(lambda: pair.accepts_writes(standby), f"{standby.name} to accept writes")
         pair.say(f"{standby.name} is the primary now and accepts writes")
+        synchronous.primary_alone(pair, standby)
         pair.app.notify(Event("failover.promoted", f"{standby.name} promoted to primary", severity="warning",
                               details={"node": standby.name, "forced": bool(live)}))
 
@@ -80,7 +87,8 @@ def promote_replica(pair, node_name=None, force=False, update_connections=False)
         restart_services(pair)
     elif pair.settings.after_promote.env_files or pair.settings.after_promote.restart_services:
         pair.say("rerun with --update-connections to make these changes, or make them by hand")
-    pair.say(f"afterwards: rebuild-replica --node {old.name} turns {old.name} into a standby of {standby.name}"
+    pair.say(f"afterwards: rebuild-replica --rejoin --node {old.name} turns {old.name} into a standby of "
+             f"{standby.name} (pg_rewind, a full copy only if that cannot work)"
              if old else "afterwards: add a new standby with rebuild-replica")
     return standby
 

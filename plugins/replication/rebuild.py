@@ -2,55 +2,37 @@
 
 The data directory is rebuilt in place (works when it is a volume's mount point, as in the seed's
 containers): its contents move into <data>/.dbdeck-old-STAMP, pg_basebackup writes
-<data>/.dbdeck-new-STAMP, and only then the new files move up. A failure before the server starts
-puts the old files back; the old copy is deleted only once the new standby streams.
+<data>/.dbdeck-new-STAMP, and only then the new files move up (standby.signal first, PG_VERSION last). A
+failure before the server starts puts the old files back, fenced as a standby of the primary; the old copy
+is deleted only once the new standby streams.
 """
 
 import logging
 import sys
 import time
 
+from dbdeck import faults
 from dbdeck.errors import DbdeckError, Refused
 
+from . import synchronous
 from .cluster import split_brain_advice
 from .setup import read_password
-from .standby import apply_node_settings, ensure_slot
+from .standby import MOVE_ASIDE, MOVE_UP, apply_node_settings, ensure_slot, follow, recover_interrupted
 
-# $1 data directory, $2 stamp. Prints nothing; leftovers of an interrupted rebuild (.dbdeck-new-*) go.
-_MOVE_ASIDE = r'''set -eu
-data=$1; old="$data/.dbdeck-old-$2"; new="$data/.dbdeck-new-$2"
-mkdir -p "$data"; chmod 700 "$data"
-for stale in "$data"/.dbdeck-new-*; do [ -e "$stale" ] && rm -rf "$stale"; done
-mkdir "$old"
-for entry in "$data"/* "$data"/.[!.]* "$data"/..?*; do
-    [ -e "$entry" ] || [ -L "$entry" ] || continue
-    case "${entry##*/}" in .dbdeck-old-*|.dbdeck-new-*) continue;; esac
-    mv "$entry" "$old/"
-done
-'''
 # $1 data, $2 stamp, $3... config files to carry over from the old copy (the node's own, not the primary's).
-_MOVE_IN = r'''set -eu
+_CARRY_CONFIG = r'''set -eu
 data=$1; old="$data/.dbdeck-old-$2"; new="$data/.dbdeck-new-$2"; shift 2
-for file in "$@"; do [ -f "$old/$file" ] && cp -p "$old/$file" "$new/$file"; done
-for entry in "$new"/* "$new"/.[!.]* "$new"/..?*; do
-    [ -e "$entry" ] || [ -L "$entry" ] || continue
-    mv "$entry" "$data/"
-done
-rmdir "$new"
+for file in "$@"; do if [ -f "$old/$file" ]; then cp -p "$old/$file" "$new/$file"; fi; done
 '''
-_PUT_BACK = r'''set -eu
-data=$1; old="$data/.dbdeck-old-$2"; new="$data/.dbdeck-new-$2"
-rm -rf "$new"
+# $1 data: what a failed copy left in the data directory goes, PG_VERSION first.
+_CLEAR = r'''set -eu
+data=$1
+rm -f "$data/PG_VERSION"
 for entry in "$data"/* "$data"/.[!.]* "$data"/..?*; do
     [ -e "$entry" ] || [ -L "$entry" ] || continue
-    case "${entry##*/}" in .dbdeck-old-*|.dbdeck-new-*) continue;; esac
+    case "${entry##*/}" in .dbdeck-old-*) continue;; esac
     rm -rf "$entry"
 done
-for entry in "$old"/* "$old"/.[!.]* "$old"/..?*; do
-    [ -e "$entry" ] || [ -L "$entry" ] || continue
-    mv "$entry" "$data/"
-done
-rmdir "$old"
 '''
 _DROP_OLD = 'rm -rf "$1/.dbdeck-old-$2"'
 
@@ -91,7 +73,7 @@ def rebuild_replica(pair, node_name=None):
     host, port = primary.replication_address
     driver = target.driver
     data = driver.data_dir
-    stamp = time.strftime("%Y%m%d%H%M%S")
+    stamp = time.strftime("%Y%m%d%H%M%S") + f"{time.time() % 1:.3f}"[1:].replace(".", "")
     pair.say(f"rebuilding {target.name} ({driver.describe()}) as a standby of {primary.name} "
              f"(streaming from {host}:{port} as {settings.replication_user}, slot {settings.slot})")
 
@@ -110,10 +92,13 @@ def rebuild_replica(pair, node_name=None):
         driver.stop("immediate", timeout=30)
     if not pair.runner.dry_run:
         pair.wait_for(lambda: not driver.is_running(), f"{target.name} to stop", timeout=60)
+    recover_interrupted(pair, target)
 
-    pair.say(f"moving {data} aside to {data}/.dbdeck-old-{stamp} (deleted only after the new standby streams)")
-    driver.shell(_MOVE_ASIDE, data, stamp, offline=True)
-    new = f"{data}/.dbdeck-new-{stamp}"
+    old_name, new_name = f".dbdeck-old-{stamp}", f".dbdeck-new-{stamp}"
+    pair.say(f"moving {data} aside to {data}/{old_name} (deleted only after the new standby streams)")
+    driver.shell(MOVE_ASIDE, data, old_name, offline=True)
+    faults.point("basebackup.moved-aside")
+    new = f"{data}/{new_name}"
     try:
         progress = sys.stderr.isatty()
         pair.say(f"pg_basebackup from {primary.name} into {new}")
@@ -121,15 +106,20 @@ def rebuild_replica(pair, node_name=None):
                      "-U", settings.replication_user, "-D", new, "-R", "-X", "stream", "-c", "fast",
                      "-S", settings.slot, "--no-password", *(["-P"] if progress else []),
                      env={"PGPASSWORD": password}, offline=True, timeout=24 * 3600, passthrough=progress)
-        driver.shell(_MOVE_IN, data, stamp, *settings.keep_config_files, offline=True)
-        apply_node_settings(target)
-    except BaseException:
-        pair.say(f"rebuild failed before {target.name} started: putting the old data directory back",
-                 logging.ERROR)
+        faults.point("basebackup.copied")
+        driver.shell(_CARRY_CONFIG, data, stamp, *settings.keep_config_files, offline=True)
+        apply_node_settings(target, new)
+        driver.shell(MOVE_UP, data, new_name, offline=True)
+        faults.point("basebackup.moved-in")
+    except BaseException as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        reason = " / ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else type(exc).__name__
+        pair.say(f"rebuild failed before {target.name} started ({reason}): putting the old data directory back "
+                 f"(as a standby of {primary.name})", logging.ERROR)
         try:
-            driver.shell(_PUT_BACK, data, stamp, offline=True)
+            _put_back(pair, target, primary, data, old_name, new)
         except DbdeckError as exc:
-            pair.say(f"could not put the old data back ({exc}); it is in {data}/.dbdeck-old-{stamp}", logging.ERROR)
+            pair.say(f"could not put the old data back ({exc}); it is in {data}/{old_name}", logging.ERROR)
             raise
         if was_running:
             pair.say(f"starting {target.name} again on its old data")
@@ -144,7 +134,24 @@ def rebuild_replica(pair, node_name=None):
     try:
         pair.wait_for(lambda: pair.is_streaming(target, primary), f"{target.name} to stream from {primary.name}")
     except DbdeckError as exc:
-        raise DbdeckError(f"{exc}; the previous data directory is kept in {data}/.dbdeck-old-{stamp}") from None
+        raise DbdeckError(f"{exc}; the previous data directory is kept in {data}/{old_name}") from None
     driver.shell(_DROP_OLD, data, stamp, offline=False)
     pair.say(f"{target.name} is streaming from {primary.name}; old data deleted")
+    synchronous.standby_streams(pair, primary)
     return target, primary
+
+
+def _put_back(pair, target, primary, data, old_name, new):
+    """The old files back in place, fenced: whatever they were, they start only as a standby of primary."""
+    driver = target.driver
+    driver.shell('rm -rf "$1"', new, offline=True)
+    faults.point("restore.new-removed")
+    driver.shell(_CLEAR, data, offline=True)
+    # a standby keeps its own primary_conninfo; anything else gets one (and standby.signal) first
+    state = driver.shell('test -e "$1/PG_VERSION" || { echo empty; exit 0; }; test -e "$1/standby.signal" && '
+                         'echo standby || echo primary', f"{data}/{old_name}", offline=True, read_only=True)
+    if state.stdout.strip() == "primary" and not pair.runner.dry_run:
+        follow(pair, target, primary, f"{data}/{old_name}")
+    faults.point("restore.fenced")
+    driver.shell(MOVE_UP, data, old_name, offline=True)
+    faults.point("restore.moved-back")

@@ -213,17 +213,22 @@ def ensure_slot(pair, conn, where):
         pair.say(f"slot {slot}: present on {where} ({'active' if row[1] else 'inactive'})")
         return row[1]
     if pair.runner.dry_run:
-        pair.say(f"would execute on {where}: SELECT pg_create_physical_replication_slot('{slot}')")
+        pair.say(f"would execute on {where}: SELECT pg_create_physical_replication_slot('{slot}', true)")
         return False
-    conn.execute("SELECT pg_create_physical_replication_slot(%s)", (slot,))
+    # reserved at once (from the last checkpoint's redo): a node rejoining after pg_rewind replays from
+    # before the promotion, and nothing else keeps that WAL on a primary with wal_keep_size 0
+    conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
     pair.say(f"slot {slot}: created on {where}")
     return False
 
 
 def _ensure_synchronous(pair, conn, wanted):
-    if wanted is None:
-        return
     current = conn.execute("SHOW synchronous_standby_names").fetchone()[0]
+    if wanted is None:
+        from .synchronous import remember
+
+        remember(pair, current)  # set by hand: dbdeck keeps it across role changes
+        return
     if current == wanted:
         pair.say(f"synchronous_standby_names = '{wanted}': already set")
         return
@@ -241,7 +246,7 @@ def check_settings(conn):
     rows = {r[0]: r[1:] for r in conn.execute(
         "SELECT name, setting, unit, context, pending_restart FROM pg_settings WHERE name = ANY(%s)",
         (["wal_level", "max_wal_senders", "max_replication_slots", "wal_keep_size", "hot_standby",
-          "wal_log_hints", "data_checksums", "max_slot_wal_keep_size"],)).fetchall()}
+          "wal_log_hints", "data_checksums", "max_slot_wal_keep_size", "max_wal_size"],)).fetchall()}
 
     def value(name):
         return rows[name][0]
@@ -252,6 +257,7 @@ def check_settings(conn):
     checksums = value("data_checksums") == "on"
     keep_mb = int(value("wal_keep_size"))
     slot_cap = int(value("max_slot_wal_keep_size"))
+    max_wal_mb = int(value("max_wal_size"))
     return [
         SettingCheck("wal_level", value("wal_level"), "replica", value("wal_level") in ("replica", "logical"),
                      True, restart("wal_level"), "standbys need WAL with replica detail"),
@@ -266,12 +272,22 @@ def check_settings(conn):
         SettingCheck("wal_log_hints", value("wal_log_hints"), "on (or data checksums)",
                      value("wal_log_hints") == "on" or checksums, False, restart("wal_log_hints"),
                      "pg_rewind needs it to turn an old primary back into a standby without a full copy"),
-        SettingCheck("wal_keep_size", f"{keep_mb}MB", "optional with a slot",
-                     True, False, False,
-                     "the slot already keeps the standby's WAL" + (
+        SettingCheck("wal_keep_size", f"{keep_mb}MB", f">= max_wal_size ({max_wal_mb}MB) for pg_rewind after a stop "
+                     f"outside dbdeck", keep_mb >= max_wal_mb, False, False,
+                     "pg_rewind reads the old primary's WAL back to the last checkpoint before the failover. "
+                     "dbdeck's own stops keep it (immediate, no checkpoint; the rejoin copies it aside for "
+                     "--restore-target-wal), but a clean stop by anyone else (docker stop, systemctl stop) "
+                     "recycles it, and the rejoin then needs a full copy. Costs that much disk on each node, so "
+                     "--apply-settings leaves it to you: ALTER SYSTEM SET wal_keep_size = "
+                     f"'{max_wal_mb}MB'. The standby's own WAL is kept by the slot" + (
                          "; max_slot_wal_keep_size is unlimited: a standby down for long can fill the disk"
                          if slot_cap < 0 else f"; max_slot_wal_keep_size caps it at {slot_cap}MB")),
     ]
+
+
+# what --apply-settings sets (wal_keep_size costs disk: it stays the user's choice)
+_APPLIED = {"wal_level": "replica", "max_wal_senders": "10", "max_replication_slots": "10", "hot_standby": "on",
+            "wal_log_hints": "on"}
 
 
 def _report_and_apply(pair, conn, checks, apply_settings):
@@ -279,11 +295,10 @@ def _report_and_apply(pair, conn, checks, apply_settings):
     for check in checks:
         mark = "ok  " if check.ok else ("FIX " if check.blocking else "warn")
         pair.say(f"  {mark} {check.name} = {check.current} (wanted {check.wanted}): {check.why}")
-    wrong = [c for c in checks if not c.ok]
+    wrong = [c for c in checks if not c.ok and c.name in _APPLIED]
     if wrong and apply_settings:
         for check in wrong:
-            target = {"wal_level": "replica", "max_wal_senders": "10", "max_replication_slots": "10",
-                      "hot_standby": "on", "wal_log_hints": "on"}[check.name]
+            target = _APPLIED[check.name]
             statement = sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(check.name), sql.Literal(target))
             if pair.runner.dry_run:
                 pair.say(f"would execute: {statement.as_string(conn)}")

@@ -1,28 +1,94 @@
 """Turning a stopped node into a standby of another: follow (standby.signal + primary_conninfo), pg_rewind,
 and fencing (a node that can only ever come back read-only).
 
-Everything here edits a *stopped* node's data directory through its driver's offline shell.
+The invariant every step here keeps, tested by killing dbdeck at each failpoint: a node that was fenced
+can never start as a writable primary until it is a standby of the new primary. Its data directory
+always either holds standby.signal or cannot start at all (no PG_VERSION: pg_rewind and pg_basebackup
+work in a subdirectory, and files move back with standby.signal first and PG_VERSION last).
 """
 
 import logging
+import re
+import time
 
-from dbdeck.errors import DbdeckError
+from dbdeck import faults
+from dbdeck.errors import CommandFailed, DbdeckError
 
+from . import synchronous
 from .setup import ensure_slot as ensure_slot_on_connection, read_password
 
-# $1 data directory; stdin: the primary_conninfo/primary_slot_name lines. The password is in the
-# conninfo, so the file stays private. default_transaction_read_only is dropped: switchover sets it
-# to block writes on the old primary, and it must not follow the node into a later promotion.
+# $1 directory; stdin: the primary_conninfo/primary_slot_name lines. The password is in the conninfo, so
+# the file stays private. default_transaction_read_only is dropped: switchover sets it to block writes on
+# the old primary, and it must not follow the node into a later promotion; pg_rewind's temporary
+# restore_command (marked) goes too.
 _FOLLOW = r'''set -eu
 data=$1; conf="$data/postgresql.auto.conf"
 touch "$conf"
-grep -vE "^[[:space:]]*(primary_conninfo|primary_slot_name|default_transaction_read_only)[[:space:]]*=" \
+grep -vE "^[[:space:]]*(primary_conninfo|primary_slot_name|default_transaction_read_only)[[:space:]]*=|# dbdeck-rewind$" \
     "$conf" > "$conf.dbdeck" || true
 cat >> "$conf.dbdeck"
 chmod 600 "$conf.dbdeck"
 mv "$conf.dbdeck" "$conf"
 touch "$data/standby.signal"
 '''
+
+# $1 data directory, $2 the subdirectory to move everything into. PG_VERSION goes first: without it
+# nothing starts on the data directory (pg_ctl, a container, a systemd unit), whatever else is still
+# there; standby.signal goes last. A data directory that is a mount point stays one.
+MOVE_ASIDE = r'''set -eu
+data=$1; aside="$data/$2"
+mkdir -p "$data"; chmod 700 "$data"
+mkdir -m 700 "$aside"
+if [ -e "$data/PG_VERSION" ]; then mv "$data/PG_VERSION" "$aside/"; fi
+for entry in "$data"/* "$data"/.[!.]* "$data"/..?*; do
+    [ -e "$entry" ] || [ -L "$entry" ] || continue
+    case "${entry##*/}" in .dbdeck-*|standby.signal) continue;; esac
+    mv "$entry" "$aside/"
+done
+if [ -e "$data/standby.signal" ]; then mv "$data/standby.signal" "$aside/"; fi
+'''
+# $1 data directory, $2 the subdirectory to move back up: standby.signal first, PG_VERSION last. A
+# .dbdeck-* directory inside it came with a copy of the other node's files (pg_basebackup and pg_rewind
+# copy what they find): it is that node's business, not this one's.
+MOVE_UP = r'''set -eu
+data=$1; aside="$data/$2"
+if [ -e "$aside/standby.signal" ]; then mv "$aside/standby.signal" "$data/"; fi
+for entry in "$aside"/* "$aside"/.[!.]* "$aside"/..?*; do
+    [ -e "$entry" ] || [ -L "$entry" ] || continue
+    case "${entry##*/}" in
+        PG_VERSION) continue;;
+        .dbdeck-*) rm -rf "$entry"; continue;;
+    esac
+    mv "$entry" "$data/"
+done
+if [ -e "$aside/PG_VERSION" ]; then mv "$aside/PG_VERSION" "$data/"; fi
+rmdir "$aside"
+'''
+# $1 data directory: the subdirectories an interrupted rewind or rebuild left, newest first, each with
+# whether it holds a data directory (PG_VERSION); then whether the data directory itself has one.
+_LEFTOVERS = r'''data=$1
+for dir in $(ls -1d "$data"/.dbdeck-* 2>/dev/null | sort -r); do
+    if [ -e "$dir/PG_VERSION" ]; then echo "data ${dir##*/}"; else echo "other ${dir##*/}"; fi
+done
+if [ -e "$data/PG_VERSION" ]; then echo "current PG_VERSION"; fi
+'''
+# $1 work directory, $2 where its WAL segments are copied. pg_rewind completes an unclean shutdown with
+# a single-user server (which refuses standby.signal) whose end-of-recovery checkpoint may recycle the
+# very segments pg_rewind then reads: the copies are its restore_command (--restore-target-wal). The
+# server is stopped (its processes gone), so a postmaster.pid left by a kill -9 is stale.
+_SAVE_WAL = r'''set -eu
+work=$1; saved=$2
+mkdir -p "$saved"; chmod 700 "$saved"
+for segment in "$work"/pg_wal/[0-9A-F]*; do
+    [ -f "$segment" ] && cp -p "$segment" "$saved/"
+done
+rm -f "$work/standby.signal" "$work/recovery.signal" "$work/postmaster.pid"
+printf "restore_command = 'cp \"%s/%%f\" \"%%p\"'  # dbdeck-rewind\n" "$saved" >> "$work/postgresql.auto.conf"
+'''
+
+
+class RewindImpossible(DbdeckError):
+    """pg_rewind cannot bring this node back; the message says why (a base backup is the way out)."""
 
 
 def _quote_conninfo(value):
@@ -33,8 +99,9 @@ def _quote_setting(value):
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def follow(pair, node, primary):
-    """Make the stopped `node` start as a standby streaming from `primary` (through the slot)."""
+def follow(pair, node, primary, directory=None):
+    """Make the stopped `node` start as a standby streaming from `primary` (through the slot).
+    `directory` is where its files are now (default: its data directory)."""
     password = read_password(pair)
     host, port = primary.replication_address
     conninfo = " ".join(f"{k}={_quote_conninfo(v)}" for k, v in (
@@ -44,7 +111,7 @@ def follow(pair, node, primary):
              f"primary_slot_name = {_quote_setting(pair.settings.slot)}\n")
     pair.say(f"{node.name}: standby.signal + primary_conninfo -> {primary.name} ({host}:{port}), "
              f"slot {pair.settings.slot}")
-    node.driver.shell(_FOLLOW, node.driver.data_dir, stdin=lines, offline=True)
+    node.driver.shell(_FOLLOW, directory or node.driver.data_dir, stdin=lines, offline=True)
 
 
 def ensure_slot(pair, primary):
@@ -62,28 +129,41 @@ def stop_node(pair, node, mode="fast"):
         pair.wait_for(lambda: not node.driver.is_running(), f"{node.name} to stop", timeout=60)
 
 
+def drop_own_slot(pair, node, directory=None):
+    """A node becoming a standby keeps no slot of its own from its days as a primary: on a standby an
+    inactive slot would hold its WAL forever. Offline only (the directory of a stopped server)."""
+    node.driver.shell('rm -rf "$1/pg_replslot/$2"', directory or node.driver.data_dir, pair.settings.slot,
+                      offline=True)
+
+
 def fence(pair, node, new_primary):
-    """Make `node` unable to come back as a writable primary: stop it, keep its container from restarting
-    itself, and leave standby.signal in its data directory (started again, it can only be a standby)."""
-    pair.say(f"fencing {node.name}: stop it and make it restart only as a standby of {new_primary.name}")
-    stop_node(pair, node, "immediate")
+    """Make `node` unable to come back as a writable primary. standby.signal is written *before* the
+    stop, so whatever restarts it (a restart policy, an operator, a reboot) gets a standby; the stop is
+    immediate, so no shutdown checkpoint recycles the WAL pg_rewind needs later."""
+    pair.say(f"fencing {node.name}: standby.signal, then stop it (it can restart only as a standby of "
+             f"{new_primary.name})")
     if node.config.driver == "docker":
         pair.runner.run(["docker", "update", "--restart=no", node.driver.container], check=False)
+    faults.point("fence.restart-policy")
     follow(pair, node, new_primary)
+    faults.point("fence.signal-written")
+    stop_node(pair, node, "immediate")
+    faults.point("fence.stopped")
+    drop_own_slot(pair, node)
 
 
-def _saved_config(pair, node):
+def _saved_config(pair, node, directory):
     """The node's own config files, read before pg_rewind copies the source's over them."""
     saved = {}
     for name in pair.settings.keep_config_files:
-        result = node.driver.shell('cat "$1/$2" 2>/dev/null || true', node.driver.data_dir, name, offline=True,
+        result = node.driver.shell('cat "$1/$2" 2>/dev/null || true', directory, name, offline=True,
                                    read_only=True)
         if result.stdout:
             saved[name] = result.stdout
     return saved
 
 
-# $1 data directory; stdin: the node's own settings. They go to dbdeck-node.conf, included last from
+# $1 directory; stdin: the node's own settings. They go to dbdeck-node.conf, included last from
 # postgresql.conf: a copy (pg_basebackup, pg_rewind) brings the primary's files, and the primary's own
 # node settings (its port...) must not follow them to this node.
 _APPLY_NODE_SETTINGS = r'''set -eu
@@ -109,52 +189,188 @@ def setting_line(key, value):
     return f"{key} = {text}\n"
 
 
-def apply_node_settings(node):
-    """Write the node's `settings:` into its stopped data directory."""
+def apply_node_settings(node, directory=None):
+    """Write the node's `settings:` into its stopped data directory (or where its files are now)."""
     text = "".join(setting_line(k, v) for k, v in node.config.settings.items())
-    node.driver.shell(_APPLY_NODE_SETTINGS, node.driver.data_dir, stdin=text, offline=True)
+    node.driver.shell(_APPLY_NODE_SETTINGS, directory or node.driver.data_dir, stdin=text, offline=True)
+
+
+def recover_interrupted(pair, node):
+    """Put back a data directory that a killed rewind or rebuild left in a subdirectory (fenced as a
+    standby of nobody yet: follow() runs again later), and drop the copies it no longer needs."""
+    data = node.driver.data_dir
+    output = node.driver.shell(_LEFTOVERS, data, offline=True, read_only=True).stdout
+    entries = [line.split(" ", 1) for line in output.splitlines() if " " in line]
+    has_current = ["current", "PG_VERSION"] in entries
+    for kind, name in entries:
+        if kind == "current":
+            continue
+        if not has_current and kind == "data" and name.startswith((".dbdeck-rewind-", ".dbdeck-old-")):
+            pair.say(f"{node.name}: an interrupted run left its data directory in {data}/{name}; moving it back "
+                     f"(with standby.signal first)", logging.WARNING)
+            node.driver.shell('touch "$1/$2/standby.signal"', data, name, offline=True)
+            node.driver.shell(MOVE_UP, data, name, offline=True)
+            has_current = True
+        elif name.startswith((".dbdeck-wal-", ".dbdeck-new-")) or (kind == "other"
+                                                                  and name.startswith(".dbdeck-rewind-")):
+            node.driver.shell('rm -rf "$1/$2"', data, name, offline=True)
+        elif kind == "data":
+            pair.say(f"{node.name}: {data}/{name} is a copy an earlier run kept; delete it once you are sure you "
+                     f"do not need it", logging.WARNING)
 
 
 def rewind(pair, node, source):
-    """pg_rewind the stopped `node` onto `source` (crash recovery first if it was not shut down cleanly),
-    then make it follow `source`. Raises when pg_rewind cannot do it (the caller falls back to a base backup)."""
-    saved = _saved_config(pair, node)
+    """pg_rewind the stopped `node` onto `source`, then make it follow `source`. Raises RewindImpossible
+    with pg_rewind's own reason when it cannot; the node is then left fenced (standby.signal)."""
+    data = node.driver.data_dir
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    work_name, wal_name = f".dbdeck-rewind-{stamp}", f".dbdeck-wal-{stamp}"
+    work, saved_wal = f"{data}/{work_name}", f"{data}/{wal_name}"
+    has_conf = node.driver.shell('test -f "$1/postgresql.conf" && echo yes || true', data, offline=True,
+                                 read_only=True).stdout.strip()
+    if has_conf != "yes" and not pair.runner.dry_run:
+        raise RewindImpossible(f"{data} has no postgresql.conf (the configuration lives elsewhere), so pg_rewind "
+                               f"cannot run its crash recovery on a copy")
     admin = source.endpoint
     host, port = source.replication_address
     conninfo = f"host={host} port={port} user={admin.user or 'postgres'} dbname={admin.database or 'postgres'}"
     env = {"PGPASSWORD": admin.password} if admin.password else {}
-    pair.say(f"pg_rewind {node.name} onto {source.name}")
+    pair.say(f"pg_rewind {node.name} onto {source.name} (in {work}, where no server can start from)")
     # a fresh primary writes its new timeline to pg_control only at the end-of-recovery checkpoint, which
     # promotion no longer waits for; without it pg_rewind sees one timeline and says "no rewind required"
     if not pair.runner.dry_run:
         with source.connect() as conn, source.endpoint.driver_errors("CHECKPOINT"):
             conn.execute("CHECKPOINT")
-    # pg_rewind finishes an unclean shutdown with a single-user server, which refuses to run with
-    # standby.signal present (fencing left it there); follow() writes it again right after
-    node.driver.shell('rm -f "$1/standby.signal" "$1/recovery.signal"', node.driver.data_dir, offline=True)
-    node.driver.shell('exec "$@"', node.driver.tool("pg_rewind"), "-D", node.driver.data_dir,
-                      f"--source-server={conninfo}", "--progress", env=env, offline=True, timeout=6 * 3600)
-    for name, text in saved.items():
-        node.driver.shell('cat > "$1/$2"', node.driver.data_dir, name, stdin=text, offline=True)
-    apply_node_settings(node)
-    follow(pair, node, source)
+    node.driver.shell(MOVE_ASIDE, data, work_name, offline=True)
+    faults.point("rewind.moved-aside")
+    try:
+        saved = _saved_config(pair, node, work)
+        drop_own_slot(pair, node, work)
+        node.driver.shell(_SAVE_WAL, work, saved_wal, offline=True)
+        faults.point("rewind.wal-saved")
+        try:
+            result = node.driver.shell('exec "$@"', node.driver.tool("pg_rewind"), "-D", work,
+                                       f"--source-server={conninfo}", "--restore-target-wal", "--progress",
+                                       env=env, offline=True, timeout=6 * 3600)
+        except CommandFailed as exc:
+            raise RewindImpossible(f"pg_rewind failed: {rewind_reason(exc)}") from None
+        faults.point("rewind.rewound")
+        _check_source_keeps_wal(pair, source, result.stderr)
+        for name, text in saved.items():
+            node.driver.shell('cat > "$1/$2"', work, name, stdin=text, offline=True)
+        apply_node_settings(node, work)
+        follow(pair, node, source, work)
+        faults.point("rewind.configured")
+    except BaseException:
+        # whatever happened, the files go back fenced: a standby of the new primary, never a writable one
+        try:
+            node.driver.shell('touch "$1/standby.signal"', work, offline=True)
+            node.driver.shell(MOVE_UP, data, work_name, offline=True)
+            node.driver.shell('rm -rf "$1"', saved_wal, offline=True)
+        except DbdeckError as exc:
+            pair.say(f"could not move {work} back ({exc}); the node cannot start until it is", logging.ERROR)
+        raise
+    node.driver.shell(MOVE_UP, data, work_name, offline=True)
+    faults.point("rewind.moved-back")
+    node.driver.shell('rm -rf "$1"', saved_wal, offline=True)
+
+
+def _copied_but_never_started(node):
+    """pg_rewind and pg_basebackup leave backup_label; the first start's recovery removes it."""
+    result = node.driver.shell('test -e "$1/PG_VERSION" && test -e "$1/backup_label" && echo yes || true',
+                               node.driver.data_dir, offline=True, read_only=True)
+    return result.stdout.strip() == "yes"
+
+
+def _check_source_keeps_wal(pair, source, rewind_output):
+    """After the rewind the node streams the new timeline from the fork on: when the source no longer has
+    that WAL (a failed copy advanced the slot, checkpoints recycled it), the node could only wait forever."""
+    match = re.search(r"servers diverged at WAL location ([0-9A-F]+)/([0-9A-F]+)", rewind_output or "")
+    if pair.runner.dry_run or not match:
+        return
+    with source.connect() as conn, source.endpoint.driver_errors("pg_ls_waldir"):
+        oldest, segment_size = conn.execute(
+            "SELECT min(substr(name, 9)), (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size') FROM pg_ls_waldir() "
+            "WHERE name ~ '^[0-9A-F]{24}$'").fetchone()
+    needed = f"{int(match.group(1), 16):08X}{int(match.group(2), 16) // segment_size:08X}"
+    if oldest and oldest > needed:
+        raise RewindImpossible(f"{source.name} no longer has the WAL from the fork at {match.group(1)}/"
+                               f"{match.group(2)} that the rewound files must stream (its oldest segment is "
+                               f"…{oldest})")
+
+
+def rewind_reason(exc):
+    """pg_rewind's own explanation (its error/detail lines), not just 'exit status 1'."""
+    lines = [line.strip() for line in (exc.stderr or "").splitlines() if line.strip()]
+    wanted = [line.split("pg_rewind: ", 1)[-1] for line in lines
+              if line.startswith("pg_rewind: error:") or line.startswith("pg_rewind: detail:")
+              or line.startswith("pg_rewind: hint:") or " FATAL: " in line]
+    if wanted:
+        return "; ".join(wanted)
+    return lines[-1] if lines else str(exc).splitlines()[0]
+
+
+def checkpoint_lsn(pair, node):
+    """(cluster state, latest checkpoint location) of the stopped node, from pg_controldata."""
+    result = node.driver.shell('exec "$@"', node.driver.tool("pg_controldata"), "-D", node.driver.data_dir,
+                               offline=True, read_only=True, env={"LC_ALL": "C"})
+    state = re.search(r"^Database cluster state:\s*(.+)$", result.stdout, re.M)
+    location = re.search(r"^Latest checkpoint location:\s*(\S+)$", result.stdout, re.M)
+    if not (state and location):
+        raise DbdeckError(f"cannot read pg_controldata of {node.name}")
+    return state.group(1).strip(), location.group(1)
+
+
+def _stop_for_rewind(pair, node):
+    """A primary stops immediately (a shutdown checkpoint would recycle WAL pg_rewind needs); a standby
+    stops cleanly ('shut down in recovery' needs no crash recovery). pg_rewind's own crash recovery runs
+    without standby.signal, which is right for a primary's files only: a standby that stopped uncleanly
+    first finishes its recovery as a standby."""
+    from .cluster import probe_node
+
+    state = probe_node(node, 3)
+    stop_node(pair, node, "fast" if state.reachable and state.in_recovery else "immediate")
+    recover_interrupted(pair, node)
+    if pair.runner.dry_run or not _has_data(node):
+        return
+    if checkpoint_lsn(pair, node)[0] == "in archive recovery":
+        pair.say(f"{node.name} stopped uncleanly as a standby: letting it finish recovery as one, then a clean stop")
+        node.driver.shell('touch "$1/standby.signal"', node.driver.data_dir, offline=True)
+        node.driver.start()
+        stop_node(pair, node, "fast")
+
+
+def _has_data(node):
+    result = node.driver.shell('test -e "$1/PG_VERSION" && echo yes || true', node.driver.data_dir, offline=True,
+                               read_only=True)
+    return result.stdout.strip() == "yes"
 
 
 def rejoin(pair, node, primary):
-    """Bring `node` back as a standby of `primary`: pg_rewind when possible, else a fresh base backup."""
+    """Bring `node` back as a standby of `primary`: pg_rewind when possible, else a fresh base backup.
+    Returns 'rewind' or 'basebackup'."""
     ensure_slot(pair, primary)
-    stop_node(pair, node)
     try:
-        rewind(pair, node, primary)
+        _stop_for_rewind(pair, node)
+        if not pair.runner.dry_run and _copied_but_never_started(node):
+            # a rejoin killed after pg_rewind (or a rebuild after its copy): the files are complete and
+            # must now recover from the new primary; a second pg_rewind over them would corrupt them
+            pair.say(f"{node.name} holds a finished copy that never started (backup_label): completing the "
+                     f"earlier rejoin instead of rewinding again", logging.WARNING)
+            apply_node_settings(node)
+            follow(pair, node, primary)
+        else:
+            rewind(pair, node, primary)
         node.driver.start()
         if pair.runner.dry_run:
             return "rewind"
         pair.wait_for(lambda: pair.is_streaming(node, primary), f"{node.name} to stream from {primary.name}",
                       timeout=min(60, pair.settings.wait_timeout))
         pair.say(f"{node.name} rejoined as a standby of {primary.name} (pg_rewind)")
+        synchronous.standby_streams(pair, primary)
         return "rewind"
     except DbdeckError as exc:
-        pair.say(f"pg_rewind path failed ({str(exc).splitlines()[0]}); falling back to a fresh base backup",
+        pair.say(f"pg_rewind cannot rejoin {node.name}: {exc}; falling back to a fresh base backup",
                  logging.WARNING)
     from .rebuild import rebuild_replica  # rebuild uses this module's helpers
 

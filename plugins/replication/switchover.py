@@ -6,13 +6,14 @@ time, the old primary is started again unchanged and nothing was lost.
 """
 
 import logging
-import re
 
+from dbdeck import faults
 from dbdeck.errors import DbdeckError, Refused
 from dbdeck.events import Event
 
+from . import synchronous
 from .setup import read_password
-from .standby import ensure_slot, follow, rewind, stop_node
+from .standby import checkpoint_lsn, drop_own_slot, ensure_slot, follow, rejoin, stop_node
 
 
 def precheck(pair, max_lag_bytes):
@@ -49,17 +50,6 @@ def precheck(pair, max_lag_bytes):
     return primary, standby
 
 
-def checkpoint_lsn(pair, node):
-    """The stopped node's last checkpoint (its shutdown checkpoint after a clean stop)."""
-    result = node.driver.shell('exec "$@"', node.driver.tool("pg_controldata"), "-D", node.driver.data_dir,
-                               offline=True, read_only=True, env={"LC_ALL": "C"})
-    state = re.search(r"^Database cluster state:\s*(.+)$", result.stdout, re.M)
-    location = re.search(r"^Latest checkpoint location:\s*(\S+)$", result.stdout, re.M)
-    if not (state and location):
-        raise DbdeckError(f"cannot read pg_controldata of {node.name}")
-    return state.group(1).strip(), location.group(1)
-
-
 def _replayed_past(standby, lsn):
     try:
         with standby.connect(timeout=3) as conn:
@@ -74,14 +64,19 @@ def switchover(pair, max_lag_bytes, timeout):
     steps = [f"block new writes on {primary.name} (default_transaction_read_only), CHECKPOINT",
              f"clean (fast) shutdown of {primary.name}; read its shutdown checkpoint LSN",
              f"wait up to {timeout}s until {standby.name} replayed past it (else restart {primary.name}, abort)",
+             f"{primary.name}: standby.signal + primary_conninfo -> {standby.name} (from now on it can only "
+             f"start as a standby)",
              f"promote {standby.name}; wait until it accepts writes",
-             f"{primary.name}: standby.signal + primary_conninfo -> {standby.name} (pg_rewind if it cannot follow)",
-             f"start {primary.name}; verify it streams from {standby.name}"]
+             f"start {primary.name}; verify it streams from {standby.name} (pg_rewind, else a base backup, if it "
+             f"cannot follow)",
+             f"synchronous_standby_names on {standby.name}: "
+             f"'{synchronous.wanted(pair) if synchronous.wanted(pair) is not None else 'as it is'}'"]
     if pair.runner.dry_run:
         pair.say("plan:\n  " + "\n  ".join(f"{i}. {s}" for i, s in enumerate(steps, 1)))
         return primary, standby
 
     with primary.connect() as conn, primary.endpoint.driver_errors("blocking writes"):
+        synchronous.remember(pair, conn.execute("SHOW synchronous_standby_names").fetchone()[0])
         conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
         conn.execute("SELECT pg_reload_conf()")
         conn.execute("CHECKPOINT")
@@ -99,25 +94,34 @@ def switchover(pair, max_lag_bytes, timeout):
         raise DbdeckError(f"{exc}; switchover aborted: {primary.name} is the primary again") from None
     pair.say(f"{standby.name} replayed past {lsn}: nothing acknowledged is missing")
 
-    with standby.connect() as conn, standby.endpoint.driver_errors("pg_promote"):
-        if not conn.execute("SELECT pg_promote(true, %s)", (pair.settings.wait_timeout,)).fetchone()[0]:
-            raise DbdeckError(f"pg_promote() on {standby.name} did not finish; {primary.name} stays stopped "
-                              f"(start it to undo: it is unchanged)")
+    # fenced before the promotion: killed from here on, the old primary can only start as a standby
+    follow(pair, primary, standby)
+    drop_own_slot(pair, primary)
+    faults.point("switchover.old-fenced")
+    ensure_slot(pair, standby)  # before the promotion, so its checkpoint cannot recycle what a rejoin needs
+    try:
+        with standby.connect() as conn, standby.endpoint.driver_errors("pg_promote"):
+            if not conn.execute("SELECT pg_promote(true, %s)", (pair.settings.wait_timeout,)).fetchone()[0]:
+                raise DbdeckError(f"pg_promote() on {standby.name} did not finish")
+    except DbdeckError as exc:
+        if pair.accepts_writes(standby):
+            raise DbdeckError(f"{exc}; {standby.name} accepts writes anyway, {primary.name} stays a stopped "
+                              f"standby-to-be: run rebuild-replica --rejoin --node {primary.name}") from None
+        primary.driver.shell('rm -f "$1/standby.signal"', primary.driver.data_dir, offline=True)
+        _restart_old_primary(pair, primary)
+        raise DbdeckError(f"{exc}; switchover aborted: {primary.name} is the primary again") from None
     pair.wait_for(lambda: pair.accepts_writes(standby), f"{standby.name} to accept writes")
     pair.say(f"{standby.name} is the primary")
+    faults.point("switchover.promoted")
 
-    ensure_slot(pair, standby)
-    follow(pair, primary, standby)
     primary.driver.start()
     try:
         pair.wait_for(lambda: pair.is_streaming(primary, standby), f"{primary.name} to stream from {standby.name}",
                       timeout=min(30, pair.settings.wait_timeout))
     except DbdeckError:
-        pair.say(f"{primary.name} does not stream from {standby.name}; using pg_rewind", logging.WARNING)
-        stop_node(pair, primary)
-        rewind(pair, primary, standby)
-        primary.driver.start()
-        pair.wait_for(lambda: pair.is_streaming(primary, standby), f"{primary.name} to stream from {standby.name}")
+        pair.say(f"{primary.name} does not stream from {standby.name}; rejoining it", logging.WARNING)
+        rejoin(pair, primary, standby)
+    synchronous.standby_streams(pair, standby)
     pair.say(f"switchover done: {standby.name} is the primary, {primary.name} streams from it")
     pair.app.notify(Event("switchover.done", f"switchover: {standby.name} primary, {primary.name} standby",
                           details={"primary": standby.name, "standby": primary.name}))

@@ -101,8 +101,11 @@ class PostgresServer:
     def _run(self, argv, **kwargs):
         return self.runner.run(argv, as_user=self.os_user, **kwargs)
 
-    def init(self, password, settings=None):
-        """initdb with a superuser password (scram for TCP, trust on the private unix socket)."""
+    def init(self, password, settings=None, stock=False):
+        """initdb with a superuser password (scram for TCP, trust on the private unix socket).
+
+        stock=True keeps PostgreSQL's defaults except where it listens (what a user's server has): the
+        replication tests build pairs from that plus only what the README tells users to set."""
         self.datadir.parent.mkdir(parents=True, exist_ok=True)
         give_to(self.datadir, self.os_user, 0o700)
         give_to(self.socket_dir, self.os_user, 0o700)
@@ -119,9 +122,13 @@ class PostgresServer:
                        "--no-sync"], timeout=120)
         finally:
             pwfile.unlink(missing_ok=True)
+        where = {"listen_addresses": "'127.0.0.1'", "port": self.port,
+                 "unix_socket_directories": f"'{self.socket_dir}'"}
+        if stock:
+            self.configure({**where, **(settings or {})})
+            return
         base = {
-            "listen_addresses": "'127.0.0.1'", "port": self.port, "unix_socket_directories": f"'{self.socket_dir}'",
-            "wal_level": "replica", "max_wal_senders": 10, "max_replication_slots": 10, "hot_standby": "on",
+            **where, "wal_level": "replica", "max_wal_senders": 10, "max_replication_slots": 10, "hot_standby": "on",
             "wal_log_hints": "on", "wal_keep_size": "'64MB'", "fsync": "off", "synchronous_commit": "on",
             "shared_buffers": "'64MB'", "max_connections": 50,
         }

@@ -80,13 +80,14 @@ def write_pair_config(path, base, primary, standby_port, password_file, log_dir,
 
 @pytest.fixture
 def local_pair(workdir, request):
-    """alpha = a fresh primary; beta = its standby, built by setup-master + rebuild-replica."""
+    """alpha = a fresh primary with PostgreSQL's defaults; beta = its standby, built the README's way:
+    setup-master --apply-settings, a restart of the primary, setup-master, rebuild-replica."""
     from dbdeck.plugins.sandbox.servers import PostgresServer, free_port, give_to
 
     name = f"rp{os.getpid() % 1000}{request.node.name[-12:].replace('[', '').replace(']', '')}"
     base = workdir / name
     give_to(base, None, 0o755)
-    primary = _start_postgres(base, "alpha")
+    primary = _start_postgres(base, "alpha", stock=True)
     standby_port = free_port()
     give_to(base / "beta.run", primary.server.os_user, 0o700)
     give_to(base / "beta", primary.server.os_user, 0o700)  # an empty directory for the new standby
@@ -102,8 +103,14 @@ def local_pair(workdir, request):
     assert pair.sql(primary.port, "SELECT count(*) FROM pg_roles WHERE rolname = 'replicator'") == [(0,)]
     assert pair.sql(primary.port, "SELECT count(*) FROM pg_replication_slots") == [(0,)]
     assert Path(pair.sql(primary.port, "SHOW hba_file")[0][0]).read_text() == hba_before
+    applied = pair.run("setup-master", "--apply-settings")
+    assert applied.returncode == 1 and "RESTART the primary for wal_log_hints" in applied.stderr, \
+        applied.stdout + applied.stderr
+    primary.server.stop()
+    primary.server.start()
     setup = pair.run("setup-master")
     assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert pair.sql(primary.port, "SHOW wal_keep_size") == [("0",)], "the pair must run with the stock default"
     rebuild = pair.run("rebuild-replica")
     assert rebuild.returncode == 0, rebuild.stdout + rebuild.stderr
     yield pair

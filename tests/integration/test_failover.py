@@ -268,7 +268,7 @@ def test_divergent_old_primary_rejoins_through_pg_rewind(local_pair):
     pair.sql(pair.beta_port, "INSERT INTO acks VALUES (2)")
     rejoined = pair.run("rebuild-replica", "--rejoin", "--node", "alpha")
     assert rejoined.returncode == 0, rejoined.stdout + rejoined.stderr
-    assert "rejoined as a standby of beta (pg_rewind)" in rejoined.stdout
+    assert "rejoined as a standby of beta (pg_rewind)" in rejoined.stdout, rejoined.stderr
     assert "base backup" not in rejoined.stdout
     assert wait_for(lambda: _safe(lambda: _ids(pair, pair.alpha_port) == {1, 2}), timeout=15)
     assert _recovery(pair, pair.alpha_port) is True

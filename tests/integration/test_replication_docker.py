@@ -90,6 +90,13 @@ def _started_at(name):
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
+def _replica_count(sql):
+    try:
+        return sql("CONECTA_REPLICA_PORT", "SELECT count(*) FROM contatos")[0][0]
+    except Exception:  # not up yet, or the table not replayed yet
+        return None
+
+
 def _check(run):
     result = run("check-replication", "--format", "json")
     return result.returncode, json.loads(result.stdout)
@@ -97,8 +104,13 @@ def _check(run):
 
 def test_container_pair_setup_rebuild_check_failover_and_rejoin(conecta):
     run, sql, answers, app_env, env = conecta
+    applied = run("setup-master", "--apply-settings")  # the README's way, on a stock server
+    assert applied.returncode == 1 and "RESTART the primary for wal_log_hints" in applied.stderr, applied.stderr
+    subprocess.run(["docker", "restart", "-t", "30", PRIMARY], check=True, capture_output=True)
+    assert wait_for(lambda: answers("CONECTA_PRIMARY_PORT"), timeout=60)
     setup = run("setup-master")
     assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert sql("CONECTA_PRIMARY_PORT", "SHOW wal_log_hints") == [("on",)]
     rebuild = run("rebuild-replica")
     assert rebuild.returncode == 0, rebuild.stdout + rebuild.stderr
     assert "container conecta-postgres-replica" in rebuild.stdout or REPLICA in rebuild.stdout
@@ -108,8 +120,7 @@ def test_container_pair_setup_rebuild_check_failover_and_rejoin(conecta):
     assert report["standbys"][0]["state"] == "streaming"
 
     sql("CONECTA_PRIMARY_PORT", "CREATE TABLE contatos AS SELECT generate_series(1, 500) AS id")
-    assert wait_for(lambda: answers("CONECTA_REPLICA_PORT") and
-                    sql("CONECTA_REPLICA_PORT", "SELECT count(*) FROM contatos") == [(500,)], timeout=20)
+    assert wait_for(lambda: _replica_count(sql) == 500, timeout=30)
 
     subprocess.run(["docker", "stop", "-t", "10", REPLICA], check=True, capture_output=True)
     code, report = _check(run)
@@ -160,6 +171,7 @@ def test_container_pair_auto_failover_fences_and_rejoins(conecta):
         assert monitor.wait(timeout=60) == 0
     text = log_path.read_text()
     assert "FAILOVER: conecta-postgres is the primary" in text
+    assert "rejoined as a standby of conecta-postgres (pg_rewind)" in text, text
     restart = subprocess.run(["docker", "inspect", "-f", "{{.HostConfig.RestartPolicy.Name}}", REPLICA],
                              capture_output=True, text=True).stdout.strip()
     assert restart in ("no", "")

@@ -1,0 +1,271 @@
+"""Replication as a user sets it up (PostgreSQL's defaults + the README's setup-master --apply-settings):
+pg_rewind that works at wal_keep_size 0, synchronous replication that survives every role change, the
+fence that holds when dbdeck is killed at any step, and operators never locked out by the monitor."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from ..conftest import wait_for
+from .test_failover import (Writer, _ids, _postmaster_pid, _recovery, _safe, _start_monitor, _stop_monitor,
+                            _with_config)
+
+pytestmark = pytest.mark.integration
+
+
+def _diverge_after_a_segment_switch(pair):
+    """alpha (primary): a table that will not change, a checkpoint, then > 2 WAL segments that beta
+    receives; beta is promoted; alpha writes more on its own (divergent). The last common checkpoint
+    is now segments behind what the slot keeps on alpha."""
+    pair.sql(pair.alpha_port, "CREATE TABLE unchanged AS SELECT g AS id, repeat('u', 200) AS pad "
+                              "FROM generate_series(1, 20000) g")
+    pair.sql(pair.alpha_port, "CREATE TABLE acks (id int PRIMARY KEY)")
+    pair.sql(pair.alpha_port, "INSERT INTO acks VALUES (1)")
+    pair.sql(pair.alpha_port, "CHECKPOINT")
+    pair.sql(pair.alpha_port, "CREATE TABLE filler AS SELECT g, repeat('x', 1000) AS pad "
+                              "FROM generate_series(1, 40000) g")
+    lsn = pair.sql(pair.alpha_port, "SELECT pg_current_wal_lsn()::text")[0][0]
+    assert wait_for(lambda: _safe(lambda: pair.sql(
+        pair.beta_port, f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn")[0][0]), timeout=60)
+    pair.sql(pair.beta_port, "SELECT pg_promote()")
+    assert wait_for(lambda: _recovery(pair, pair.beta_port) is False, timeout=20)
+    pair.sql(pair.alpha_port, "INSERT INTO acks SELECT generate_series(1000, 1100)")  # only on alpha
+    pair.sql(pair.beta_port, "INSERT INTO acks VALUES (2)")
+    path = pair.sql(pair.alpha_port, "SELECT pg_relation_filepath('unchanged')")[0][0]
+    return Path(pair.primary.server.datadir, path)
+
+
+def test_rejoin_uses_pg_rewind_at_wal_keep_size_0_and_keeps_unchanged_files(local_pair):
+    pair = local_pair
+    relation = _diverge_after_a_segment_switch(pair)
+    inode = relation.stat().st_ino
+    rejoined = pair.run("rebuild-replica", "--rejoin", "--node", "alpha")
+    assert rejoined.returncode == 0, rejoined.stdout + rejoined.stderr
+    assert "rejoined as a standby of beta (pg_rewind)" in rejoined.stdout, rejoined.stderr
+    assert "base backup" not in rejoined.stdout + rejoined.stderr
+    assert relation.stat().st_ino == inode, "pg_rewind keeps unchanged relation files; a copy would not"
+    assert wait_for(lambda: _safe(lambda: _ids(pair, pair.alpha_port) == {1, 2}), timeout=15)
+    assert _recovery(pair, pair.alpha_port) is True
+    assert not list(Path(pair.primary.server.datadir).glob(".dbdeck-*")), "leftovers of the rewind"
+    auto_conf = Path(pair.primary.server.datadir, "postgresql.auto.conf").read_text()
+    assert "dbdeck-rewind" not in auto_conf and "restore_command" not in auto_conf
+
+
+def test_a_clean_stop_outside_dbdeck_says_why_pg_rewind_cannot_work(local_pair):
+    pair = local_pair
+    _diverge_after_a_segment_switch(pair)
+    pair.primary.server.stop(mode="fast")  # the operator's own clean stop: its checkpoint recycles WAL
+    rejoined = pair.run("rebuild-replica", "--rejoin", "--node", "alpha")
+    assert rejoined.returncode == 0, rejoined.stdout + rejoined.stderr
+    assert "pg_rewind cannot rejoin alpha: pg_rewind failed: " in rejoined.stderr, rejoined.stderr
+    assert "could not find previous WAL record" in rejoined.stderr, rejoined.stderr
+    assert "falling back to a fresh base backup" in rejoined.stderr
+    assert "alpha is streaming from beta" in rejoined.stdout
+    assert _ids(pair, pair.alpha_port) == {1, 2}
+    setup = pair.run("setup-master", "--dry-run", "--node", "beta")
+    assert "warn wal_keep_size = 0MB" in setup.stdout and "clean stop by anyone else" in setup.stdout
+
+
+def _synchronous(pair, port):
+    return pair.sql(port, "SHOW synchronous_standby_names")[0][0]
+
+
+def _sync_state(pair, port):
+    rows = pair.sql(port, "SELECT sync_state FROM pg_stat_replication")
+    return [row[0] for row in rows]
+
+
+def test_synchronous_mode_survives_switchover_failover_and_rejoin_with_no_acknowledged_commit_lost(local_pair):
+    pair = local_pair
+    _with_config(pair, synchronous_standby_names="*")
+    setup = pair.run("setup-master")
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert _synchronous(pair, pair.alpha_port) == "*"
+    pair.sql(pair.alpha_port, "CREATE TABLE acks (id int PRIMARY KEY)")
+    monitor = _start_monitor(pair)
+    writer = Writer(pair, pause=0.003)
+    writer.start()
+    try:
+        time.sleep(0.5)
+        switched = pair.run("switchover")
+        assert switched.returncode == 0, switched.stdout + switched.stderr
+        assert "already running" not in switched.stderr
+        assert _synchronous(pair, pair.beta_port) == "*"
+        assert wait_for(lambda: _sync_state(pair, pair.beta_port) == ["sync"], timeout=20)
+
+        # the switchover's new primary dies: failover back to alpha, beta rejoins
+        os.kill(_postmaster_pid(pair, pair.standby_server.datadir), signal.SIGKILL)
+        assert wait_for(lambda: _safe(lambda: _recovery(pair, pair.alpha_port) is False), timeout=30), \
+            (pair.base / "monitor.log").read_text()
+        assert wait_for(lambda: pair.check()[0] == 0 and _safe(lambda: _sync_state(pair, pair.alpha_port)
+                                                               == ["sync"]), timeout=90), \
+            (pair.base / "monitor.log").read_text()
+        assert _synchronous(pair, pair.alpha_port) == "*"
+
+        # and once more: the rejoined node takes over again, synchronously
+        time.sleep(0.5)
+        os.kill(_postmaster_pid(pair, pair.primary.server.datadir), signal.SIGKILL)
+        assert wait_for(lambda: _safe(lambda: _recovery(pair, pair.beta_port) is False), timeout=30)
+        assert wait_for(lambda: pair.check()[0] == 0 and _safe(lambda: _sync_state(pair, pair.beta_port)
+                                                               == ["sync"]), timeout=90), \
+            (pair.base / "monitor.log").read_text()
+        assert _synchronous(pair, pair.beta_port) == "*"
+        time.sleep(0.5)
+    finally:
+        writer.finish()
+        _stop_monitor(monitor)
+    acknowledged = set(writer.acknowledged)
+    assert len(acknowledged) > 50
+    assert acknowledged <= _ids(pair, pair.beta_port), "acknowledged commits lost"
+    log = (pair.base / "monitor.log").read_text()
+    assert log.count("rejoined as a standby of alpha (rewind)") == 1, log
+    assert log.count("rejoined as a standby of beta (rewind)") == 1, log
+
+    # synchronous replication silently lost is a warning
+    pair.sql(pair.beta_port, "ALTER SYSTEM SET synchronous_standby_names = ''")
+    pair.sql(pair.beta_port, "SELECT pg_reload_conf()")
+    assert wait_for(lambda: pair.check()[0] == 1, timeout=10)
+    code, report, _ = pair.check()
+    assert any("commits do not wait for the standby" in p for p in report["problems"]), report
+    assert {n["name"]: n["synchronous_standby_names"] for n in report["nodes"]}["beta"] == ""
+
+
+def _released(datadir):
+    """No process works in the data directory any more (a killed postmaster's backends linger a moment)."""
+    target = os.path.realpath(datadir)
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(entry / "cwd") == target:
+                return False
+        except OSError:
+            continue
+    return True
+
+
+def _start_as_a_user_would(server):
+    """pg_ctl start on the data directory; returns whether the node then accepts writes."""
+    try:
+        server.start(timeout=20)
+    except Exception:
+        return False  # it cannot start at all: fine, it is not writable
+    try:
+        with psycopg.connect(host="127.0.0.1", port=server.port, user="postgres", dbname="postgres",
+                             password=_start_as_a_user_would.password, connect_timeout=5) as conn:
+            return not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+    except psycopg.Error:
+        return False
+
+
+REJOIN_FAULTS = [
+    "rewind.moved-aside", "rewind.wal-saved", "rewind.rewound", "rewind.configured", "rewind.moved-back",
+    "rewind.wal-saved:error,basebackup.moved-aside", "rewind.wal-saved:error,basebackup.copied",
+    "rewind.wal-saved:error,basebackup.moved-in",
+    "rewind.wal-saved:error,basebackup.copied:error,restore.new-removed",
+    "rewind.wal-saved:error,basebackup.copied:error,restore.fenced",
+    "rewind.wal-saved:error,basebackup.copied:error,restore.moved-back",
+]
+
+
+def test_killed_at_any_step_of_a_rejoin_the_old_primary_never_comes_back_writable(local_pair):
+    pair = local_pair
+    _start_as_a_user_would.password = pair.primary.password
+    servers = {"alpha": pair.primary.server, "beta": pair.standby_server}
+    ports = {"alpha": pair.alpha_port, "beta": pair.beta_port}
+    pair.sql(pair.alpha_port, "CREATE TABLE acks (id int PRIMARY KEY)")
+    old, new = "alpha", "beta"
+    for number, fault in enumerate(REJOIN_FAULTS):
+        # a split brain to resolve: the standby is promoted (--force) while the old primary keeps writing
+        assert wait_for(lambda: pair.check()[0] == 0, timeout=30), pair.check()[1]
+        promoted = pair.run("promote-replica", "--force", "--node", new)
+        assert promoted.returncode == 0, (fault, promoted.stdout + promoted.stderr)
+        pair.sql(ports[old], f"INSERT INTO acks VALUES ({100000 + number})")  # divergent, thrown away
+        pair.sql(ports[new], f"INSERT INTO acks VALUES ({number})")
+        killed = pair.run("rebuild-replica", "--rejoin", "--node", old, env={"DBDECK_FAILPOINT": fault})
+        assert killed.returncode == -signal.SIGKILL, (fault, killed.stdout + killed.stderr)
+        assert not _start_as_a_user_would(servers[old]), f"{old} came back writable after a kill at {fault}"
+        again = pair.run("rebuild-replica", "--rejoin", "--node", old)
+        assert again.returncode == 0, (fault, again.stdout + again.stderr, servers[old].log_path.read_text()[-2500:])
+        assert wait_for(lambda: _safe(lambda: _ids(pair, ports[old]) == set(range(number + 1))), timeout=20), fault
+        assert _recovery(pair, ports[old]) is True
+        assert not list(Path(servers[old].datadir).glob(".dbdeck-rewind-*")), fault
+        old, new = new, old
+
+
+@pytest.mark.parametrize("fault", ["fence.restart-policy", "fence.signal-written", "fence.stopped"])
+def test_a_monitor_killed_while_fencing_leaves_no_writable_stale_primary(local_pair, fault):
+    pair = local_pair
+    _start_as_a_user_would.password = pair.primary.password
+    log = open(pair.base / "monitor.log", "w")
+    monitor = subprocess.Popen([str(Path(__file__).resolve().parents[2] / "bin" / "auto-failover"), "--config",
+                                str(pair.config)], stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "DBDECK_FAILPOINT": fault})
+    assert wait_for(lambda: "monitoring primary" in (pair.base / "monitor.log").read_text(), timeout=20)
+    postmaster = _postmaster_pid(pair, pair.primary.server.datadir)
+    os.kill(postmaster, signal.SIGKILL)
+    assert monitor.wait(timeout=30) == -signal.SIGKILL, (pair.base / "monitor.log").read_text()
+    assert wait_for(lambda: not Path(f"/proc/{postmaster}").exists(), timeout=15)  # reaped
+    assert _recovery(pair, pair.beta_port) is True  # killed before promoting: no second primary
+    assert wait_for(lambda: _released(pair.primary.server.datadir), timeout=15)  # the killed backends are gone
+    if fault == "fence.restart-policy":
+        # killed before anything was written: alpha is still the only primary, so taking writes is right
+        assert _start_as_a_user_would(pair.primary.server), pair.primary.server.log_path.read_text()[-1500:]
+        assert _recovery(pair, pair.beta_port) is True
+        return
+    assert not _start_as_a_user_would(pair.primary.server), f"alpha came back writable after a kill at {fault}"
+    # nobody is primary now; the operator finishes what the monitor started
+    promoted = pair.run("promote-replica", "--node", "beta")
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert "rebuild-replica --rejoin --node alpha" in promoted.stdout
+    rejoined = pair.run("rebuild-replica", "--rejoin", "--node", "alpha")
+    assert rejoined.returncode == 0, rejoined.stdout + rejoined.stderr
+    code, report, _ = pair.check()
+    assert code == 0 and report["primary"] == "beta", report
+
+
+def test_operators_are_never_locked_out_by_the_monitor(local_pair):
+    pair = local_pair
+    monitor = _start_monitor(pair)
+    pids = [_postmaster_pid(pair, pair.primary.server.datadir)]
+    pids += [int(p) for p in subprocess.run(["pgrep", "-P", str(pids[0])], capture_output=True,
+                                            text=True).stdout.split()]
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)  # the primary hangs: the monitor's checks run back to back
+        assert wait_for(lambda: "check failed" in (pair.base / "monitor.log").read_text(), timeout=10)
+        for command in ("promote-replica", "rebuild-replica", "switchover"):
+            result = pair.run(command, "--dry-run", timeout=60)
+            assert result.returncode != 75 and "already running" not in result.stderr, (command, result.stderr)
+    finally:
+        for pid in pids:
+            _safe(lambda: os.kill(pid, signal.SIGCONT))
+    try:
+        assert wait_for(lambda: pair.check()[0] == 0, timeout=30)
+        rebuilt = pair.run("rebuild-replica")  # a real one, while the monitor watches
+        assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+        assert wait_for(lambda: (pair.base / "monitor.log").read_text().count("monitoring primary alpha") >= 2,
+                        timeout=20), (pair.base / "monitor.log").read_text()
+    finally:
+        _stop_monitor(monitor)
+    log = (pair.base / "monitor.log").read_text()
+    assert "paused" in log and "FAILOVER" not in log, log
+
+
+def test_a_second_daemon_says_it_is_already_running(local_pair):
+    pair = local_pair
+    _with_config(pair, auto_failover={"pid_file": str(pair.base / "af.pid"),
+                                      "log_file": str(pair.base / "af.log")})
+    first = pair.run("auto-failover", "--daemon", timeout=60)
+    assert first.returncode == 0, first.stdout + first.stderr
+    pid = int((pair.base / "af.pid").read_text())
+    try:
+        second = pair.run("auto-failover", "--daemon", timeout=60)
+        assert second.returncode == 75, second.stdout + second.stderr
+        assert "already running" in second.stderr and "running in the background" not in second.stdout
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        assert wait_for(lambda: not (pair.base / "af.pid").exists(), timeout=20)
