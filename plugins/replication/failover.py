@@ -136,7 +136,7 @@ class Monitor:
                       f"{', refused: nothing listens' if strong else ''}): {error}", logging.WARNING)
         if self.failed < self.failures_needed and not strong:
             return None
-        return self.try_failover()
+        return self.try_failover(strong)
 
     def _standby_verdict(self):
         """(standby node, None) when the standby may take over, else (None, reason)."""
@@ -163,9 +163,15 @@ class Monitor:
                           f"the primary's last known {self.last_lsn} (limit {self.max_lag_bytes})")
         return node, None
 
-    def try_failover(self):
+    def try_failover(self, strong=False):
         old = self.primary
         standby, reason = self._standby_verdict()
+        # nothing listens on the primary: its standby's WAL receiver notices within milliseconds, so ask
+        # again at once rather than a whole interval later
+        deadline = time.monotonic() + self.timeout
+        while strong and standby is None and "still receives WAL" in reason and time.monotonic() < deadline:
+            time.sleep(0.05)
+            standby, reason = self._standby_verdict()
         if standby is None:
             self._state("held", f"not failing over: {reason}", logging.WARNING, "warning")
             return None
@@ -195,6 +201,8 @@ class Monitor:
                                         f"two primaries would be possible", logging.ERROR, "critical")
             return None
         self._reserve_wal_for(old, standby)
+        # alone once promoted: commits must not wait for a standby from the first one on
+        synchronous.primary_alone(self.pair, standby)
         with standby.connect() as conn, standby.endpoint.driver_errors("pg_promote"):
             conn.execute("SELECT pg_promote(true, %s)", (self.pair.settings.wait_timeout,))
         self.pair.wait_for(lambda: self.pair.accepts_writes(standby), f"{standby.name} to accept writes")
@@ -202,7 +210,6 @@ class Monitor:
         self.primary, self.failed = standby, 0
         self._state("promoted", f"FAILOVER: {standby.name} is the primary (was {old.name})", logging.WARNING,
                     "critical")
-        synchronous.primary_alone(self.pair, standby)
         if self.rejoin:
             try:
                 how = rejoin(self.pair, old, standby)

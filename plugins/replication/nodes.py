@@ -12,6 +12,7 @@ All of it goes through the core Runner, so --dry-run prints instead of running.
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -96,17 +97,40 @@ class HostFiles:
         return str(self.bindir / name)
 
     def files_in_use(self):
-        """Whether any process still works in the data directory: after a kill -9 of the postmaster its
-        backends live on for a moment, and a server started meanwhile (or pg_rewind's single-user
-        recovery) would share the files with them."""
-        data = os.path.realpath(self.data_dir)
-        for entry in Path("/proc").glob("[0-9]*"):
-            try:
-                if os.readlink(entry / "cwd") == data:
-                    return True
-            except OSError:
-                continue
+        return files_in_use(self.data_dir)
+
+
+def postmaster_alive(data_dir):
+    """True/False from postmaster.pid and /proc (a zombie is dead), None when postmaster.pid cannot be read
+    (another user's data directory): then pg_ctl has to tell."""
+    try:
+        pid = int(Path(data_dir, "postmaster.pid").read_text().split()[0])
+    except FileNotFoundError:
         return False
+    except PermissionError:
+        return None
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    state = re.search(r"^State:\s+(\S)", status, re.M)
+    return not (state and state.group(1) in ("Z", "X"))
+
+
+def files_in_use(data_dir):
+    """Whether any process still works in the data directory (PostgreSQL's processes run in it): after a
+    kill -9 of the postmaster its backends live on for a moment, and a server started meanwhile (or
+    pg_rewind's single-user recovery) would share the files with them."""
+    data = os.path.realpath(data_dir)
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(entry / "cwd") == data:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 class LocalDriver(HostFiles):
@@ -123,10 +147,12 @@ class LocalDriver(HostFiles):
         return f"local data directory {self.data_dir}"
 
     def is_running(self):
-        if not Path(self.data_dir, "PG_VERSION").exists():
-            return self.files_in_use()
-        return self.runner.run([self.tool("pg_ctl"), "-D", self.data_dir, "status"], as_user=self.os_user,
-                               check=False, read_only=True).returncode == 0 or self.files_in_use()
+        alive = postmaster_alive(self.data_dir)
+        if alive is None:  # postmaster.pid not readable by us: ask pg_ctl as the server's user
+            alive = Path(self.data_dir, "PG_VERSION").exists() and self.runner.run(
+                [self.tool("pg_ctl"), "-D", self.data_dir, "status"], as_user=self.os_user, check=False,
+                read_only=True).returncode == 0
+        return alive or self.files_in_use()
 
     def start(self, timeout=60):
         if not self.runner.dry_run:
@@ -146,7 +172,9 @@ class LocalDriver(HostFiles):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
 
     def stop(self, mode="fast", timeout=60):
-        if self.runner.dry_run or self.is_running():
+        # a postmaster already dead (killed; maybe not reaped yet) has nothing to stop: pg_ctl would wait
+        # for it to remove postmaster.pid, which it never will
+        if self.runner.dry_run or postmaster_alive(self.data_dir) is not False:
             self.runner.run([self.tool("pg_ctl"), "-D", self.data_dir, "-m", mode, "-w", "-t", timeout, "stop"],
                             as_user=self.os_user, timeout=timeout + 10)
 

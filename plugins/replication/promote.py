@@ -68,13 +68,13 @@ def promote_replica(pair, node_name=None, force=False, update_connections=False)
 
         # reserved before the promotion: it keeps the WAL the old primary's rejoin replays (from before the fork)
         ensure_slot(pair, standby)
+        synchronous.primary_alone(pair, standby)  # alone once promoted: commits must not wait for a standby
         with standby.connect() as conn, standby.endpoint.driver_errors("pg_promote"):
             done = conn.execute("SELECT pg_promote(true, %s)", (pair.settings.wait_timeout,)).fetchone()[0]
         if not done:
             raise DbdeckError(f"pg_promote() on {standby.name} did not finish within {pair.settings.wait_timeout}s")
         pair.wait_for(lambda: pair.accepts_writes(standby), f"{standby.name} to accept writes")
         pair.say(f"{standby.name} is the primary now and accepts writes")
-        synchronous.primary_alone(pair, standby)
         pair.app.notify(Event("failover.promoted", f"{standby.name} promoted to primary", severity="warning",
                               details={"node": standby.name, "forced": bool(live)}))
 

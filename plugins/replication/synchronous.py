@@ -59,7 +59,8 @@ def _set(pair, node, value, why):
 
 
 def primary_alone(pair, primary):
-    """A primary without a standby: commits must not block on one (remembering what it had)."""
+    """A primary without a standby: commits must not block on one (remembering what it had). Called on
+    a standby about to be promoted too (ALTER SYSTEM works there), so its first commit does not wait."""
     try:
         value = current(primary)
         if not value:

@@ -94,6 +94,16 @@ def _postmaster_pid(pair, datadir):
     return int(Path(datadir, "postmaster.pid").read_text().split()[0])
 
 
+def _freeze(pair):
+    """SIGSTOP alpha's postmaster and all its children; returns their pids (to SIGCONT)."""
+    pids = [_postmaster_pid(pair, pair.primary.server.datadir)]
+    pids += [int(p) for p in subprocess.run(["pgrep", "-P", str(pids[0])], capture_output=True,
+                                            text=True).stdout.split()]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
 def _start_monitor(pair, *args):
     log = open(pair.base / "monitor.log", "w")
     process = subprocess.Popen([str(BIN / "auto-failover"), "--config", str(pair.config), *args],
@@ -120,6 +130,10 @@ def test_switchover_twice_under_write_load_loses_nothing(local_pair):
     first = pair.run("switchover")
     assert first.returncode == 0, first.stdout + first.stderr
     assert _recovery(pair, pair.alpha_port) is True and _recovery(pair, pair.beta_port) is False
+    # the new standby's timeline is the one it receives (its last restartpoint's would still be the old one)
+    assert wait_for(lambda: pair.check()[0] == 0, timeout=20), pair.check()[1]
+    code, report, _ = pair.check()
+    assert len({node["timeline"] for node in report["nodes"]}) == 1, report["nodes"]
     time.sleep(0.5)
     second = pair.run("switchover")
     assert second.returncode == 0, second.stdout + second.stderr
@@ -192,12 +206,9 @@ def _safe(check):
 def test_sigstop_shorter_than_the_detection_window_causes_no_failover(local_pair):
     pair = local_pair
     monitor = _start_monitor(pair)
-    pids = [_postmaster_pid(pair, pair.primary.server.datadir)]
-    pids += [int(p) for p in subprocess.run(["pgrep", "-P", str(pids[0])], capture_output=True,
-                                            text=True).stdout.split()]
+    pids = []
     try:
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
+        pids = _freeze(pair)
         # 4 s: longer than one check's timeout (2 s), so a check must fail, shorter than 3 failed checks
         time.sleep(4)
         for pid in pids:

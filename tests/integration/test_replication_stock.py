@@ -11,9 +11,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from dbdeck.plugins.replication.nodes import files_in_use
+
 from ..conftest import wait_for
-from .test_failover import (Writer, _ids, _postmaster_pid, _recovery, _safe, _start_monitor, _stop_monitor,
-                            _with_config)
+from .test_failover import (Writer, _freeze, _ids, _postmaster_pid, _recovery, _safe, _start_monitor,
+                            _stop_monitor, _with_config)
 
 pytestmark = pytest.mark.integration
 
@@ -135,18 +137,6 @@ def test_synchronous_mode_survives_switchover_failover_and_rejoin_with_no_acknow
     assert {n["name"]: n["synchronous_standby_names"] for n in report["nodes"]}["beta"] == ""
 
 
-def _released(datadir):
-    """No process works in the data directory any more (a killed postmaster's backends linger a moment)."""
-    target = os.path.realpath(datadir)
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if os.readlink(entry / "cwd") == target:
-                return False
-        except OSError:
-            continue
-    return True
-
-
 def _start_as_a_user_would(server):
     """pg_ctl start on the data directory; returns whether the node then accepts writes."""
     try:
@@ -210,7 +200,7 @@ def test_a_monitor_killed_while_fencing_leaves_no_writable_stale_primary(local_p
     assert monitor.wait(timeout=30) == -signal.SIGKILL, (pair.base / "monitor.log").read_text()
     assert wait_for(lambda: not Path(f"/proc/{postmaster}").exists(), timeout=15)  # reaped
     assert _recovery(pair, pair.beta_port) is True  # killed before promoting: no second primary
-    assert wait_for(lambda: _released(pair.primary.server.datadir), timeout=15)  # the killed backends are gone
+    assert wait_for(lambda: not files_in_use(pair.primary.server.datadir), timeout=15)  # the killed backends are gone
     if fault == "fence.restart-policy":
         # killed before anything was written: alpha is still the only primary, so taking writes is right
         assert _start_as_a_user_would(pair.primary.server), pair.primary.server.log_path.read_text()[-1500:]
@@ -230,12 +220,9 @@ def test_a_monitor_killed_while_fencing_leaves_no_writable_stale_primary(local_p
 def test_operators_are_never_locked_out_by_the_monitor(local_pair):
     pair = local_pair
     monitor = _start_monitor(pair)
-    pids = [_postmaster_pid(pair, pair.primary.server.datadir)]
-    pids += [int(p) for p in subprocess.run(["pgrep", "-P", str(pids[0])], capture_output=True,
-                                            text=True).stdout.split()]
+    pids = []
     try:
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)  # the primary hangs: the monitor's checks run back to back
+        pids = _freeze(pair)  # the primary hangs: the monitor's checks run back to back
         assert wait_for(lambda: "check failed" in (pair.base / "monitor.log").read_text(), timeout=10)
         for command in ("promote-replica", "rebuild-replica", "switchover"):
             result = pair.run(command, "--dry-run", timeout=60)

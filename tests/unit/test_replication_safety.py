@@ -125,3 +125,25 @@ def test_an_operator_waits_for_the_lock_instead_of_failing(tmp_path):
     JobLock("replication", tmp_path).acquire()  # held again (not released): a zero wait fails at once
     with pytest.raises(LockBusy):
         JobLock("replication", tmp_path).acquire(wait=0)
+
+
+def test_a_dead_postmaster_is_seen_dead_from_its_pid_file(tmp_path):
+    from dbdeck.plugins.replication.nodes import files_in_use, postmaster_alive
+
+    assert postmaster_alive(tmp_path) is False  # no postmaster.pid
+    (tmp_path / "postmaster.pid").write_text(f"{os.getpid()}\n{tmp_path}\n")
+    assert postmaster_alive(tmp_path) is True
+    child = subprocess.Popen(["sleep", "30"])
+    (tmp_path / "postmaster.pid").write_text(f"{child.pid}\n")
+    child.kill()
+    time.sleep(0.2)  # killed but not reaped yet: a zombie, which pg_ctl status still calls running
+    assert postmaster_alive(tmp_path) is False
+    child.wait()
+    assert postmaster_alive(tmp_path) is False
+    assert not files_in_use(tmp_path)
+    worker = subprocess.Popen(["sleep", "30"], cwd=tmp_path)
+    try:
+        assert files_in_use(tmp_path)
+    finally:
+        worker.kill()
+        worker.wait()
