@@ -255,10 +255,17 @@ def test_fenced_old_primary_restarts_read_only(local_pair):
     watch = SplitBrainWatch(pair)
     watch.start()
     try:
-        os.kill(_postmaster_pid(pair, pair.primary.server.datadir), signal.SIGKILL)
+        postmaster = _postmaster_pid(pair, pair.primary.server.datadir)
+        os.kill(postmaster, signal.SIGKILL)
         assert wait_for(lambda: _safe(lambda: _recovery(pair, pair.beta_port) is False), timeout=30)
         assert wait_for(lambda: "FAILOVER" in (pair.base / "monitor.log").read_text(), timeout=10)
-        # "restarts by itself a minute later": it comes back as a standby, never writable
+        # "restarts by itself a minute later": it comes back as a standby, never writable. (Once the killed
+        # postmaster is reaped: this sandbox's init reaps orphans a second or two late, and pg_ctl refuses
+        # to start while the old pid is still there.)
+        from dbdeck.plugins.replication.nodes import files_in_use
+
+        assert wait_for(lambda: not Path(f"/proc/{postmaster}").exists()
+                        and not files_in_use(pair.primary.server.datadir), timeout=15)
         pair.primary.server.start()
         assert wait_for(lambda: _safe(lambda: _recovery(pair, pair.alpha_port) is True), timeout=30)
         time.sleep(1)

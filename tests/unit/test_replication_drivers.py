@@ -3,6 +3,7 @@
 The local and docker drivers also run for real in tests/integration/test_replication*.py; systemd cannot
 run in the test machines, so its commands are checked here."""
 
+import os
 from pathlib import Path
 
 from dbdeck.plugins.replication.model import NodeConfig
@@ -66,6 +67,9 @@ def test_local_driver_stops_with_pg_ctl_mode(tmp_path):
     runner = RecordingRunner()
     driver = LocalDriver("a", NodeConfig(driver="local", data_dir=tmp_path / "data", bindir=Path("/pg/bin"),
                                          os_user="postgres"), runner)
+    driver.stop("fast", timeout=5)
+    assert runner.calls == []  # no postmaster.pid: nothing runs, nothing to stop
+    (tmp_path / "data" / "postmaster.pid").write_text(f"{os.getpid()}\n")  # a live postmaster
     driver.stop("fast", timeout=5)
     stop = runner.calls[-1]
     assert stop[0] == ["/pg/bin/pg_ctl", "-D", str(tmp_path / "data"), "-m", "fast", "-w", "-t", "5", "stop"]
