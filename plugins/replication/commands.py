@@ -183,7 +183,8 @@ def setup_master(app, node, apply_settings):
     Creates the replication role with a password read from replication.replication_password_file, or
     generated and stored there with mode 0600 (never a default); adds the pg_hba entry for
     replication.replication_networks; creates the physical slot; checks wal_level, max_wal_senders,
-    max_replication_slots, wal_keep_size, hot_standby and wal_log_hints, saying which need a restart.
+    max_replication_slots, wal_keep_size, hot_standby and wal_log_hints, saying which need a restart
+    (--apply-settings fixes them, except wal_keep_size: a disk trade-off it explains).
     """
     from .setup import setup_master as run
 
@@ -219,7 +220,8 @@ def promote_replica(app, node, force, update_connections):
 
 @click.command("rebuild-replica")
 @click.option("--node", metavar="NAME", help="The node to rebuild (default: the one that is not the primary).")
-@click.option("--rejoin", is_flag=True, help="Try pg_rewind first (fast, keeps the files), base backup if it fails.")
+@click.option("--rejoin", is_flag=True,
+              help="Try pg_rewind first (fast, keeps unchanged files; says why when it cannot), else a base backup.")
 @pass_app
 def rebuild_replica(app, node, rejoin):
     """Turn a node into a fresh streaming standby of the current primary (pg_basebackup -R with the slot).
@@ -278,12 +280,13 @@ def switchover(app, max_lag, timeout):
 def auto_failover(app, daemon, interval, failures, no_rejoin):
     """Monitor the primary and fail over to the standby when it is gone (seed's auto-failover.sh).
 
-    A check is a new connection plus a query with a timeout. After N consecutive failures, and only if the
-    standby is healthy, not too far behind and no longer receives WAL (else the primary is alive and only
-    this monitor lost it), the old primary is fenced (stopped; container restart policy off; standby.signal,
-    so it can only come back read-only), the standby promoted, and the old primary rejoined as a standby
-    (pg_rewind, else a base backup). One log line per state change; events go to the notify hook.
-    Pauses while another replication command (switchover, rebuild) holds the lock.
+    A check is a new connection plus a query with a timeout. After N consecutive failures (or one refused
+    connection: nothing listens), and only if the standby is healthy, not too far behind and no longer
+    receives WAL (else the primary is alive and only this monitor lost it), the old primary is fenced
+    (container restart policy off; standby.signal written, then an immediate stop, so it can only come back
+    read-only), the standby gets its slot and is promoted, and the old primary rejoins as a standby
+    (pg_rewind, else a base backup). One log line per state change; events go to the notify hook. It locks
+    only to act: replication commands run meanwhile pause it (and wait for it while it acts).
     """
     import os
     import signal
