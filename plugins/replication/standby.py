@@ -196,8 +196,8 @@ def apply_node_settings(node, directory=None):
 
 
 def recover_interrupted(pair, node):
-    """Put back a data directory that a killed rewind or rebuild left in a subdirectory (fenced as a
-    standby of nobody yet: follow() runs again later), and drop the copies it no longer needs."""
+    """Put back a data directory that a killed rewind or rebuild left in a subdirectory (with standby.signal:
+    the caller makes it follow the primary next), and drop the copies nobody needs any more."""
     data = node.driver.data_dir
     output = node.driver.shell(_LEFTOVERS, data, offline=True, read_only=True).stdout
     entries = [line.split(" ", 1) for line in output.splitlines() if " " in line]
@@ -233,7 +233,8 @@ def rewind(pair, node, source):
                                f"cannot run its crash recovery on a copy")
     admin = source.endpoint
     host, port = source.replication_address
-    conninfo = f"host={host} port={port} user={admin.user or 'postgres'} dbname={admin.database or 'postgres'}"
+    conninfo = " ".join(f"{k}={_quote_conninfo(v)}" for k, v in (
+        ("host", host), ("port", port), ("user", admin.user or "postgres"), ("dbname", admin.database or "postgres")))
     env = {"PGPASSWORD": admin.password} if admin.password else {}
     pair.say(f"pg_rewind {node.name} onto {source.name} (in {work}, where no server can start from)")
     # a fresh primary writes its new timeline to pg_control only at the end-of-recovery checkpoint, which

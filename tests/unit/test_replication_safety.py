@@ -147,3 +147,34 @@ def test_a_dead_postmaster_is_seen_dead_from_its_pid_file(tmp_path):
     finally:
         worker.kill()
         worker.wait()
+
+
+class _FakeSource:
+    """A new primary whose oldest WAL segment is `oldest` (pg_ls_waldir), 16 MB segments."""
+
+    name = "beta"
+
+    def __init__(self, oldest):
+        import contextlib
+
+        self.oldest = oldest
+        self.endpoint = type("E", (), {"driver_errors": lambda self, what: contextlib.nullcontext()})()
+
+    def connect(self):
+        import contextlib
+
+        row = (self.oldest, 16 * 1024 * 1024)
+        conn = type("C", (), {"execute": lambda self, sql: type("R", (), {"fetchone": lambda self: row})()})()
+        return contextlib.nullcontext(conn)
+
+
+def test_a_rewind_the_new_primary_cannot_feed_is_refused_with_the_reason():
+    from dbdeck.plugins.replication.standby import RewindImpossible, _check_source_keeps_wal
+
+    pair = type("P", (), {"runner": type("R", (), {"dry_run": False})()})()
+    output = "pg_rewind: servers diverged at WAL location 0/F0000D8 on timeline 10\n"
+    _check_source_keeps_wal(pair, _FakeSource("000000000000000F"), output)  # the fork's segment is there
+    _check_source_keeps_wal(pair, _FakeSource("000000000000000E"), output)
+    with pytest.raises(RewindImpossible, match="no longer has the WAL from the fork at 0/F0000D8"):
+        _check_source_keeps_wal(pair, _FakeSource("0000000000000010"), output)
+    _check_source_keeps_wal(pair, _FakeSource("0000000000000010"), "no rewind required\n")  # nothing to check
