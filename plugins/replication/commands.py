@@ -299,10 +299,6 @@ def auto_failover(app, daemon, interval, failures, no_rejoin):
 
     pid_file = settings.pid_file or (run_dir or default_run_dir()) / "auto-failover.pid"
     if daemon:
-        from dbdeck.errors import LockBusy
-
-        if app.lock("auto-failover").holder() is not None:
-            app.lock("auto-failover").acquire()  # raises LockBusy naming the running monitor
         log_dir = pair.settings.log_dir or app.config.core.log_dir
         log_file = settings.log_file or (log_dir / "auto-failover.log" if log_dir else pid_file.with_suffix(".log"))
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -313,7 +309,7 @@ def auto_failover(app, daemon, interval, failures, no_rejoin):
                  *(["--no-rejoin"] if no_rejoin else []), *(["-v"] * app.verbosity)]
         process = app.runner.start_daemon(argv, log_path=log_file)
         if not app.dry_run:
-            _wait_until_monitoring(app, process, log_file, LockBusy)
+            _wait_until_monitoring(app, process, log_file)
         click.echo(f"auto-failover running in the background (pid {process.pid}); log {log_file}; pid file {pid_file}")
         return
     from .failover import Monitor
@@ -337,12 +333,12 @@ def auto_failover(app, daemon, interval, failures, no_rejoin):
             pair.say("auto-failover stopped")
 
 
-def _wait_until_monitoring(app, process, log_file, lock_busy):
+def _wait_until_monitoring(app, process, log_file):
     """Return once the background monitor holds its lock; if it ended instead, fail with its reason and
     exit code (a second monitor must not report 'running in the background')."""
     import time
 
-    from dbdeck.errors import DbdeckError
+    from dbdeck.errors import DbdeckError, LockBusy
 
     lock = app.lock("auto-failover")
     deadline = time.monotonic() + 30
@@ -357,7 +353,7 @@ def _wait_until_monitoring(app, process, log_file, lock_busy):
             except OSError:
                 lines = []
             reason = lines[-1] if lines else f"exit status {code}"
-            error = lock_busy(reason) if code == 75 else DbdeckError(f"auto-failover did not start: {reason}")
+            error = LockBusy(reason) if code == 75 else DbdeckError(f"auto-failover did not start: {reason}")
             raise error
         time.sleep(0.1)
     raise DbdeckError(f"auto-failover (pid {process.pid}) did not start monitoring within 30s; see {log_file}")
