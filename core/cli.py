@@ -83,7 +83,25 @@ class App:
             config = self.config
         except DbdeckError:
             config = None
+        if config is not None:
+            from . import history
+
+            try:
+                history.append(config, event)
+            except OSError as exc:  # a full disk must not turn a done failover into a failed command
+                log.warning("could not add the event to the history journal: %s", exc)
         self.plugin_manager.hook.notify(event=event, config=config)
+
+    def record_result(self, name, kind, ok, summary, seconds=None, **details):
+        """Remember how this command's work ended, for `dbdeck status` (nothing in a dry run)."""
+        if self.dry_run:
+            return
+        from .status import record_result
+
+        try:
+            record_result(self.config, name, kind, ok, summary, seconds, **details)
+        except OSError as exc:
+            log.warning("could not record the result for dbdeck status: %s", exc)
 
     def emit(self, data, text=None):
         """Print a result: JSON with --format json, otherwise text (a string or a callable)."""
@@ -118,6 +136,8 @@ def global_options():
     return [
         click.Option(["--config", "-c"], metavar="FILE", expose_value=False, callback=_set("config_path"),
                      help="Config file (default: $DBDECK_CONFIG, ./etc/dbdeck.yaml, /etc/dbdeck/dbdeck.yaml)."),
+        click.Option(["--no-config"], is_flag=True, expose_value=False, callback=_set("config_path", lambda v: False),
+                     help="Use no config file (defaults and environment variables only), whatever exists."),
         click.Option(["--dry-run", "-n"], is_flag=True, expose_value=False, callback=_set("dry_run"),
                      help="Print every step and command instead of changing anything."),
         click.Option(["--verbose", "-v"], count=True, expose_value=False, callback=_set("verbosity"),
@@ -228,6 +248,72 @@ def endpoints_command(app, names):
         f"{'up  ' if r['reachable'] else 'DOWN'} {r['target']}  {r.get('version') or r.get('error')}" for r in rows))
     if not all(r["reachable"] for r in rows):
         sys.exit(EXIT_FAILED)
+
+
+@root.command("status")
+@click.option("--format", "output_format", type=click.Choice(["text", "json", "prometheus"]), default=None,
+              help="text (a table), json, or prometheus (the exposition format).")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Write to FILE (atomically; e.g. node_exporter's textfile directory) instead of stdout.")
+@click.option("--serve", metavar="HOST:PORT", default=None,
+              help="Serve the Prometheus metrics on http://HOST:PORT/metrics until stopped (SIGTERM, Ctrl-C).")
+@pass_app
+def status_command(app, output_format, output, serve):
+    """One view of everything dbdeck runs on this host.
+
+    Scheduled jobs (timing, where installed, last run, result, duration, next run, running now), services
+    (auto-failover, webhook-relay, local-sync watch: alive, pid, since), the replication verdict, and the
+    last sync, deploy and backup. Exit 1 when any row is failing, stale, dead or down.
+    """
+    from . import status
+
+    output_format = output_format or app.format
+    gather = lambda: status.collect(app)  # noqa: E731
+    if serve:
+        import signal
+        import threading
+
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        log.warning("serving dbdeck metrics on http://%s/metrics", serve)
+        status.serve_prometheus(gather, serve, stop)
+        return
+    items = gather()
+    if output_format == "prometheus":
+        text = status.render_prometheus(lambda: items)
+    else:
+        if output_format == "json":
+            text = json.dumps(secrets.mask_values([i.as_dict() for i in items]), indent=2, default=str) + "\n"
+        else:
+            text = secrets.mask(status.render_text(items)) + "\n"
+    if output:
+        from .state import write_atomic
+
+        write_atomic(output, text, mode=0o644)
+    else:
+        click.echo(text, nl=False)
+    if any(i.problem for i in items):
+        sys.exit(EXIT_FAILED)
+
+
+@root.command("history")
+@click.option("--since", default=None, help="Only events after this: 90m, 12h, 7d, or a date/time (2026-12-01).")
+@click.option("--kind", "kinds", multiple=True,
+              help="Only events whose kind starts with this (failover, switchover, deploy, rebuild...); repeatable.")
+@pass_app
+def history_command(app, since, kinds):
+    """What dbdeck did on this host, oldest first: failovers, switchovers, promotions, rebuilds, deploys,
+    rollbacks, restores, failed syncs (every event that went to the notify hook)."""
+    from . import history
+
+    try:
+        since_ts = history.parse_since(since) if since else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    entries = history.read(app.config, since_ts, kinds)
+    app.emit(entries, lambda: "\n".join(f"{e['at']}  {e['severity']:<8} {e['kind']:<24} {e['message']}"
+                                        for e in entries) or "no events recorded" + (" in that period" if since else ""))
 
 
 def build_cli():

@@ -120,10 +120,17 @@ def default_state_dir():
 class Config:
     """The validated configuration: one model instance per section."""
 
-    def __init__(self, path, sections, endpoints):
+    def __init__(self, path, sections, endpoints, given=(), shell_overrides=()):
         self.path = path
         self._sections = sections
         self.endpoints = endpoints
+        self._given = frozenset(given)
+        self.shell_overrides = tuple(shell_overrides)
+
+    def given(self, name):
+        """Whether the section was written in the file or set by one of its environment variables (rather
+        than all defaults): plugins offer default scheduled jobs only for what the user set up."""
+        return name in self._given
 
     @property
     def core(self):
@@ -151,8 +158,11 @@ class Config:
 
 
 def find_config_file(explicit=None, environ=None):
-    """The config file to use, or None when none exists (defaults only)."""
+    """The config file to use, or None when none exists (defaults only); explicit=False: none, no search
+    (`--no-config`, what a job installed without a config file runs with)."""
     environ = os.environ if environ is None else environ
+    if explicit is False:
+        return None
     if explicit:
         path = Path(explicit)
         if not path.is_file():
@@ -184,15 +194,21 @@ def load(explicit=None, sections=(), environ=None):
         raise ConfigError(f"{where.at((unknown[0],))}: unknown section {unknown[0]!r} (expected one of: {known})")
 
     env_files = (raw.get("dbdeck") or {}).get("env_files") or []
+    shell = environ
     environ = _with_env_files(env_files, path, environ, where)
     raw = _interpolate(raw, environ, where, ())
 
+    given = {name for name, value in raw.items() if value not in (None, {})}
+    shell_overrides = []
     for spec in all_sections.values():
         if spec is None:
             continue
         for variable, dotted in spec.env.items():
             if environ.get(variable) not in (None, ""):
                 _set_dotted(raw, (spec.name, *dotted.split(".")), environ[variable])
+                given.add(spec.name)
+                if shell.get(variable) not in (None, ""):
+                    shell_overrides.append(variable)
 
     validated = {}
     for name, spec in all_sections.items():
@@ -215,7 +231,7 @@ def load(explicit=None, sections=(), environ=None):
             raise ConfigError(f"{where.at(('endpoints', name))}: endpoints.{name}: expected a mapping "
                               f"(dsn/host/container/...), got {_kind(value)}")
         endpoints[name] = _validate(EndpointConfig, value, ("endpoints", name), where)
-    return Config(path, validated, endpoints)
+    return Config(path, validated, endpoints, given, shell_overrides)
 
 
 def validate_model(model, value, key_path, where=None):

@@ -51,6 +51,14 @@ def scheduled_jobs(config):
 
 
 @hookspec
+def status_report(app):
+    """Return a list of ``dbdeck.status.Item`` rows for `dbdeck status`: this plugin's scheduled jobs,
+    services (alive?), verdicts. Must be quick and must not raise: an unreachable server is a row whose
+    state is ``failing``, with the reason in ``detail``.
+    """
+
+
+@hookspec
 def notify(event, config):
     """Deliver a ``dbdeck.events.Event`` (failover happened, deploy rolled back, sync failed...).
 

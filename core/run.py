@@ -132,7 +132,7 @@ class Runner:
         self._echo(f"[dry-run] {secrets.mask(message)}" if self.dry_run else secrets.mask(message))
 
     def run(self, argv, *, env=None, stdin=None, stdout=None, timeout=None, cwd=None,
-            as_user=None, check=True, read_only=False, binary=False, passthrough=False):
+            as_user=None, check=True, read_only=False, binary=False, passthrough=False, output=None, echo=False):
         """Run argv and wait for it.
 
         env      extra variables (secrets go here, e.g. PGPASSWORD); merged over os.environ
@@ -140,7 +140,9 @@ class Runner:
         stdout   an open binary file to stream standard output into instead of capturing it
         as_user  run as this OS user (through runuser) when dbdeck runs as root
         read_only  the command changes nothing, so it also runs in a dry run
-        passthrough  the program writes straight to our stdout/stderr (a scheduled job's output)
+        passthrough  the program writes straight to our stdout/stderr
+        output   an open binary file that receives stdout and stderr interleaved (a scheduled job's log);
+                 with echo, the same bytes are also copied to our stdout (a terminal, journald)
         """
         argv = [str(a) for a in argv]
         if as_user and os.geteuid() == 0:
@@ -154,9 +156,10 @@ class Runner:
         log.debug("running: %s", printable(argv, env))
         return self._run_with_sh(argv, env=env, stdin=stdin, stdout=stdout,
                                  timeout=timeout or self.default_timeout, cwd=cwd, check=check, binary=binary,
-                                 passthrough=passthrough)
+                                 passthrough=passthrough, output=output, echo=echo)
 
-    def _run_with_sh(self, argv, *, env, stdin, stdout, timeout, cwd, check, binary, passthrough=False):
+    def _run_with_sh(self, argv, *, env, stdin, stdout, timeout, cwd, check, binary, passthrough=False,
+                     output=None, echo=False):
         import sh
 
         try:
@@ -180,6 +183,9 @@ class Runner:
             import sys
 
             kwargs["_out"], kwargs["_err"] = sys.stdout.buffer, sys.stderr.buffer
+        if output is not None:
+            kwargs["_err_to_out"] = True
+            kwargs["_out"] = _tee(output) if echo else output
         try:
             done = program(*argv[1:], **kwargs)
         except sh.TimeoutException:
@@ -189,7 +195,7 @@ class Runner:
             raise CommandFailed(
                 f"killed by signal {-exc.exit_code}: {printable(argv)}{_tail(stderr)}",
                 argv=argv, returncode=exc.exit_code, stderr=secrets.mask(stderr)) from None
-        out = b"" if (stdout is not None or passthrough) else (done.stdout or b"")
+        out = b"" if (stdout is not None or passthrough or output is not None) else (done.stdout or b"")
         result = Result(argv=argv, returncode=done.exit_code,
                         stdout=out if binary else _decode(out), stderr=_decode(done.stderr))
         if check and result.returncode != 0:
@@ -311,6 +317,19 @@ class Runner:
             raise CommandFailed(f"program not found: {argv[0]} (is it installed and on PATH?)",
                                 argv=argv, returncode=127) from None
         return Daemon(argv=argv, pid=popen.pid, log_path=Path(log_path) if log_path else None, _popen=popen)
+
+
+def _tee(output):
+    import sys
+
+    def write(chunk):
+        data = chunk.encode() if isinstance(chunk, str) else chunk
+        output.write(data)
+        output.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+    return write
 
 
 def _decode(data):

@@ -18,3 +18,10 @@ def config_section():
 
     return ConfigSection("local_sync", LocalSync, env=SEED_ENVIRONMENT,
                          description="main PostgreSQL -> tenant MySQL/MariaDB tables: instances, mappings")
+
+
+@hookimpl
+def scheduled_jobs(config):
+    return [{"name": "local-sync", "command": ["local-sync"], "every": "6h",
+             "enabled": config.given("local_sync"),
+             "description": "main PostgreSQL into every tenant (seed: npm run sync:local every 6 hours)"}]

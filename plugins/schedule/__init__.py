@@ -22,3 +22,18 @@ def config_section():
                       description="how scheduled jobs are installed (cron or systemd) and where run state is kept"),
         ConfigSection("schedules", Schedules, description="job name -> command and timing"),
     ]
+
+
+@hookimpl
+def status_report(app):
+    from .commands import _backend
+    from .jobs import all_jobs
+    from .report import job_items, worth_showing
+
+    try:
+        jobs = all_jobs(app)
+    except Exception as exc:  # noqa: BLE001 - the status view must show the problem, not die of it
+        from dbdeck.status import Item
+
+        return [Item(kind="job", name="(schedules)", state="failing", detail=str(exc).splitlines()[0])]
+    return job_items(app, worth_showing(app, jobs), _backend(app, None))

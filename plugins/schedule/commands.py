@@ -1,18 +1,13 @@
 """Click commands of the schedule plugin."""
 
 import logging
-import os
 import sys
-import time
 
 import click
 
 from dbdeck.cli import pass_app
 
 log = logging.getLogger("dbdeck.schedule")
-SYNC_JOB = "sync-prod-to-dev"
-_SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
 
 
 def backend_options(command):
@@ -58,8 +53,20 @@ def install(app, names, backend, systemd_root):
     from .jobs import all_jobs, select
 
     jobs = select(all_jobs(app), names)
+    _warn_shell_only_settings(app)
     changed = _backend(app, backend, systemd_root).install(jobs, prune=not names)
     _report(app, "install", changed)
+    for name, job in jobs.items():
+        if not job.enabled:
+            log.log(logging.WARNING if names else logging.INFO,"job %s not installed: it is disabled (%s); enable it under `schedules: %s: {enabled: "
+                        "true}`", name, "its plugin is not configured" if job.command else "disabled", name)
+
+
+def _warn_shell_only_settings(app):
+    """Variables set in this shell change the config now, but cron and systemd will not have them."""
+    if app.config.shell_overrides:
+        log.warning("%s set in this shell but scheduled runs will not see it: put it in a file listed under "
+                    "dbdeck.env_files (or in the config) before installing", ", ".join(app.config.shell_overrides))
 
 
 @schedule_group.command("remove")
@@ -83,35 +90,31 @@ def _report(app, action, changed):
 @backend_options
 @pass_app
 def status(app, names, backend, systemd_root):
-    """Each job: its timing, where it is installed, its last run (time, exit code, duration), running now."""
-    from .jobs import all_jobs, run_state, select
+    """Each job: its timing, where it is installed, its last run (time, exit code, duration), its next run,
+    running now. Exit 1 when a job is failing or stale (no success in 3 of its intervals)."""
+    from .jobs import all_jobs, select
+    from .report import job_items, worth_showing
 
-    jobs = select(all_jobs(app), names)
-    installed = _backend(app, backend, systemd_root).installed(jobs)
-    state = run_state(app).read()
-    rows = []
-    for name, job in jobs.items():
-        last = state.get(name, {})
-        holder = app.lock(f"schedule-{name}").holder()
-        rows.append({"job": name, "timing": job.timing(), "command": job.command, "enabled": job.enabled,
-                     "installed": installed.get(name), "running_pid": (holder or {}).get("pid"),
-                     "last_start": last.get("last_start"), "last_end": last.get("last_end"),
-                     "last_exit_code": last.get("last_exit_code"), "last_duration_s": last.get("last_duration_s"),
-                     "last_skipped": last.get("last_skipped")})
+    jobs = select(all_jobs(app), names) if names else worth_showing(app, all_jobs(app))
+    items = job_items(app, jobs, _backend(app, backend, systemd_root))
+    rows = [{"job": i.name, "state": i.state, **i.data, "next_run": i.next} for i in items]
 
     def text():
         if not rows:
-            return "no scheduled jobs configured (add them under `schedules:`)"
+            return "no scheduled jobs (add them under `schedules:`)"
         lines = []
-        for r in rows:
-            where = r["installed"] or "not installed"
-            last = (f"last run {r['last_start']} exit {r['last_exit_code']} in {r['last_duration_s']}s"
-                    if r["last_start"] else "never run")
-            running = f", running now (pid {r['running_pid']})" if r["running_pid"] else ""
-            lines.append(f"{r['job']:<22} {r['timing']:<22} {last}{running}\n{'':<22} {where}")
+        for item, row in zip(items, rows):
+            last = (f"last run {row['last_start']} exit {row['last_exit_code']} in {row['last_duration_s']}s"
+                    if row["last_start"] else "never run")
+            running = f", running now (pid {row['running_pid']})" if row["running_pid"] else ""
+            upcoming = f", next {item.next}" if item.next else ""
+            lines.append(f"{item.name:<22} {row['timing']:<22} {item.state}: {last}{running}{upcoming}\n"
+                         f"{'':<22} {row['installed'] or 'not installed'}")
         return "\n".join(lines)
 
     app.emit(rows, text)
+    if any(i.problem for i in items):
+        sys.exit(1)
 
 
 @schedule_group.command("run")
@@ -145,62 +148,16 @@ def run(app, names, run_now, max_seconds):
 @click.argument("name")
 @pass_app
 def exec_job(app, name):
-    """Run one job now, as cron, systemd and `schedule run` do: under its lock, recording the outcome."""
-    from dbdeck import log as log_module
-    from dbdeck.errors import CommandFailed, CommandTimeout, LockBusy
+    """Run one job now, as cron, systemd and `schedule run` do: under its lock, output appended to the job's
+    log (<log_dir>/job-NAME.log), outcome recorded for `status`.
 
-    from .jobs import all_jobs, job_argv, now_iso, run_state, select
+    Prints nothing when the job succeeds, so cron mails only failures (with the end of the output); on a
+    terminal or under systemd the output is shown as well. Exit: the job's own, 75 when its previous run
+    still holds the lock, 124 when it ran past its `timeout:`.
+    """
+    from .execute import execute
 
-    job = select(all_jobs(app), [name])[name]
-    state = run_state(app)
-    if app.config.core.log_dir and not app.dry_run:
-        log_module.add_daily_file(app.config.core.log_dir, "schedule")
-    lock = app.lock(f"schedule-{name}")
-    try:
-        lock.acquire()
-    except LockBusy as busy:
-        state.update(name, last_skipped=now_iso())
-        log.warning("job %s: %s", name, busy)
-        raise
-    env = _job_environment(job)
-    started, clock = now_iso(), time.monotonic()
-    if not app.dry_run:
-        state.update(name, last_start=started, last_end=None, last_exit_code=None, running_pid=os.getpid())
-    status = 1
-    try:
-        result = app.runner.run(job_argv(app, job), env=env, passthrough=True, check=False, timeout=job.timeout)
-        status = result.returncode
-    except CommandTimeout as exc:
-        status = 124
-        log.error("job %s: %s", name, exc)
-    except CommandFailed as exc:
-        status = exc.returncode if isinstance(exc.returncode, int) and exc.returncode > 0 else 1
-        log.error("job %s: %s", name, exc)
-    finally:
-        duration = round(time.monotonic() - clock, 3)
-        if not app.dry_run:
-            state.update(name, last_end=now_iso(), last_exit_code=status, last_duration_s=duration, running_pid=None)
-        lock.release()
-    level = logging.INFO if status == 0 else logging.ERROR
-    log.log(level, "job %s: exit %s in %.2fs", name, status, duration)
-    sys.exit(status)
-
-
-def _job_environment(job):
-    env = {}
-    path = os.environ.get("PATH", "")
-    missing = [p for p in _SAFE_PATH.split(":") if p not in path.split(":")]
-    if missing:  # cron starts jobs with PATH=/usr/bin:/bin; docker may live in /usr/local/bin
-        env["PATH"] = ":".join([p for p in path.split(":") if p] + missing)
-    if job.env_file:
-        from dotenv import dotenv_values
-
-        from dbdeck.errors import ConfigError
-
-        if not job.env_file.is_file():
-            raise ConfigError(f"env_file {job.env_file} not found")
-        env.update({k: v for k, v in dotenv_values(job.env_file).items() if v is not None})
-    return env
+    sys.exit(execute(app, name))
 
 
 @click.command("setup-sync-cron")
@@ -212,18 +169,16 @@ def _job_environment(job):
 def setup_sync_cron(app, action):
     """Schedule sync-prod-to-dev in cron, as setup-sync-cron.sh did (SYNC_CRON_INTERVAL minutes, default 5)."""
     from .cron import CronBackend
-    from .jobs import run_state
-    from .model import Job
+    from .jobs import SYNC_JOB, all_jobs, run_state
 
     if action is None:
         raise click.UsageError("give one of --install, --status or --remove")
     settings = app.config.section("scheduler")
-    minutes = settings.sync_cron_interval
-    timing = {"cron": f"*/{minutes} * * * *"} if minutes < 60 else {"every": f"{minutes}m"}
-    job = app.config.section("schedules").root.get(SYNC_JOB) or Job(command=[SYNC_JOB], **timing)
+    job = all_jobs(app)[SYNC_JOB].model_copy(update={"enabled": True})  # asked for by name: install it
     backend = CronBackend(app, settings, app.runner)
     jobs = {SYNC_JOB: job}
     if action == "install":
+        _warn_shell_only_settings(app)
         changed = backend.install(jobs, prune=False)
         line = backend.line_for(SYNC_JOB, job, with_user=bool(settings.cron_file))
         app.emit({"installed": True, "changed": bool(changed), "line": line},

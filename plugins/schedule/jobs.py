@@ -4,16 +4,17 @@ import sys
 import time
 from pathlib import Path
 
-from dbdeck.errors import UsageError
+from dbdeck.errors import ConfigError, UsageError
 from dbdeck.state import StateFile
 
-from .model import Job
+from .model import TIMING_KEYS, Job
 
 STATE_FILE = "schedule-state.json"
+SYNC_JOB = "sync-prod-to-dev"
 
 
-def all_jobs(app):
-    """name -> Job: plugins' default jobs (scheduled_jobs hook) overridden by the `schedules:` section."""
+def default_jobs(app):
+    """name -> Job offered by plugins (scheduled_jobs hook), before the `schedules:` section."""
     from dbdeck.config import validate_model
 
     jobs = {}
@@ -22,7 +23,41 @@ def all_jobs(app):
             spec = dict(spec)
             name = spec.pop("name")
             jobs[name] = validate_model(Job, spec, ("default job", name))
-    jobs.update(app.config.section("schedules").root)
+    if SYNC_JOB in jobs:  # the seed's SYNC_CRON_INTERVAL sets the interval of setup-sync-cron's job
+        minutes = app.config.section("scheduler").sync_cron_interval
+        timing = Job(cron=f"*/{minutes} * * * *") if minutes < 60 else Job(every=f"{minutes}m")
+        jobs[SYNC_JOB] = merge(jobs[SYNC_JOB], timing)
+    return jobs
+
+
+def merge(base, patch):
+    """base with the keys the patch sets; a patch giving a timing replaces base's timing."""
+    fields = base.model_dump()
+    given = {k: getattr(patch, k) for k in patch.model_fields_set}
+    if any(given.get(k) is not None for k in TIMING_KEYS):
+        for key in TIMING_KEYS:
+            fields[key] = None
+    fields.update(given)
+    return Job.model_validate(fields)
+
+
+def all_jobs(app):
+    """name -> Job: plugins' default jobs, changed or added to by the `schedules:` section."""
+    defaults = default_jobs(app)
+    jobs = dict(defaults)
+    for name, entry in app.config.section("schedules").root.items():
+        if entry.command is not None:
+            jobs[name] = entry
+        elif name in defaults:
+            jobs[name] = merge(defaults[name], entry)
+        else:
+            offered = ", ".join(sorted(defaults)) or "none"
+            raise ConfigError(f"{app.config.where()}: schedules.{name}: no plugin offers a job named {name!r} "
+                              f"(default jobs: {offered}); give it a command and one of every, cron or on_calendar")
+    base = Path(app.config.path).resolve().parent if app.config.path else Path.cwd()
+    for name, job in jobs.items():
+        if job.env_file is not None and not job.env_file.is_absolute():
+            jobs[name] = job.model_copy(update={"env_file": base / job.env_file})
     return jobs
 
 
@@ -34,30 +69,42 @@ def select(jobs, names):
     return {n: jobs[n] for n in names} if names else jobs
 
 
+def config_args(app):
+    """The config in force now, pinned: cron and systemd start jobs from / with a bare environment."""
+    path = app.config.path
+    return ["--config", str(Path(path).resolve())] if path is not None else ["--no-config"]
+
+
 def dbdeck_argv(app, *args):
     """How cron, systemd or the foreground scheduler start dbdeck: this interpreter, absolute paths."""
-    argv = [sys.executable, "-m", "dbdeck.launch", "dbdeck"]
-    config = app.config.path
-    if config is not None:
-        argv += ["--config", str(Path(config).resolve())]
-    return [*argv, *args]
+    return [sys.executable, "-m", "dbdeck.launch", "dbdeck", *config_args(app), *args]
+
+
+def is_dbdeck_command(job):
+    first = job.command[0]
+    if first == "dbdeck":
+        return True
+    from dbdeck.cli import build_cli
+
+    return build_cli().get_command(None, first) is not None
 
 
 def job_argv(app, job):
-    """The program a job runs: a dbdeck command through this interpreter, or any other program."""
-    first = job.command[0]
-    if first == "dbdeck":
-        return [sys.executable, "-m", "dbdeck.launch", *job.command]
-    from dbdeck.cli import build_cli
-
-    if build_cli().get_command(None, first) is not None:
-        return [sys.executable, "-m", "dbdeck.launch", *job.command]
-    return list(job.command)
+    """The program a job runs: a dbdeck command (with the config pinned), or any other program."""
+    if not is_dbdeck_command(job):
+        return list(job.command)
+    command = job.command[1:] if job.command[0] == "dbdeck" else job.command
+    return dbdeck_argv(app, *command)
 
 
 def state_dir(app):
     configured = app.config.section("scheduler").state_dir
     return Path(configured) if configured else app.config.state_dir
+
+
+def log_dir(app):
+    """Where each job's output goes: dbdeck.log_dir, else <state dir>/log."""
+    return Path(app.config.core.log_dir) if app.config.core.log_dir else state_dir(app) / "log"
 
 
 def run_state(app):
@@ -67,3 +114,9 @@ def run_state(app):
 
 def now_iso():
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def printable_argv(argv):
+    from dbdeck.run import printable
+
+    return printable(argv)

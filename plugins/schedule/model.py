@@ -11,6 +11,7 @@ from dbdeck.config import Section
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _EVERY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?|d|days?)?\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+TIMING_KEYS = ("every", "cron", "on_calendar")
 
 
 def parse_every(text):
@@ -63,9 +64,13 @@ class SchedulerSettings(Section):
 
 
 class Job(Section):
-    """One scheduled job: what to run and when (exactly one of every, cron, on_calendar)."""
+    """One scheduled job: what to run and when (exactly one of every, cron, on_calendar).
 
-    command: list[str]
+    An entry without `command` changes a plugin's default job of that name (`enabled: false`, another
+    `every:`), keeping what it does not set.
+    """
+
+    command: list[str] | None = None
     every: str | int | float | None = None
     cron: str | None = None
     on_calendar: str | None = None
@@ -78,6 +83,8 @@ class Job(Section):
     @field_validator("command", mode="before")
     @classmethod
     def _split(cls, value):
+        if value is None:
+            return value
         if isinstance(value, str):
             value = shlex.split(value)
         if not value:
@@ -104,8 +111,8 @@ class Job(Section):
 
     @model_validator(mode="after")
     def _exactly_one_timing(self):
-        given = [k for k in ("every", "cron", "on_calendar") if getattr(self, k) is not None]
-        if len(given) != 1:
+        given = [k for k in TIMING_KEYS if getattr(self, k) is not None]
+        if len(given) > 1 or (not given and self.command is not None):
             raise ValueError("give exactly one of every, cron or on_calendar"
                              + (f" (got {', '.join(given)})" if given else ""))
         return self

@@ -18,3 +18,11 @@ def config_section():
 
     return ConfigSection("sync_databases", SyncDatabases, env=SEED_ENVIRONMENT,
                          description="bidirectional sync: local and external databases, tables, batches")
+
+
+@hookimpl
+def scheduled_jobs(config):
+    # seed 001 looped `sleep 300`; one round per run, under the job lock, replaces the loop
+    return [{"name": "sync-databases", "command": ["sync-databases", "run"], "every": "5m",
+             "enabled": config.given("sync_databases"),
+             "description": "one bidirectional sync round (seed: sync_databases loop every 5 min)"}]

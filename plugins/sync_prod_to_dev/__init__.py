@@ -18,3 +18,11 @@ def config_section():
 
     return ConfigSection("sync_prod_to_dev", SyncProdToDev, env=SEED_ENVIRONMENT,
                          description="prod -> dev clone: source, target, excluded tables, logs, dumps")
+
+
+@hookimpl
+def scheduled_jobs(config):
+    # the seed's cron job (setup-sync-cron.sh); most runs find prod unchanged and skip in well under a second
+    return [{"name": "sync-prod-to-dev", "command": ["sync-prod-to-dev"], "every": "5m",
+             "enabled": config.given("sync_prod_to_dev"),
+             "description": "copy prod into dev when prod changed (seed: setup-sync-cron.sh)"}]

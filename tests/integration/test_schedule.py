@@ -164,17 +164,27 @@ def test_exec_records_state_and_refuses_overlap(tmp_path, dbdeck_bin):
                                     f"    env_file: {env_file}\n"
                                     "  broken:\n    command: [sh, -c, 'exit 3']\n    every: 5m\n")
     first = subprocess.Popen([str(Path(__file__).parents[2] / "bin" / "dbdeck"), "--config", str(config),
-                              "schedule", "exec", "slow"], stdout=subprocess.PIPE, text=True)
+                              "schedule", "exec", "slow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.8)
     second = dbdeck_bin("--config", config, "schedule", "exec", "slow")
-    assert second.returncode == 75 and "already running" in second.stderr and f"pid {first.pid}" in second.stderr
-    assert first.wait(timeout=20) == 0 and first.stdout.read() == "from-env-file\n"
-    assert dbdeck_bin("--config", config, "schedule", "exec", "broken").returncode == 3
-    rows = {r["job"]: r for r in json.loads(dbdeck_bin("--config", config, "--format", "json", "schedule",
-                                                       "status").stdout)}
+    # not a terminal, not journald: what cron sees. A skip and a success print nothing (no mail).
+    assert second.returncode == 75 and second.stdout == second.stderr == ""
+    assert first.wait(timeout=20) == 0 and first.stdout.read() == "" and first.stderr.read() == ""
+    job_log = (tmp_path / "state" / "log" / "job-slow.log").read_text()
+    assert "from-env-file\n" in job_log and "exit 0 in" in job_log
+    assert f"skipped: schedule-slow is already running (pid {first.pid}" in job_log
+    broken = dbdeck_bin("--config", config, "schedule", "exec", "broken")
+    assert broken.returncode == 3 and broken.stdout == ""
+    assert broken.stderr.startswith("dbdeck: job broken failed with exit 3") and "job-broken.log" in broken.stderr
+    # under systemd the output goes to the journal as it comes
+    shown = dbdeck_bin("--config", config, "schedule", "exec", "slow", env={"JOURNAL_STREAM": "8:1234"})
+    assert shown.returncode == 0 and "from-env-file" in shown.stdout
+    status = dbdeck_bin("--config", config, "--format", "json", "schedule", "status")
+    assert status.returncode == 1  # `broken` is failing
+    rows = {r["job"]: r for r in json.loads(status.stdout)}
     assert rows["slow"]["last_exit_code"] == 0 and rows["slow"]["last_duration_s"] >= 1.5
-    assert rows["slow"]["last_skipped"] is not None
-    assert rows["broken"]["last_exit_code"] == 3
+    assert rows["slow"]["last_skipped"] is not None and rows["slow"]["state"] == "ok"
+    assert rows["broken"]["last_exit_code"] == 3 and rows["broken"]["state"] == "failing"
     unknown = dbdeck_bin("--config", config, "schedule", "exec", "nope")
     assert unknown.returncode == 2 and "no scheduled job named 'nope'" in unknown.stderr
 

@@ -1,6 +1,10 @@
+import os
 import sys
 
+import pytest
+
 from dbdeck.cli import App
+from dbdeck.errors import ConfigError
 from dbdeck.hookspecs import hookimpl
 from dbdeck.plugins.schedule.jobs import all_jobs, job_argv
 
@@ -12,8 +16,8 @@ class OffersJobs:
                 {"name": "overridden", "command": ["x"], "every": "5m"}]
 
 
-def app_with(tmp_path, body):
-    path = tmp_path / "dbdeck.yaml"
+def app_with(tmp_path, body, path=None):
+    path = path or tmp_path / "dbdeck.yaml"
     path.write_text(body)
     app = App()
     app.config_path = str(path)
@@ -28,8 +32,71 @@ def test_plugins_offer_default_jobs_and_config_overrides_them(tmp_path):
     assert jobs["overridden"].command == ["y"] and jobs["overridden"].every == "10m"
 
 
-def test_dbdeck_commands_run_through_this_interpreter(tmp_path):
+def test_an_entry_without_command_changes_only_what_it_sets(tmp_path):
+    app = app_with(tmp_path, "schedules:\n  nightly-clone:\n    every: 2h\n  overridden:\n    enabled: false\n")
+    jobs = all_jobs(app)
+    assert jobs["nightly-clone"].command == ["sandbox", "status"]
+    assert (jobs["nightly-clone"].every, jobs["nightly-clone"].cron) == ("2h", None)
+    assert jobs["overridden"].enabled is False and jobs["overridden"].every == "5m"
+
+
+def test_an_entry_without_command_for_an_unknown_job_is_a_config_error(tmp_path):
+    app = app_with(tmp_path, "schedules:\n  typo-job:\n    every: 2h\n")
+    with pytest.raises(ConfigError, match="no plugin offers a job named 'typo-job'.*default jobs: "):
+        all_jobs(app)
+
+
+def test_seed_plugins_offer_their_jobs_only_once_configured(tmp_path, monkeypatch):
+    for variable in ("PROD_DB_CONTAINER", "DATABASE_URL", "EXTERNAL_DB_URL", "SYNC_CRON_INTERVAL"):
+        monkeypatch.delenv(variable, raising=False)
+    jobs = all_jobs(app_with(tmp_path, "dbdeck: {}\n"))
+    assert {n: j.enabled for n, j in jobs.items() if n in ("sync-prod-to-dev", "sync-databases", "local-sync")} == \
+        {"sync-prod-to-dev": False, "sync-databases": False, "local-sync": False}
+    monkeypatch.setenv("SYNC_CRON_INTERVAL", "10")
+    jobs = all_jobs(app_with(tmp_path, "sync_prod_to_dev:\n  source: {container: a}\n  target: {container: b}\n"))
+    assert jobs["sync-prod-to-dev"].enabled and jobs["sync-prod-to-dev"].cron == "*/10 * * * *"
+    assert jobs["sync-databases"].command == ["sync-databases", "run"] and jobs["local-sync"].every == "6h"
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@h/db")
+    assert all_jobs(app_with(tmp_path, "dbdeck: {}\n"))["sync-databases"].enabled
+
+
+def test_dbdeck_commands_run_through_this_interpreter_with_the_config_pinned(tmp_path):
     app = app_with(tmp_path, "")
     jobs = all_jobs(app)
-    assert job_argv(app, jobs["nightly-clone"]) == [sys.executable, "-m", "dbdeck.launch", "sandbox", "status"]
+    config = str((tmp_path / "dbdeck.yaml").resolve())
+    assert job_argv(app, jobs["nightly-clone"]) == [sys.executable, "-m", "dbdeck.launch", "dbdeck",
+                                                    "--config", config, "sandbox", "status"]
     assert job_argv(app, jobs["overridden"]) == ["x"]
+
+
+def test_relative_config_and_env_file_become_absolute(tmp_path, monkeypatch):
+    (tmp_path / "etc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    app = app_with(tmp_path, "schedules:\n  j:\n    command: [dbdeck, plugins]\n    every: 5m\n    env_file: job.env\n",
+                   path=tmp_path / "etc" / "dbdeck.yaml")
+    app.config_path = "etc/dbdeck.yaml"
+    job = all_jobs(app)["j"]
+    assert job.env_file == tmp_path.resolve() / "etc" / "job.env"
+    assert job_argv(app, job)[4:6] == ["--config", str(tmp_path.resolve() / "etc" / "dbdeck.yaml")]
+
+
+def test_no_config_file_is_pinned_as_no_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DBDECK_CONFIG", raising=False)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "dbdeck.yaml").write_text("dbdeck: {}\n")  # found by the search, ignored
+    app = App()
+    app.config_path = False  # --no-config
+    app.plugin_manager.register(OffersJobs())
+    assert app.config.path is None
+    assert job_argv(app, all_jobs(app)["nightly-clone"])[4] == "--no-config"
+
+
+def test_shell_overrides_are_listed_but_env_file_values_are_not(tmp_path, monkeypatch):
+    (tmp_path / "seed.env").write_text("PROD_DB_USER=from_file\n")
+    monkeypatch.setenv("PROD_DB_CONTAINER", "from-shell")
+    monkeypatch.delenv("PROD_DB_USER", raising=False)
+    app = app_with(tmp_path, "dbdeck:\n  env_files: [seed.env]\n")
+    assert "PROD_DB_CONTAINER" in app.config.shell_overrides
+    assert "PROD_DB_USER" not in app.config.shell_overrides and app.config.given("sync_prod_to_dev")
+    assert os.environ.get("PROD_DB_USER") is None

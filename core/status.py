@@ -1,0 +1,180 @@
+"""`dbdeck status`: everything dbdeck runs on this host in one view (text table, JSON, Prometheus).
+
+Plugins contribute rows through the status_report hook (the schedule plugin its jobs, the replication
+plugin its verdict and the auto-failover service...). Commands that finish a piece of work (a sync, a
+deploy, a backup) call App.record_result(), and those results appear here without a hook of their own.
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from .state import StateFile
+
+RESULTS_FILE = "results.json"
+PROBLEMS = ("failing", "stale", "dead", "down")
+
+METRIC_HELP = {
+    "dbdeck_job_last_success_timestamp_seconds": "Unix time the job last exited 0",
+    "dbdeck_job_last_duration_seconds": "How long the job's last finished run took",
+    "dbdeck_job_last_exit_code": "Exit code of the job's last finished run (75: skipped, its previous run held "
+                                 "the lock)",
+    "dbdeck_job_running": "1 while a run of the job is going",
+    "dbdeck_service_up": "1 while the long-running dbdeck service holds its lock (is alive)",
+    "dbdeck_result_last_success_timestamp_seconds": "Unix time the command last finished its work",
+    "dbdeck_result_last_duration_seconds": "How long the command's last finished work took",
+    "dbdeck_status_problems": "Rows of `dbdeck status` that are failing, stale, dead or down",
+}
+
+
+@dataclass
+class Item:
+    """One row of `dbdeck status`."""
+
+    kind: str                  # job, service, replication, sync, deploy, backup...
+    name: str
+    state: str                 # ok, running, never, disabled, stopped | failing, stale, dead, down
+    detail: str = ""
+    last: str | None = None    # when it last ran / started (ISO 8601)
+    next: str | None = None    # next scheduled run (ISO 8601), for jobs
+    labels: dict = field(default_factory=dict)   # Prometheus labels, e.g. {"job": "sync-prod-to-dev"}
+    metrics: dict = field(default_factory=dict)  # metric name -> value (see METRIC_HELP)
+    data: dict = field(default_factory=dict)     # anything else, for --format json
+
+    @property
+    def problem(self):
+        return self.state in PROBLEMS
+
+    def as_dict(self):
+        out = asdict(self)
+        out["problem"] = self.problem
+        return out
+
+
+def epoch(iso):
+    """ISO 8601 (as dbdeck writes it) -> Unix time, or None."""
+    if not iso:
+        return None
+    try:
+        return datetime.fromisoformat(str(iso)).timestamp()
+    except ValueError:
+        return None
+
+
+def iso(ts):
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ts)) if ts is not None else None
+
+
+def results_file(config):
+    return StateFile(Path(config.state_dir) / RESULTS_FILE)
+
+
+def record_result(config, name, kind, ok, summary, seconds=None, **details):
+    """Remember how a command's work last ended (called by the command itself, never in a dry run)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    fields = dict(kind=kind, at=now, ok=bool(ok), summary=summary, seconds=seconds, details=details)
+    if ok:
+        fields["last_success"] = now
+    results_file(config).update(name, **fields)
+
+
+def result_items(config):
+    items = []
+    for name, result in sorted(results_file(config).read().items()):
+        ok = result.get("ok")
+        metrics = {"dbdeck_result_last_success_timestamp_seconds": epoch(result.get("last_success"))}
+        if result.get("seconds") is not None:
+            metrics["dbdeck_result_last_duration_seconds"] = result["seconds"]
+        items.append(Item(kind=result.get("kind", "result"), name=name, state="ok" if ok else "failing",
+                          detail=result.get("summary", ""), last=result.get("at"), labels={"command": name},
+                          metrics={k: v for k, v in metrics.items() if v is not None},
+                          data={"seconds": result.get("seconds"), "last_success": result.get("last_success"),
+                                **(result.get("details") or {})}))
+    return items
+
+
+def collect(app):
+    """Every row: plugins' (status_report hook) then recorded results."""
+    items = []
+    for contributed in app.plugin_manager.hook.status_report(app=app):
+        items.extend(contributed or ())
+    items.extend(result_items(app.config))
+    return items
+
+
+# --- renderings -------------------------------------------------------------------------------------
+def render_text(items, width=None):
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    if not items:
+        return "nothing to report: no jobs, services or results on this host yet"
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("KIND", "NAME", "STATE", "LAST", "NEXT", "DETAIL"):
+        table.add_column(column, overflow="fold")
+    styles = {"ok": "green", "running": "cyan"}
+    for item in items:
+        state = item.state.upper() if item.problem else item.state
+        style = "bold red" if item.problem else styles.get(item.state, "")
+        table.add_row(item.kind, item.name, f"[{style}]{state}[/]" if style else state,
+                      _short_time(item.last), _short_time(item.next), item.detail)
+    buffer = StringIO()
+    Console(file=buffer, width=width or 200, highlight=False, force_terminal=False,
+            no_color=True).print(table)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
+
+
+def _short_time(value):
+    return value.replace("T", " ")[:16] if value else "-"
+
+
+class MetricsCollector:
+    """A prometheus_client collector that reads the status afresh on every scrape."""
+
+    def __init__(self, gather):
+        self.gather = gather
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        items = self.gather()
+        families = {}
+        for item in items:
+            for name, value in item.metrics.items():
+                if value is None:
+                    continue
+                family = families.get(name)
+                if family is None:
+                    family = families[name] = GaugeMetricFamily(name, METRIC_HELP.get(name, name),
+                                                                labels=list(item.labels))
+                family.add_metric([str(v) for v in item.labels.values()], float(value))
+        problems = GaugeMetricFamily("dbdeck_status_problems", METRIC_HELP["dbdeck_status_problems"])
+        problems.add_metric([], sum(1 for i in items if i.problem))
+        yield from families.values()
+        yield problems
+
+
+def render_prometheus(gather):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(gather))
+    return generate_latest(registry).decode()
+
+
+def serve_prometheus(gather, address, stop):
+    """Serve /metrics on address (HOST:PORT) until stop (a threading.Event) is set."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    host, _, port = address.rpartition(":")
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(gather))
+    server, thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
+    try:
+        stop.wait()
+    finally:
+        server.shutdown()
+        thread.join(5)

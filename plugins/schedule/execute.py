@@ -1,0 +1,137 @@
+"""`dbdeck schedule exec JOB`: one run of a job, as cron, systemd and `schedule run` start it.
+
+The run holds the job's lock (a run that finds the previous one still going is skipped, exit 75), appends
+the job's output to <log dir>/job-<name>.log and records the outcome for `schedule status` and
+`dbdeck status`. It prints nothing when the job succeeds, so cron mails only failures, with the end of
+this run's output; on a terminal or under systemd (journald) the output is shown as it comes.
+"""
+
+import logging
+import os
+import sys
+import time
+
+from dbdeck import secrets
+from dbdeck.errors import EXIT_LOCKED, CommandFailed, CommandTimeout, LockBusy
+
+from .jobs import all_jobs, job_argv, log_dir, now_iso, printable_argv, run_state, select
+
+log = logging.getLogger("dbdeck.schedule")
+_SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_ROTATE_BYTES = 5 * 1024 * 1024
+_TAIL_LINES = 20
+
+
+def execute(app, name):
+    """Run job `name` once; returns its exit status."""
+    job = select(all_jobs(app), [name])[name]
+    argv = job_argv(app, job)
+    if app.dry_run:
+        app.runner.say(f"would run job {name}: {printable_argv(argv)}")
+        return 0
+    state = run_state(app)
+    log_path = log_dir(app) / f"job-{name}.log"
+    show = _someone_watches()
+    lock = app.lock(f"schedule-{name}")
+    try:
+        lock.acquire()
+    except LockBusy as busy:
+        state.update(name, last_skipped=now_iso())
+        _append(log_path, f"=== {now_iso()} skipped: {busy}\n")
+        if show:
+            print(f"job {name}: skipped: {busy}", file=sys.stderr)
+        return EXIT_LOCKED
+    try:
+        return _run_locked(app, name, job, argv, state, log_path, show)
+    finally:
+        lock.release()
+
+
+def _run_locked(app, name, job, argv, state, log_path, show):
+    env = job_environment(app, job)
+    started, clock = now_iso(), time.monotonic()
+    first = {} if state.read().get(name, {}).get("first_start") else {"first_start": started}
+    state.update(name, last_start=started, last_end=None, last_exit_code=None, running_pid=os.getpid(),
+                 log=str(log_path), **first)
+    _rotate(log_path)
+    status, problem = 1, None
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640), "ab") as output:
+        output.write(f"=== {started} job {name}: {printable_argv(argv)}\n".encode())
+        output.flush()
+        offset = output.tell()
+        try:
+            result = app.runner.run(argv, env=env, output=output, echo=show, check=False, timeout=job.timeout)
+            status = result.returncode
+        except CommandTimeout:
+            status, problem = 124, f"timed out after {job.timeout}s"
+        except CommandFailed as exc:
+            status = exc.returncode if isinstance(exc.returncode, int) and exc.returncode > 0 else 1
+            problem = secrets.mask(str(exc).splitlines()[0])
+        finally:
+            duration = round(time.monotonic() - clock, 3)
+            ended = now_iso()
+            output.write(f"=== {ended} exit {status} in {duration:.2f}s{f': {problem}' if problem else ''}\n"
+                         .encode())
+            fields = dict(last_end=ended, last_exit_code=status, last_duration_s=duration, running_pid=None)
+            if status == 0:
+                fields["last_success"] = ended
+            state.update(name, **fields)
+    if status == 0:
+        log.info("job %s: exit 0 in %.2fs", name, duration)
+        return 0
+    if status == EXIT_LOCKED:  # the job's own command found its own lock taken: a skip, not a failure
+        log.info("job %s: skipped by the command itself (exit 75)", name)
+        return status
+    summary = f"dbdeck: job {name} failed with exit {status} after {duration:.2f}s" + (f" ({problem})" if problem else "")
+    if show:
+        print(f"{summary}; full output in {log_path}", file=sys.stderr)
+    else:  # cron mails this: the reason, without making anyone open the log first
+        print(f"{summary}; the end of {log_path}:\n{_tail(log_path, offset)}", file=sys.stderr)
+    return status
+
+
+def job_environment(app, job):
+    env = {}
+    path = os.environ.get("PATH", "")
+    missing = [p for p in _SAFE_PATH.split(":") if p not in path.split(":")]
+    if missing:  # cron starts jobs with PATH=/usr/bin:/bin; docker may live in /usr/local/bin
+        env["PATH"] = ":".join([p for p in path.split(":") if p] + missing)
+    if app.config.path is not None:  # for jobs that are not dbdeck commands but call dbdeck themselves
+        env["DBDECK_CONFIG"] = str(app.config.path.resolve())
+    if job.env_file:
+        from dotenv import dotenv_values
+
+        from dbdeck.errors import ConfigError
+
+        if not job.env_file.is_file():
+            raise ConfigError(f"env_file {job.env_file} not found")
+        env.update({k: v for k, v in dotenv_values(job.env_file).items() if v is not None})
+    return env
+
+
+def _someone_watches():
+    return sys.stdout.isatty() or bool(os.environ.get("JOURNAL_STREAM"))
+
+
+def _append(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as out:
+        out.write(secrets.mask(text))
+
+
+def _rotate(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.stat().st_size > _ROTATE_BYTES:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except FileNotFoundError:
+        pass
+
+
+def _tail(path, offset):
+    with open(path, "rb") as source:
+        source.seek(offset)
+        lines = source.read().decode("utf-8", errors="replace").splitlines()
+    shown = lines[-_TAIL_LINES:]
+    skipped = f"... ({len(lines) - len(shown)} earlier lines)\n" if len(lines) > len(shown) else ""
+    return secrets.mask(skipped + "\n".join(shown))
