@@ -50,7 +50,17 @@ def local_sync(ctx, instance, full):
 
 
 def _run(app, instance, full):
-    result = make_sync(app).run(instance, full)
+    try:
+        result = make_sync(app).run(instance, full)
+    except Exception as exc:
+        app.record_result("local-sync", "sync", False, str(exc).splitlines()[0])
+        raise
+    if not instance:
+        done = len(result["instances"]) - len(result["failed"]) - len(result["skipped"])
+        summary = f"{done} of {len(result['instances'])} instance(s) synced in {result['seconds']}s" + (
+            f"; failed: {', '.join(result['failed'])}" if result["failed"] else "")
+        app.record_result("local-sync", "sync", not result["failed"], summary, result["seconds"],
+                          failed=result["failed"])
     if app.format == "json":
         app.emit(result)
     if result["failed"]:

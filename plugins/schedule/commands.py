@@ -8,6 +8,7 @@ import click
 from dbdeck.cli import pass_app
 
 log = logging.getLogger("dbdeck.schedule")
+_USED_AT_INSTALL = {"SYNC_CRON_INTERVAL"}  # read by the install itself (it sets the timing), not by the runs
 
 
 def backend_options(command):
@@ -64,9 +65,10 @@ def install(app, names, backend, systemd_root):
 
 def _warn_shell_only_settings(app):
     """Variables set in this shell change the config now, but cron and systemd will not have them."""
-    if app.config.shell_overrides:
+    lost = [v for v in app.config.shell_overrides if v not in _USED_AT_INSTALL]
+    if lost:
         log.warning("%s set in this shell but scheduled runs will not see it: put it in a file listed under "
-                    "dbdeck.env_files (or in the config) before installing", ", ".join(app.config.shell_overrides))
+                    "dbdeck.env_files (or in the config) before installing", ", ".join(lost))
 
 
 @schedule_group.command("remove")

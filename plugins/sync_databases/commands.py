@@ -65,7 +65,14 @@ def setup(app):
 def run(app, direction):
     """One sync round (local -> external, then external -> local)."""
     with app.lock("sync-databases"):
-        result = make_sync(app).run(DIRECTIONS[direction])
+        try:
+            result = make_sync(app).run(DIRECTIONS[direction])
+        except Exception as exc:
+            app.record_result("sync-databases", "sync", False, str(exc).splitlines()[0])
+            raise
+    moved = sum(c.get("applied", 0) for c in result["directions"].values())
+    app.record_result("sync-databases", "sync", True, f"{moved} change(s) applied in {result['seconds']}s",
+                      result["seconds"], applied=moved)
     if app.format == "json":
         app.emit(result)
 

@@ -191,10 +191,12 @@ class Clone:
             raise
         self._swap(dev_exists=self.dev in databases)
         seconds = time.monotonic() - started
+        size = None
         if not self.runner.dry_run:
             self._record(fingerprint, seconds)
+            size = self.maintenance.query("SELECT pg_database_size(%s) AS bytes", (self.dev,))[0]["bytes"]
         self.say(f"sync complete in {seconds:.1f}s" + (f"; kept dev's own {', '.join(excluded)}" if excluded else ""))
-        return {"skipped": False, "seconds": round(seconds, 2), "excluded_kept": excluded}
+        return {"skipped": False, "seconds": round(seconds, 2), "excluded_kept": excluded, "bytes": size}
 
     def _anonymize(self, staging):
         from . import anonymize

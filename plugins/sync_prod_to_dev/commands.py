@@ -1,6 +1,7 @@
 """`sync-prod-to-dev [--dry-run] [--force]` (drop-in for deploy-backend/scripts/sync-prod-to-dev.sh)."""
 
 import logging
+import time
 
 import click
 
@@ -34,7 +35,20 @@ def sync_prod_to_dev(app, force):
         log.info(line)
         click.echo(("[dry-run] " if app.dry_run else "") + line)
 
+    started = time.monotonic()
     with app.lock("sync-prod-to-dev"):
-        result = Clone(app, settings, force=force, say=say).run()
+        try:
+            result = Clone(app, settings, force=force, say=say).run()
+        except Exception as exc:
+            app.record_result("sync-prod-to-dev", "sync", False, str(exc).splitlines()[0],
+                              round(time.monotonic() - started, 2))
+            raise
+    if result.get("skipped"):
+        app.record_result("sync-prod-to-dev", "sync", True, f"prod unchanged since {result['last_sync']}",
+                          round(time.monotonic() - started, 2), copied=False)
+    else:
+        size = f"{result['bytes'] / 1e6:.1f} MB " if result.get("bytes") is not None else ""
+        app.record_result("sync-prod-to-dev", "sync", True, f"copied {size}in {result['seconds']}s",
+                          result["seconds"], copied=True, bytes=result.get("bytes"))
     if app.format == "json":
         app.emit(result)

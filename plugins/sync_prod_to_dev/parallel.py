@@ -86,7 +86,8 @@ def split_post_data(text):
     entries = []
     for match, following in zip(matches, [*matches[1:], None]):
         body = text[match.end():following.start() if following else len(text)]
-        entries.append((match["type"], match["schema"], match["name"], body))
+        # the last entry carries the dump's trailer (`\unrestrict KEY`), and an index or key is sent with -c
+        entries.append((match["type"], match["schema"], match["name"], sql_only(body)))
     return preamble, entries
 
 

@@ -97,3 +97,11 @@ def test_progress_logs_each_tenth_off_a_terminal_and_rewrites_one_line_on_it():
     progress.finish()
     assert "\r\x1b[K1/3 tables, 1.0 MB of 3.0 MB (33%" in terminal.getvalue()
     assert said == [said[0]] and said[0].startswith("copied 3/3 tables")
+
+
+def test_the_last_entry_loses_the_dumps_trailer_it_would_be_sent_with_dash_c():
+    # a database whose last post-data entry is a key (one table): that statement goes to psql -c
+    _, entries = split_post_data(POST_DATA.split("--\n-- Name: INDEX orders_customer")[0].rstrip() +
+                                 "\n\n\\unrestrict abc123\n")
+    assert entries[-1][0] == "INDEX" and "\\unrestrict" not in entries[-1][3]
+    assert "CREATE INDEX orders_customer" in entries[-1][3]
