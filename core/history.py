@@ -24,7 +24,8 @@ def append(config, event):
     path.parent.mkdir(parents=True, exist_ok=True)
     entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(event.at)), "ts": round(event.at, 3),
              "kind": event.kind, "severity": event.severity, "message": secrets.mask(event.message),
-             "details": secrets.mask_values(event.details)}
+             "details": secrets.mask_values({k: secrets.MASK if secrets.is_secret_name(str(k)) and v else v
+                                             for k, v in event.details.items()})}
     line = json.dumps(entry, default=str) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     try:

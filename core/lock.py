@@ -84,6 +84,20 @@ class JobLock:
         finally:
             os.close(fd)
 
+    def state(self):
+        """(state, holder): ("running", who holds it), ("dead", who held it and died without releasing it:
+        kill -9, OOM, a crash), ("stopped", None) after a clean release, ("never", None) with no lock file."""
+        if not self.path.exists():
+            return "never", None
+        holder = self.holder()
+        if holder is not None:
+            return "running", holder
+        try:
+            left = json.loads(self.path.read_bytes() or b"null")
+        except (OSError, ValueError):
+            left = None
+        return ("dead", left) if left else ("stopped", None)
+
     def __enter__(self):
         return self.acquire()
 

@@ -21,6 +21,7 @@ METRIC_HELP = {
     "dbdeck_job_last_exit_code": "Exit code of the job's last finished run (75: skipped, its previous run held "
                                  "the lock)",
     "dbdeck_job_running": "1 while a run of the job is going",
+    "dbdeck_job_interval_seconds": "Time between two scheduled runs of the job (for staleness alerts)",
     "dbdeck_service_up": "1 while the long-running dbdeck service holds its lock (is alive)",
     "dbdeck_result_last_success_timestamp_seconds": "Unix time the command last finished its work",
     "dbdeck_result_last_duration_seconds": "How long the command's last finished work took",
@@ -91,6 +92,29 @@ def result_items(config):
                           metrics={k: v for k, v in metrics.items() if v is not None},
                           data={"seconds": result.get("seconds"), "last_success": result.get("last_success"),
                                 **(result.get("details") or {})}))
+    return items
+
+
+def service_items(app, lock_prefix):
+    """One row per lock file named <lock_prefix>*.lock: a long-running service that has run on this host.
+    Its lock says whether it is alive (the kernel drops a flock when the process dies, so no stale pid)."""
+    from .lock import JobLock
+
+    run_dir = JobLock("probe", app.config.core.run_dir).run_dir
+    items = []
+    for path in sorted(run_dir.glob(f"{lock_prefix}*.lock")):
+        name = path.name[:-len(".lock")]
+        state, holder = JobLock(name, run_dir).state()
+        if state == "running":
+            row = ("up", f"pid {holder.get('pid')}", holder.get("started"))
+        elif state == "dead":
+            row = ("dead", f"pid {holder.get('pid')} ended without stopping cleanly (killed or crashed)",
+                   holder.get("started"))
+        else:
+            row = ("stopped", "stopped cleanly", None)
+        items.append(Item(kind="service", name=name, state=row[0], detail=row[1], last=row[2],
+                          labels={"service": name}, metrics={"dbdeck_service_up": 1 if state == "running" else 0},
+                          data={"pid": (holder or {}).get("pid")}))
     return items
 
 

@@ -262,6 +262,9 @@ class Deployment:
             return
         removed = server.prune_backups(profile.backups_keep)
         self.say(f"Backup written: {self.backup_file}" + (f" (removed {len(removed)} older)" if removed else ""))
+        self.context.app.record_result(f"backup {self.context.environment}", "backup", True,
+                                       f"wrote {self.backup_file} (before deploying {self.version})",
+                                       file=self.backup_file)
 
     def _rsync(self):
         profile = self.profile
@@ -374,6 +377,9 @@ class Deployment:
                  "previous": self.previous, "outcome": outcome, "detail": detail, "by": who(),
                  "backup": self.backup_file, "seconds": round(time.monotonic() - self.started, 1)}
         self.server.append_audit(self.context.app.config.section("deploy").audit_log, entry)
+        self.context.app.record_result(f"deploy {self.context.environment}", "deploy", outcome == "deployed",
+                                       f"{self.version}: {outcome}" + ("" if outcome == "deployed" else f": {detail}"),
+                                       entry["seconds"], version=self.version, previous=self.previous)
 
     def _details(self, outcome):
         return {"environment": self.context.environment, "version": self.version, "previous": self.previous,

@@ -134,8 +134,11 @@ def backup_list_command(app, environment):
 def backup_create_command(app, environment):
     with _server(app, environment) as (context, server):
         with _locked(server, "backup"):
+            started = time.monotonic()
             path = server.create_backup(prefix="manual")
             removed = server.prune_backups(context.profile.backups_keep, prefix="manual")
+            app.record_result(f"backup {environment}", "backup", True, f"wrote {path}",
+                              round(time.monotonic() - started, 1), file=path)
             app.emit({"file": path, "removed": removed},
                      f"backup written: {path}" + (f" (removed {', '.join(removed)})" if removed else ""))
 
@@ -160,3 +163,5 @@ def backup_restore_command(app, environment, name, safety_backup=True):
             server.append_audit(app.config.section("deploy").audit_log, {
                 "at": iso_now(), "environment": environment, "outcome": "restored", "detail": path, "by": who()})
             context.say(f"restored {path} in {time.monotonic() - started:.1f} s")
+            app.notify(Event("backup.restored", f"{environment}: restored {path}", severity="warning",
+                             details={"environment": environment, "file": path}))

@@ -25,3 +25,10 @@ def scheduled_jobs(config):
     return [{"name": "local-sync", "command": ["local-sync"], "every": "6h",
              "enabled": config.given("local_sync"),
              "description": "main PostgreSQL into every tenant (seed: npm run sync:local every 6 hours)"}]
+
+
+@hookimpl
+def status_report(app):
+    from dbdeck.status import service_items
+
+    return service_items(app, "local-sync-watch")

@@ -13,6 +13,7 @@ import time
 
 from dbdeck import faults
 from dbdeck.errors import DbdeckError, Refused
+from dbdeck.events import Event
 
 from . import synchronous
 from .cluster import split_brain_advice
@@ -138,6 +139,8 @@ def rebuild_replica(pair, node_name=None):
     driver.shell(_DROP_OLD, data, stamp, offline=False)
     pair.say(f"{target.name} is streaming from {primary.name}; old data deleted")
     synchronous.standby_streams(pair, primary)
+    pair.app.notify(Event("rebuild.done", f"{target.name} rebuilt by base backup from {primary.name}",
+                          details={"node": target.name, "primary": primary.name}))
     return target, primary
 
 

@@ -47,9 +47,12 @@ def job_item(app, name, job, installed, last, holder):
         if deadline and now > deadline[-1] + 60:  # a minute's grace for cron's start and RandomizedDelaySec
             state = "stale" if state == "ok" else state
             detail += f"; no success since {last.get('last_success') or 'ever'} ({STALE_AFTER_RUNS} runs missed)"
-    if not installed and job.enabled and state not in ("running",):
+    if not installed and job.enabled and state not in ("running", "never"):
         detail += "; not installed (dbdeck schedule install)"
     metrics = {"dbdeck_job_running": 1 if holder is not None else 0}
+    pace = runs_after(job, name, now, 2)
+    if pace:
+        metrics["dbdeck_job_interval_seconds"] = round(pace[1] - pace[0], 3)
     if last_success_ts is not None:
         metrics["dbdeck_job_last_success_timestamp_seconds"] = last_success_ts
     if last.get("last_duration_s") is not None:

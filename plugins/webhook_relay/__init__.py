@@ -18,3 +18,10 @@ def config_section():
 
     return ConfigSection("webhook_relay", WebhookRelay, env=SEED_ENVIRONMENT,
                          description="webhook relay: listen address, primary URL, dev mirror URL and timeout")
+
+
+@hookimpl
+def status_report(app):
+    from dbdeck.status import service_items
+
+    return service_items(app, "webhook-relay")

@@ -81,9 +81,11 @@ def webhook_relay(app, listen, primary, mirror, mirror_timeout_ms, no_mirror):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    lock = app.lock(f"webhook-relay.{port}").acquire()  # for `dbdeck status`: alive while it holds this
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+        lock.release()
         if mirror_sender:
             mirror_sender.drain(settings.mirror_timeout_ms / 1000 + 1)

@@ -4,6 +4,7 @@ Every pair here is built by the commands under test: a fresh primary (initdb), `
 then `rebuild-replica` turning an empty directory into its streaming standby.
 """
 
+import json
 import stat
 import subprocess
 import urllib.request
@@ -162,6 +163,16 @@ def test_promote_refused_while_primary_up_then_failover_and_rebuild_old_primary(
     assert code == 0 and report["primary"] == "beta"
     assert not list(Path(pair.primary.server.datadir).glob(".dbdeck-*"))  # old copy deleted after success
     _secret_free(pair, promoted.stdout + promoted.stderr, rebuilt.stdout + rebuilt.stderr)
+
+    history = pair.run("dbdeck", "history", "--since", "1h", "--format", "json")
+    kinds = [e["kind"] for e in json.loads(history.stdout)]
+    assert kinds.index("failover.promoted") < len(kinds) - 1 - kinds[::-1].index("rebuild.done")
+    text = pair.run("dbdeck", "history", "--kind", "rebuild")
+    assert text.returncode == 0 and "rebuild.done" in text.stdout and "alpha rebuilt" in text.stdout
+    assert "failover.promoted" not in text.stdout
+    status = pair.run("dbdeck", "status", "--format", "json")
+    rows = {(r["kind"], r["name"]): r for r in json.loads(status.stdout)}
+    assert rows[("replication", "pair")]["state"] == "ok" and rows[("replication", "pair")]["data"]["primary"] == "beta"
 
 
 def test_rebuild_refuses_the_only_primary_and_dry_run_changes_nothing(local_pair):

@@ -2,6 +2,7 @@
 pg_rewind that works at wal_keep_size 0, synchronous replication that survives every role change, the
 fence that holds when dbdeck is killed at any step, and operators never locked out by the monitor."""
 
+import json
 import os
 import signal
 import subprocess
@@ -253,6 +254,11 @@ def test_a_second_daemon_says_it_is_already_running(local_pair):
         second = pair.run("auto-failover", "--daemon", timeout=60)
         assert second.returncode == 75, second.stdout + second.stderr
         assert "already running" in second.stderr and "running in the background" not in second.stdout
+        up = {r["name"]: r for r in json.loads(pair.run("dbdeck", "status", "--format", "json").stdout)
+              if r["kind"] == "service"}
+        assert up["auto-failover"]["state"] == "up" and up["auto-failover"]["data"]["pid"] == pid
     finally:
         os.kill(pid, signal.SIGTERM)
         assert wait_for(lambda: not (pair.base / "af.pid").exists(), timeout=20)
+    stopped = pair.run("dbdeck", "status", "--format", "prometheus")
+    assert 'dbdeck_service_up{service="auto-failover"} 0.0' in stopped.stdout

@@ -68,7 +68,8 @@ def relay(tmp_path):
     def start(*args, env=None):
         port = free_port()
         config = tmp_path / "dbdeck.yaml"
-        config.write_text(f"dbdeck:\n  log_dir: {tmp_path}/logs\n  state_dir: {tmp_path}/state\n")
+        config.write_text(f"dbdeck:\n  log_dir: {tmp_path}/logs\n  state_dir: {tmp_path}/state\n"
+                          f"  run_dir: {tmp_path}/run\n")
         process = subprocess.Popen([str(BIN / "webhook-relay"), "--config", str(config), "--listen",
                                     f"127.0.0.1:{port}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    env={**os.environ, **(env or {})}, text=True)
@@ -172,3 +173,37 @@ def test_primary_down_is_a_502_and_bad_input_is_refused(relay, tmp_path):
         done = subprocess.run([str(BIN / "webhook-relay"), "--config", str(tmp_path / "dbdeck.yaml"), *args],
                               capture_output=True, text=True, timeout=30)
         assert done.returncode == 2 and message in done.stderr
+
+
+def test_dbdeck_status_sees_the_relay_alive_killed_and_stopped(relay, tmp_path):
+    primary = Recorder()
+    _, process, _ = relay("--primary", primary.url)
+    config = tmp_path / "dbdeck.yaml"
+
+    def services():
+        done = subprocess.run([str(BIN / "dbdeck"), "--config", str(config), "status", "--format", "json"],
+                              capture_output=True, text=True, timeout=30)
+        return done.returncode, {r["name"]: r for r in json.loads(done.stdout) if r["kind"] == "service"}
+
+    code, rows = services()
+    (name, row), = rows.items()
+    assert code == 0 and name.startswith("webhook-relay.") and row["state"] == "up"
+    assert row["data"]["pid"] == process.pid
+    process.kill()
+    process.wait(10)
+    code, rows = services()
+    assert code == 1 and rows[name]["state"] == "dead" and "without stopping cleanly" in rows[name]["detail"]
+    metrics = subprocess.run([str(BIN / "dbdeck"), "--config", str(config), "status", "--format", "prometheus"],
+                             capture_output=True, text=True, timeout=30).stdout
+    assert f'dbdeck_service_up{{service="{name}"}} 0.0' in metrics and "dbdeck_status_problems 1.0" in metrics
+
+    port = name.split(".", 1)[1]
+    again = subprocess.Popen([str(BIN / "webhook-relay"), "--config", str(config), "--listen", f"127.0.0.1:{port}",
+                              "--primary", primary.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: services()[1][name]["state"] == "up", timeout=15)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.wait(10)
+    code, rows = services()
+    assert code == 0 and rows[name]["state"] == "stopped"

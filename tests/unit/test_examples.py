@@ -107,3 +107,25 @@ def test_example_config_deploy_profiles_are_the_seeds_table():
     assert {"logs", "uploads", "certbot"} <= set(production.excludes)
     assert not {"logs", "uploads", "certbot"} & set(staging.excludes)
     assert production.database.name == "crm_whatsapp_saas" and production.database.user == "crm_user"
+
+
+def test_dbdeck_alert_rules_pass_promtool_and_fire_when_they_should():
+    import re
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from dbdeck.status import METRIC_HELP
+
+    directory = ROOT / "etc" / "prometheus"
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool is not installed: run scripts/bootstrap (apt-get install prometheus)", pytrace=False)
+    checked = subprocess.run(["promtool", "check", "rules", "dbdeck-alerts.yml"], cwd=directory,
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run(["promtool", "test", "rules", "dbdeck-alerts.test.yml"], cwd=directory,
+                            capture_output=True, text=True)
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+    used = set(re.findall(r"\bdbdeck_[a-z_]+", (directory / "dbdeck-alerts.yml").read_text()))
+    assert used and used <= set(METRIC_HELP)  # every metric a rule reads is one dbdeck status exports

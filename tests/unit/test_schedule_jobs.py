@@ -16,12 +16,22 @@ class OffersJobs:
                 {"name": "overridden", "command": ["x"], "every": "5m"}]
 
 
+@pytest.fixture(autouse=True)
+def offers_jobs():
+    """OffersJobs on the process-wide plugin manager for one test only (other tests must not see its jobs)."""
+    from dbdeck.pluginmanager import shared_manager
+
+    plugin = OffersJobs()
+    shared_manager().register(plugin)
+    yield
+    shared_manager().unregister(plugin)
+
+
 def app_with(tmp_path, body, path=None):
     path = path or tmp_path / "dbdeck.yaml"
     path.write_text(body)
     app = App()
     app.config_path = str(path)
-    app.plugin_manager.register(OffersJobs())
     return app
 
 
@@ -87,7 +97,6 @@ def test_no_config_file_is_pinned_as_no_config(tmp_path, monkeypatch):
     (tmp_path / "etc" / "dbdeck.yaml").write_text("dbdeck: {}\n")  # found by the search, ignored
     app = App()
     app.config_path = False  # --no-config
-    app.plugin_manager.register(OffersJobs())
     assert app.config.path is None
     assert job_argv(app, all_jobs(app)["nightly-clone"])[4] == "--no-config"
 
