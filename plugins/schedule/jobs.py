@@ -89,12 +89,17 @@ def is_dbdeck_command(job):
     return build_cli().get_command(None, first) is not None
 
 
+def dbdeck_args(app, job):
+    """A dbdeck job's arguments to `dbdeck` itself, with the config pinned."""
+    command = job.command[1:] if job.command[0] == "dbdeck" else job.command
+    return [*config_args(app), *command]
+
+
 def job_argv(app, job):
     """The program a job runs: a dbdeck command (with the config pinned), or any other program."""
     if not is_dbdeck_command(job):
         return list(job.command)
-    command = job.command[1:] if job.command[0] == "dbdeck" else job.command
-    return dbdeck_argv(app, *command)
+    return [sys.executable, "-m", "dbdeck.launch", "dbdeck", *dbdeck_args(app, job)]
 
 
 def state_dir(app):

@@ -228,3 +228,18 @@ def test_foreground_dry_run_prints_the_plan_and_runs_nothing(tmp_path, dbdeck_bi
     done = dbdeck_bin("--config", config, "schedule", "run", "--dry-run", timeout=20)
     assert done.returncode == 0 and f"[dry-run] would run touch (every 0.2s): touch {marker}" in done.stdout
     assert not marker.exists()
+
+
+def test_a_dbdeck_job_past_its_timeout_is_stopped_and_exits_124(tmp_path, dbdeck_bin):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(tmp_path, "schedules:\n  relay:\n    command: [webhook-relay, --primary, 'http://127.0.0.1:9',"
+                                    f" --listen, '127.0.0.1:{port}']\n    every: 5m\n    timeout: 2\n")
+    done = dbdeck_bin("--config", config, "schedule", "exec", "relay", timeout=60)
+    assert done.returncode == 124 and "timed out after 2s" in done.stderr
+    job_log = (tmp_path / "state" / "log" / "job-relay.log").read_text()
+    assert "webhook-relay on http://127.0.0.1:" in job_log and "webhook-relay stopping (signal 15)" in job_log
+    assert json.loads((tmp_path / "state" / "schedule-state.json").read_text())["relay"]["last_exit_code"] == 124
