@@ -194,7 +194,8 @@ class Clone:
         size = None
         if not self.runner.dry_run:
             self._record(fingerprint, seconds)
-            size = self.maintenance.query("SELECT pg_database_size(%s) AS bytes", (self.dev,))[0]["bytes"]
+            size = self.maintenance.query(sql.SQL("SELECT pg_database_size({}) AS bytes").format(
+                sql.Literal(self.dev)))[0]["bytes"]
         self.say(f"sync complete in {seconds:.1f}s" + (f"; kept dev's own {', '.join(excluded)}" if excluded else ""))
         return {"skipped": False, "seconds": round(seconds, 2), "excluded_kept": excluded, "bytes": size}
 
