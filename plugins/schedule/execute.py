@@ -152,40 +152,32 @@ def _run_command_here(args):
 
 
 def _wait_copying(pid, reader, output, deadline):
+    """Wait for the job, copying its output (when it goes through a pipe) to the log and our stdout."""
     import select
 
     from dbdeck.errors import CommandTimeout
 
-    open_reader = reader
+    finished = None
     while True:
-        if open_reader is not None:
-            ready, _, _ = select.select([open_reader], [], [], 0.2)
-            if ready:
-                chunk = os.read(open_reader, 65536)
-                if chunk:
-                    output.write(chunk)
-                    output.flush()
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.buffer.flush()
-                else:
-                    open_reader = None
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done and open_reader is None:
-            return os.waitstatus_to_exitcode(status) if status else 0
-        if done:
-            finished_status = status
-            while open_reader is not None:  # drain what the job wrote before it ended
-                chunk = os.read(open_reader, 65536)
-                if not chunk:
-                    break
-                output.write(chunk)
-                sys.stdout.buffer.write(chunk)
-            output.flush()
-            sys.stdout.buffer.flush()
-            return os.waitstatus_to_exitcode(finished_status)
-        if deadline is not None and time.monotonic() > deadline:
+        ready = reader is not None and select.select([reader], [], [], 0.2)[0]
+        if ready:
+            chunk = os.read(reader, 65536)
+            if chunk:
+                for stream in (output, sys.stdout.buffer):
+                    stream.write(chunk)
+                    stream.flush()
+                continue
+            reader = None  # end of output
+        if finished is None:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                finished = os.waitstatus_to_exitcode(status)
+        # ended, and its output is drained (or only a process it left behind still holds the pipe)
+        if finished is not None and not ready:
+            return finished
+        if finished is None and deadline is not None and time.monotonic() > deadline:
             raise CommandTimeout("timeout")
-        if open_reader is None:
+        if reader is None:
             time.sleep(0.005)
 
 
