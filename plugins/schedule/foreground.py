@@ -28,6 +28,7 @@ class ForegroundScheduler:
         self.running = {}
         self.stopping = False
         self.signals = 0
+        self.received = []
         self.finished = []
 
     def plan(self):
@@ -78,15 +79,22 @@ class ForegroundScheduler:
                 log.error("job %s: FAILED with exit %s in %.2fs", name, status, duration)
 
     def _on_signal(self, signum, frame):
-        self.signals += 1
+        # Only note the signal: acting on it here could interleave with a launch in progress (a
+        # "started" line after "no new runs"); the loop acts on it between launches.
         self.stopping = True
-        if self.signals == 1:
-            log.warning("received %s: no new runs; waiting for %d running job(s) to finish (signal again to "
-                        "stop them)", signal.Signals(signum).name, len(self.running))
-        else:
-            for name, (process, _) in self.running.items():
-                log.warning("job %s: stopping pid %s", name, process.pid)
-                process.send_signal(signal.SIGTERM)
+        self.received.append(signum)
+
+    def act_on_signals(self):
+        while self.received:
+            signum = self.received.pop(0)
+            self.signals += 1
+            if self.signals == 1:
+                log.warning("received %s: no new runs; waiting for %d running job(s) to finish (signal again "
+                            "to stop them)", signal.Signals(signum).name, len(self.running))
+            else:
+                for name, (process, _) in self.running.items():
+                    log.warning("job %s: stopping pid %s", name, process.pid)
+                    process.send_signal(signal.SIGTERM)
 
     def run(self, run_now=False, max_seconds=None):
         self.plan()
@@ -100,13 +108,16 @@ class ForegroundScheduler:
             while not self.stopping:
                 self.scheduler.run_pending()
                 self.reap()
+                self.act_on_signals()
                 if deadline and time.monotonic() >= deadline:
                     self.stopping = True
                     break
                 idle = self.scheduler.idle_seconds
                 time.sleep(max(0.0, min(_POLL_SECONDS, idle if idle is not None else _POLL_SECONDS)))
+            self.act_on_signals()
             while self.running:
                 self.reap()
+                self.act_on_signals()
                 time.sleep(_POLL_SECONDS)
         finally:
             for signum, handler in previous.items():

@@ -63,3 +63,37 @@ def test_day_of_month_and_week_together_is_refused_for_systemd():
 def test_job_validation(spec, message):
     with pytest.raises(ValueError, match=message):
         Job(**spec)
+
+
+def test_foreground_signal_during_a_launch_is_acted_on_after_it(caplog, monkeypatch):
+    """A SIGTERM that lands while a job is being spawned must not be followed by a "started" line:
+    the run it interrupted is counted among those the scheduler waits for."""
+    import logging
+    import signal
+    from types import SimpleNamespace
+
+    from dbdeck.plugins.schedule import foreground
+
+    monkeypatch.setattr(foreground, "dbdeck_argv", lambda app, *args: ["dbdeck", *args])
+    scheduler = None
+
+    class Process:
+        pid = 4242
+
+        def poll(self):
+            return None
+
+    def start_daemon(argv):
+        scheduler._on_signal(signal.SIGTERM, None)  # the signal arrives mid-spawn
+        return Process()
+
+    scheduler = foreground.ForegroundScheduler(SimpleNamespace(runner=SimpleNamespace(start_daemon=start_daemon)),
+                                               jobs={})
+    with caplog.at_level(logging.INFO, logger="dbdeck.schedule"):
+        scheduler.launch("slow")
+        scheduler.act_on_signals()
+        scheduler.launch("other")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "job slow: started (pid 4242)"
+    assert lines[1].startswith("received SIGTERM: no new runs; waiting for 1 running job(s)")
+    assert len(lines) == 2 and "other" not in scheduler.running
