@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_validator, model_validator
 
-from . import secrets
+from . import quick, secrets
 from .errors import ConfigError
 
 SEARCH_PATHS = (Path("etc/dbdeck.yaml"), Path("/etc/dbdeck/dbdeck.yaml"))
@@ -120,8 +120,9 @@ def default_state_dir():
 class Config:
     """The validated configuration: one model instance per section."""
 
-    def __init__(self, path, sections, endpoints, given=(), shell_overrides=()):
+    def __init__(self, path, sections, endpoints, given=(), shell_overrides=(), sources=None):
         self.path = path
+        self.sources = dict(sources or {})  # {file: digest} of every file the settings were read from
         self._sections = sections
         self.endpoints = endpoints
         self._given = frozenset(given)
@@ -183,7 +184,8 @@ def load(explicit=None, sections=(), environ=None):
     """Find, read, interpolate, override and validate. Raises ConfigError with file:line: key: problem."""
     environ = dict(os.environ if environ is None else environ)
     path = find_config_file(explicit, environ)
-    raw, lines = _read_yaml(path) if path else ({}, {})
+    sources = {}
+    raw, lines = _read_yaml(path, sources) if path else ({}, {})
     where = _Where(path, lines)
 
     all_sections = {s.name: s for s in (*CORE_SECTIONS, *sections)}
@@ -195,7 +197,7 @@ def load(explicit=None, sections=(), environ=None):
 
     env_files = (raw.get("dbdeck") or {}).get("env_files") or []
     shell = environ
-    environ = _with_env_files(env_files, path, environ, where)
+    environ = _with_env_files(env_files, path, environ, where, sources)
     raw = _interpolate(raw, environ, where, ())
 
     given = {name for name, value in raw.items() if value not in (None, {})}
@@ -231,7 +233,7 @@ def load(explicit=None, sections=(), environ=None):
             raise ConfigError(f"{where.at(('endpoints', name))}: endpoints.{name}: expected a mapping "
                               f"(dsn/host/container/...), got {_kind(value)}")
         endpoints[name] = _validate(EndpointConfig, value, ("endpoints", name), where)
-    return Config(path, validated, endpoints, given, shell_overrides)
+    return Config(path, validated, endpoints, given, shell_overrides, sources)
 
 
 def validate_model(model, value, key_path, where=None):
@@ -254,11 +256,16 @@ class _Where:
         return f"{name}:{line}" if line is not None else name
 
 
-def _read_yaml(path):
+def _read_yaml(path, sources):
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    sources[str(Path(path).absolute())] = quick.digest_bytes(data)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -289,7 +296,9 @@ def _record_lines(node, key_path, lines):
             _record_lines(item, child, lines)
 
 
-def _with_env_files(env_files, config_path, environ, where):
+def _with_env_files(env_files, config_path, environ, where, sources):
+    import io
+
     from dotenv import dotenv_values
 
     if not isinstance(env_files, list):
@@ -302,7 +311,9 @@ def _with_env_files(env_files, config_path, environ, where):
         if not file.is_file():
             raise ConfigError(f"{where.at(('dbdeck', 'env_files', index))}: dbdeck.env_files[{index}]: "
                               f"file not found: {file}")
-        for key, value in dotenv_values(file).items():
+        data = file.read_bytes()
+        sources[str(file.absolute())] = quick.digest_bytes(data)
+        for key, value in dotenv_values(stream=io.StringIO(data.decode(errors="replace"))).items():
             if key not in merged and value is not None:  # the real environment wins over files
                 merged[key] = value
     return merged

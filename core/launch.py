@@ -6,23 +6,40 @@ below are the console_scripts of an installed dbdeck (setup.cfg). Both build on 
 
 import sys
 
-from dbdeck.cli import main, main_for
 
-auto_failover = main_for("auto-failover")
-backup = main_for("backup")
-check_replication = main_for("check-replication")
-deploy = main_for("deploy")
-local_sync = main_for("local-sync")
-promote_replica = main_for("promote-replica")
-rebuild_replica = main_for("rebuild-replica")
-setup_master = main_for("setup-master")
-setup_sync_cron = main_for("setup-sync-cron")
-switchover = main_for("switchover")
-sync_databases = main_for("sync-databases")
-sync_prod_to_dev = main_for("sync-prod-to-dev")
-webhook_relay = main_for("webhook-relay")
+def _command(name):
+    """A console_scripts entry that imports the command line tool only when it runs."""
+
+    def entry(argv=None):
+        from dbdeck.cli import main_for
+
+        return main_for(name)(argv)
+
+    return entry
+
+
+auto_failover = _command("auto-failover")
+backup = _command("backup")
+check_replication = _command("check-replication")
+deploy = _command("deploy")
+local_sync = _command("local-sync")
+promote_replica = _command("promote-replica")
+rebuild_replica = _command("rebuild-replica")
+setup_master = _command("setup-master")
+setup_sync_cron = _command("setup-sync-cron")
+switchover = _command("switchover")
+sync_databases = _command("sync-databases")
+sync_prod_to_dev = _command("sync-prod-to-dev")
+webhook_relay = _command("webhook-relay")
 
 if __name__ == "__main__":
+    from dbdeck import quick
+
+    answered = quick.answer(sys.argv[1:])  # a scheduled run with nothing to do, from its stamp
+    if answered is not None:
+        sys.exit(answered)
+    from dbdeck.cli import main, main_for
+
     if len(sys.argv) < 2 or sys.argv[1] == "dbdeck":
         main(sys.argv[2:])
     else:

@@ -158,6 +158,43 @@ class Runner:
                                  timeout=timeout or self.default_timeout, cwd=cwd, check=check, binary=binary,
                                  passthrough=passthrough, output=output, echo=echo)
 
+    def probe(self, invocations, *, timeout=30):
+        """Run short read-only programs side by side, [(argv, env), ...] -> [Result, ...]; never raises
+        for an exit status (a program not found is 127, a timeout 124).
+
+        For quick answers (dbdeck.quick): plain subprocess, because importing sh costs more than the
+        queries being run. Everything else goes through run()."""
+        import time
+
+        started, results = [], []
+        for argv, env in invocations:
+            argv = [str(a) for a in argv]
+            for name, value in (env or {}).items():
+                if secrets.is_secret_name(name):
+                    secrets.register(value)
+            log.debug("probing: %s", printable(argv, env))
+            try:
+                started.append((argv, subprocess.Popen(argv, env={**os.environ, **(env or {})},
+                                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.PIPE)))
+            except FileNotFoundError:
+                started.append((argv, None))
+        deadline = time.monotonic() + timeout
+        for argv, process in started:
+            if process is None:
+                results.append(Result(argv=argv, returncode=127, stderr=f"program not found: {argv[0]}"))
+                continue
+            try:
+                out, err = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+                results.append(Result(argv=argv, returncode=124, stderr=f"timed out after {timeout}s"))
+                continue
+            results.append(Result(argv=argv, returncode=process.returncode, stdout=_decode(out),
+                                  stderr=_decode(err)))
+        return results
+
     def _run_with_sh(self, argv, *, env, stdin, stdout, timeout, cwd, check, binary, passthrough=False,
                      output=None, echo=False):
         import sh

@@ -68,16 +68,24 @@ def iso(ts):
 
 
 def results_file(config):
-    return StateFile(Path(config.state_dir) / RESULTS_FILE)
+    return results_file_in(config.state_dir)
+
+
+def results_file_in(state_dir):
+    return StateFile(Path(state_dir) / RESULTS_FILE)
 
 
 def record_result(config, name, kind, ok, summary, seconds=None, **details):
     """Remember how a command's work last ended (called by the command itself, never in a dry run)."""
+    record_result_in(config.state_dir, name, kind, ok, summary, seconds, **details)
+
+
+def record_result_in(state_dir, name, kind, ok, summary, seconds=None, **details):
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     fields = dict(kind=kind, at=now, ok=bool(ok), summary=summary, seconds=seconds, details=details)
     if ok:
         fields["last_success"] = now
-    results_file(config).update(name, **fields)
+    results_file_in(state_dir).update(name, **fields)
 
 
 def result_items(config):

@@ -14,12 +14,12 @@ import time
 from dbdeck import secrets
 from dbdeck.errors import EXIT_LOCKED, CommandFailed, CommandTimeout, LockBusy
 
-from .jobs import (all_jobs, dbdeck_args, is_dbdeck_command, job_argv, log_dir, now_iso, printable_argv, run_state,
-                   select)
+from . import bookkeeping
+from .bookkeeping import now_iso
+from .jobs import all_jobs, dbdeck_args, is_dbdeck_command, job_argv, log_dir, printable_argv, run_state, select
 
 log = logging.getLogger("dbdeck.schedule")
 _SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_ROTATE_BYTES = 5 * 1024 * 1024
 _TAIL_LINES = 20
 
 
@@ -32,7 +32,7 @@ def execute(app, name):
         return 0
     state = run_state(app)
     log_path = log_dir(app) / f"job-{name}.log"
-    show = _someone_watches()
+    show = bookkeeping.someone_watches()
     lock = app.lock(f"schedule-{name}")
     try:
         lock.acquire()
@@ -51,17 +51,15 @@ def execute(app, name):
 def _run_locked(app, name, job, argv, state, log_path, show):
     env = job_environment(app, job)
     started, clock = now_iso(), time.monotonic()
-    first = {} if state.read().get(name, {}).get("first_start") else {"first_start": started}
-    state.update(name, last_start=started, last_end=None, last_exit_code=None, running_pid=os.getpid(),
-                 log=str(log_path), **first)
-    _rotate(log_path)
+    bookkeeping.record_start(state, name, log_path, started)
     status, problem = 1, None
-    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640), "ab") as output:
-        output.write(f"=== {started} job {name}: {printable_argv(argv)}\n".encode())
+    with bookkeeping.open_log(log_path) as output:
+        output.write(bookkeeping.header(started, name, printable_argv(argv)))
         output.flush()
         offset = output.tell()
         try:
             if is_dbdeck_command(job):
+                _allow_quick_answers(app, name, job, argv, state, log_path)
                 status = run_forked(dbdeck_args(app, job), env, output, show, job.timeout)
             else:
                 result = app.runner.run(argv, env=env, output=output, echo=show, check=False, timeout=job.timeout)
@@ -74,12 +72,10 @@ def _run_locked(app, name, job, argv, state, log_path, show):
         finally:
             duration = round(time.monotonic() - clock, 3)
             ended = now_iso()
-            output.write(f"=== {ended} exit {status} in {duration:.2f}s{f': {problem}' if problem else ''}\n"
-                         .encode())
-            fields = dict(last_end=ended, last_exit_code=status, last_duration_s=duration, running_pid=None)
-            if status == 0:
-                fields["last_success"] = ended
-            state.update(name, **fields)
+            output.write(bookkeeping.footer(ended, status, duration, problem))
+            bookkeeping.record_end(state, name, status, ended, duration)
+            if status != 0:
+                _forget_quick_answer()
     if status == 0:
         log.info("job %s: exit 0 in %.2fs", name, duration)
         return 0
@@ -92,6 +88,27 @@ def _run_locked(app, name, job, argv, state, log_path, show):
     else:  # cron mails this: the reason, without making anyone open the log first
         print(f"{summary}; the end of {log_path}:\n{_tail(log_path, offset)}", file=sys.stderr)
     return status
+
+
+def _allow_quick_answers(app, name, job, argv, state, log_path):
+    """This command line (`schedule exec NAME`) may be answered quickly next time if the job's command
+    leaves a stamp (dbdeck.quick); the stamp wraps its answer in this job's bookkeeping."""
+    from dbdeck import quick
+
+    files = dict(app.config.sources)
+    if job.env_file:
+        files[str(job.env_file.absolute())] = quick.file_digest(job.env_file)
+    wrapper = ("dbdeck.plugins.schedule.bookkeeping:quick_replay",
+               bookkeeping.stamp_data(name, app.lock(f"schedule-{name}").run_dir, state.path, log_path,
+                                      printable_argv(argv)))
+    quick.begin(sys.argv[1:], os.environ, files, wrapper)
+
+
+def _forget_quick_answer():
+    from dbdeck import quick
+
+    if quick.pending() is not None:
+        quick.begin(quick.pending()["argv"], {}, {})  # removes the stamp a failing run may have left
 
 
 def run_forked(args, env, output, show, timeout):
@@ -215,23 +232,10 @@ def job_environment(app, job):
     return env
 
 
-def _someone_watches():
-    return sys.stdout.isatty() or bool(os.environ.get("JOURNAL_STREAM"))
-
-
 def _append(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as out:
         out.write(secrets.mask(text))
-
-
-def _rotate(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if path.stat().st_size > _ROTATE_BYTES:
-            os.replace(path, path.with_name(path.name + ".1"))
-    except FileNotFoundError:
-        pass
 
 
 def _tail(path, offset):

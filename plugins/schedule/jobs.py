@@ -1,7 +1,6 @@
 """Jobs as configured (plus plugins' defaults), how a job is invoked, and its run state."""
 
 import sys
-import time
 from pathlib import Path
 
 from dbdeck.errors import ConfigError, UsageError
@@ -115,10 +114,6 @@ def log_dir(app):
 def run_state(app):
     """Last start, end, exit code and duration of each job (updated by `schedule exec`)."""
     return StateFile(state_dir(app) / STATE_FILE)
-
-
-def now_iso():
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def printable_argv(argv):

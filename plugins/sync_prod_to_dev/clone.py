@@ -22,6 +22,8 @@ from dbdeck.errors import DbdeckError, Refused
 from dbdeck.run import printable
 from dbdeck.state import StateFile
 
+from . import quick as probes
+
 log = logging.getLogger("dbdeck.sync_prod_to_dev")
 
 STAGING_SUFFIX = "__dbdeck_staging"
@@ -45,25 +47,6 @@ WHERE {USER_SCHEMAS} AND a.grantee <> 0
 UNION SELECT pg_get_userbyid(a.grantee) FROM pg_namespace n, aclexplode(n.nspacl) a
 WHERE {USER_SCHEMAS} AND a.grantee <> 0
 """
-
-FINGERPRINT_SQL = """
-SELECT md5(
-  coalesce((SELECT string_agg(relid::text || ':' || n_tup_ins || ':' || n_tup_upd || ':' || n_tup_del, ','
-                              ORDER BY relid) FROM pg_stat_user_tables), '')
-  || '|' || coalesce((SELECT string_agg(c.oid::text || ':' || c.xmin::text || ':' || c.relfilenode, ','
-                                        ORDER BY c.oid)
-                      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
-                        AND n.nspname NOT LIKE 'pg\\_toast%'), '')
-  || '|' || coalesce((SELECT string_agg(p.oid::text || ':' || p.xmin::text, ',' ORDER BY p.oid)
-                      FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')), '')
-  || '|' || coalesce((SELECT string_agg(schemaname || '.' || sequencename || ':' || coalesce(last_value::text, '-'),
-                                        ',' ORDER BY schemaname, sequencename) FROM pg_sequences), '')
-  || '|' || coalesce((SELECT stats_reset::text FROM pg_stat_database WHERE datname = current_database()), '')
-) AS fingerprint
-"""
-
 
 def on_database(endpoint, database, name=None):
     """The same server as endpoint, another database (maintenance db, staging db)."""
@@ -96,19 +79,40 @@ class Clone:
     # --- checks -----------------------------------------------------------------------------------
     def survey(self):
         """One query per side (connections cost more than these queries on an unchanged-prod run):
-        prod's identity, version and change fingerprint; dev server's identity, version, databases."""
+        prod's identity, version and change probe; dev server's identity, version, databases, dev probe."""
         prod = self.source.query("SELECT (SELECT system_identifier::text FROM pg_control_system()) AS server, "
                                  "current_database() AS db, current_setting('server_version_num') AS version, ("
-                                 + FINGERPRINT_SQL.strip() + ") AS fingerprint")[0]
-        dev = self.maintenance.query(
+                                 + probes.PROD_PROBE + ") AS probe")[0]
+        dev = self.maintenance.query(sql.SQL(
             "SELECT (SELECT system_identifier::text FROM pg_control_system()) AS server, "
             "current_setting('server_version_num') AS version, (SELECT json_agg(json_build_object("
             "'datname', datname, 'datallowconn', datallowconn, 'owner', pg_get_userbyid(datdba))) "
-            "FROM pg_database) AS databases")[0]
+            "FROM pg_database) AS databases, ({probe}) AS probe").format(probe=self.dev_probe_sql()))[0]
         databases = dev["databases"]
         if isinstance(databases, str):
             databases = json.loads(databases)
         return prod, dev, {d["datname"]: d for d in databases}
+
+    def dev_probe_sql(self):
+        return sql.SQL(probes.DEV_PROBE_TEMPLATE).format(dev=sql.Literal(self.dev), staging=sql.Literal(self.staging),
+                                                         old=sql.Literal(self.old))
+
+    def dev_probe(self):
+        return str(self.maintenance.query(sql.SQL("SELECT ({}) AS probe").format(self.dev_probe_sql()))[0]["probe"])
+
+    def recipe(self):
+        """A digest of everything that shapes dev besides prod's content: a change to any of it means
+        the next run copies again even though prod is unchanged (new anonymisation rules must apply)."""
+        from dbdeck import __version__
+
+        settings = self.settings
+        shaping = settings.model_dump(mode="json", exclude={
+            "source", "target", "log_dir", "dump_dir", "keep_dumps", "skip_unchanged", "allow_production_target",
+            "timeout", "jobs", "anonymize_salt"})
+        salt = settings.anonymize_salt.get_secret_value() if settings.anonymize_salt else None
+        shaping.update(dbdeck=__version__, source=self.source.describe(), target=self.target.describe(),
+                       salt=salt)
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()
 
     def check_safety(self, prod, dev):
         if self.target.role == "production" and not self.settings.allow_production_target:
@@ -157,10 +161,48 @@ class Clone:
     def last_sync(self):
         return self.state.read().get(self._state_key())
 
-    def _record(self, fingerprint, seconds):
-        self.state.update(self._state_key(), fingerprint=fingerprint,
+    def _record(self, prod_probe, recipe, dev_probe, seconds):
+        self.state.update(self._state_key(), prod=prod_probe, recipe=recipe, dev=dev_probe,
                           finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(seconds, 2),
                           source=self.source.describe(), target=self.target.describe())
+
+    def unchanged_since(self, last, prod_probe, recipe, dev_probe):
+        """Why the last sync's copy is still current (None: copy): prod, recipe and dev all as it left them."""
+        if not (self.settings.skip_unchanged and not self.force and last):
+            return None
+        if (last.get("prod"), last.get("recipe"), last.get("dev")) != (prod_probe, recipe, dev_probe):
+            return None
+        return last["finished_at"] if probes.dev_is_sound(dev_probe) else None
+
+    def offer_quick_answer(self, prod_probe, dev_probe, finished_at):
+        """Leave the probes and their answers for the next start of this command line (dbdeck.quick)."""
+        from dbdeck import quick
+
+        if self.runner.dry_run or not self.settings.skip_unchanged or self.force or quick.pending() is None:
+            return
+        config = self.app.config
+        env_files = [f for f in {**quick.pending()["files"], **config.sources}
+                     if not config.path or f != str(config.path.absolute())]
+        stamped = []
+        for endpoint, query, expect in ((self.source, probes.PROD_PROBE, prod_probe),
+                                        (self.maintenance, self.dev_probe_sql().as_string(None), dev_probe)):
+            argv, env = endpoint.tool_invocation("psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c",
+                                                 query)
+            if argv[0] == "psql":
+                argv[0] = quick.direct_program("psql")
+            env.setdefault("PGCONNECT_TIMEOUT", str(endpoint.config.connect_timeout))
+            portable = quick.portable_env(env, endpoint.config.password_file, env_files)
+            if portable is None:
+                log.debug("no quick answer: %s's password comes from the config file itself", endpoint.name)
+                return
+            stamped.append({"argv": argv, **portable, "expect": expect, "timeout": 60})
+        log_dir = self.settings.log_dir or config.core.log_dir
+        quick.offer("dbdeck.plugins.sync_prod_to_dev.quick:answer", {
+            "lock_dir": str(self.app.lock("sync-prod-to-dev").run_dir), "probes": stamped,
+            "lines": [f"source: {self.source.describe()}", f"target: {self.target.describe()}",
+                      probes.skip_line(finished_at)],
+            "result": {"state_dir": str(config.state_dir), "summary": f"prod unchanged since {finished_at}"},
+            "daily_log": str(log_dir) if log_dir else None}, files=config.sources)
 
     # --- the run ----------------------------------------------------------------------------------
     def run(self):
@@ -169,16 +211,20 @@ class Clone:
         self.say(f"target: {self.target.describe()}")
         prod, dev, databases = self.survey()
         self.check_safety(prod, dev)
-        fingerprint = str(prod["fingerprint"])
-        last = self.last_sync()
-        if (self.settings.skip_unchanged and not self.force and last and last.get("fingerprint") == fingerprint
-                and self.dev in databases):
-            self.say(f"prod unchanged since the last sync at {last['finished_at']}; nothing to do (--force to copy anyway)")
-            return {"skipped": True, "last_sync": last["finished_at"]}
+        prod_probe, dev_probe = str(prod["probe"]), str(dev["probe"])
+        # every run, skip or not, repairs what a run killed mid-swap left (dev closed, staging/old databases)
+        if self._clean_leftovers(databases) and not self.runner.dry_run:
+            dev_probe = self.dev_probe()
+        recipe = self.recipe()
+        last_finished = self.unchanged_since(self.last_sync(), prod_probe, recipe, dev_probe)
+        if last_finished:
+            self.say(probes.skip_line(last_finished))
+            self.offer_quick_answer(prod_probe, dev_probe, last_finished)
+            return {"skipped": True, "last_sync": last_finished}
+        self._explain_copy(self.last_sync(), prod_probe, recipe, dev_probe)
 
         # only a run that dumps needs pg_dump; the unchanged case (most runs) spares the check
         self._check_client_tools(int(prod["version"]) // 10000)
-        self._clean_leftovers(databases)
         self._create_staging(databases.get(self.dev))
         staging = on_database(self.target, self.staging, "staging")
         try:
@@ -193,7 +239,9 @@ class Clone:
         seconds = time.monotonic() - started
         size = None
         if not self.runner.dry_run:
-            self._record(fingerprint, seconds)
+            dev_probe = self.dev_probe()
+            self._record(prod_probe, recipe, dev_probe, seconds)
+            self.offer_quick_answer(prod_probe, dev_probe, self.last_sync()["finished_at"])
             size = self.maintenance.query(sql.SQL("SELECT pg_database_size({}) AS bytes").format(
                 sql.Literal(self.dev)))[0]["bytes"]
         self.say(f"sync complete in {seconds:.1f}s" + (f"; kept dev's own {', '.join(excluded)}" if excluded else ""))
@@ -217,9 +265,23 @@ class Clone:
                 transformers[name] = function
         anonymize.apply(staging, rules, salt, transformers, self.say)
 
+    def _explain_copy(self, last, prod_probe, recipe, dev_probe):
+        """Say why this run copies when a previous sync exists (a user asking "why did it copy?")."""
+        if not last or self.force or not self.settings.skip_unchanged:
+            return
+        if last.get("recipe") and last.get("recipe") != recipe:
+            self.say("the settings that shape dev changed since the last sync (anonymize, exclude_tables, "
+                     "keep_owner/keep_privileges or dbdeck's version): copying again")
+        elif last.get("dev") and last.get("dev") != dev_probe:
+            self.say(f"{self.dev} is not the database the last sync produced (recreated, dropped or replaced): "
+                     f"copying again")
+
     def _clean_leftovers(self, databases):
+        """Repair what an interrupted run left; whether anything was repaired."""
+        repaired = False
         dev = databases.get(self.dev)
         if dev and not dev["datallowconn"]:
+            repaired = True
             self.say(f"re-allowing connections to {self.dev} (a previous run stopped mid-swap)")
             self.maintenance.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true")
                                      .format(sql.Identifier(self.dev)))
@@ -227,6 +289,8 @@ class Clone:
             if stray in databases:
                 self.say(f"dropping {stray} left by an interrupted run")
                 self._drop(stray)
+                repaired = True
+        return repaired
 
     def _drop(self, database):
         self.maintenance.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))

@@ -199,3 +199,86 @@ def test_systemd_units_exec_start_runs_the_job(prod_dev, tmp_path, dbdeck_bin):
                                  "--systemd-root", root).stdout)
     assert rows[0]["job"] == "sync-prod-to-dev" and rows[0]["last_exit_code"] == 0
     assert rows[0]["installed"].endswith("(enabled)")
+
+
+def imported_modules(importtime_stderr):
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+def test_a_skipped_cron_run_is_answered_without_loading_the_tool_and_only_while_nothing_changed(
+        prod_dev, tmp_path, dbdeck_bin):
+    """The crontab line, verbatim under cron's environment, with `python -X importtime` to see what a
+    run loads: an unchanged prod is answered from the stamp without click, pydantic, psycopg or the
+    plugins; a prod change, a config change (new anonymisation rule), a recreated dev or a failure each
+    go through the full path, which copies (or fails) as it should."""
+    from dbdeck import quick
+
+    prod, dev = prod_dev
+    cron_file = tmp_path / "cron.d" / "dbdeck"
+    config = write_config(tmp_path, prod, dev, f"  cron_file: {cron_file}")
+    assert dbdeck_bin("--config", config, "setup-sync-cron", "--install").returncode == 0
+    line = [l for l in cron_file.read_text().splitlines() if l.endswith("# dbdeck:job=sync-prod-to-dev")][0]
+    command = line.split(None, 6)[6]
+    traced = command.replace(" -m dbdeck.launch ", " -X importtime -m dbdeck.launch ", 1)
+    assert traced != command
+    job_log = tmp_path / "state" / "log" / "job-sync-prod-to-dev.log"
+    heavy = {"click", "pydantic", "psycopg", "pluggy", "yaml"}
+    stamp = quick.stamp_path(["dbdeck", "--config", str(config), "schedule", "exec", "sync-prod-to-dev"])
+
+    def run_traced():
+        done = as_cron_runs_it(traced)
+        assert done.returncode == 0 and done.stdout == "", done.stderr[-2000:]
+        return imported_modules(done.stderr)
+
+    assert heavy <= run_traced()  # the first run copies through the full path
+    assert items(dev, "app_dev") == items(prod, "app")
+    assert stamp.is_file() and stat_mode(stamp) == 0o600
+    assert prod.password not in stamp.read_text() and dev.password not in stamp.read_text()
+
+    runs_before = job_log.read_text().count("prod unchanged")
+    assert not heavy & run_traced()  # answered from the stamp
+    assert job_log.read_text().count("prod unchanged") == runs_before + 1
+    report = json.loads(dbdeck_bin("--config", config, "--format", "json", "status").stdout)
+    job = [r for r in report if r["kind"] == "job" and r["name"] == "sync-prod-to-dev"][0]
+    assert job["state"] == "ok" and job["data"]["last_exit_code"] == 0
+    result = [r for r in report if r["kind"] == "sync" and r["name"] == "sync-prod-to-dev"][0]
+    assert result["state"] == "ok" and result["detail"].startswith("prod unchanged since")
+
+    prod.endpoint("app").execute("UPDATE items SET name = 'changed under a stamp' WHERE id = 3")
+    assert heavy <= run_traced()
+    assert items(dev, "app_dev") == items(prod, "app")
+    assert not heavy & run_traced()
+
+    # privacy: a rule added to a config that has already synced applies on the very next run
+    config.write_text(config.read_text().replace("  target: dev\n", "  target: dev\n  anonymize:\n"
+                                                 "    items.name: {rule: fixed, value: hidden}\n"))
+    assert heavy <= run_traced()
+    assert {r["name"] for r in items(dev, "app_dev")} == {"hidden"}
+    assert not heavy & run_traced()
+
+    # a recreated dev (docker compose down -v, a dropped database) is refilled with prod unchanged
+    dev.server.psql("DROP DATABASE app_dev WITH (FORCE); CREATE DATABASE app_dev;")
+    assert heavy <= run_traced()
+    assert len(items(dev, "app_dev")) == len(items(prod, "app"))
+    assert "is not the database the last sync produced" in job_log.read_text()
+
+    # a run killed mid-swap: dev closed and a staging database left; the probe sees it, the full path repairs
+    dev.server.psql("ALTER DATABASE app_dev WITH ALLOW_CONNECTIONS false; CREATE DATABASE app_dev__dbdeck_staging;")
+    assert heavy <= run_traced()
+    databases = {r["datname"]: r["datallowconn"] for r in dev.endpoint("postgres").query(
+        "SELECT datname, datallowconn FROM pg_database")}
+    assert databases["app_dev"] is True and "app_dev__dbdeck_staging" not in databases
+    assert not heavy & run_traced()
+
+    # a failing run leaves no stamp behind, so the next run decides anew
+    (tmp_path / "secrets" / "dev").write_text("wrong-password")
+    failed = as_cron_runs_it(command)
+    assert failed.returncode == 1 and "password authentication failed" in failed.stderr
+    assert not stamp.exists()
+    (tmp_path / "secrets" / "dev").write_text(dev.password)
+    assert heavy <= run_traced() and stamp.is_file()
+
+
+def stat_mode(path):
+    return os.stat(path).st_mode & 0o777
