@@ -207,7 +207,8 @@ def load(explicit=None, sections=(), environ=None):
             continue
         for variable, dotted in spec.env.items():
             if environ.get(variable) not in (None, ""):
-                _set_dotted(raw, (spec.name, *dotted.split(".")), environ[variable])
+                _set_dotted(raw, (spec.name, *dotted.split(".")), environ[variable],
+                            lambda key_path, current, spec=spec: _override_base(raw, spec, key_path, current))
                 given.add(spec.name)
                 if shell.get(variable) not in (None, ""):
                     shell_overrides.append(variable)
@@ -341,13 +342,33 @@ def _interpolate(value, environ, where, key_path):
     return _INTERPOLATION.sub(replace, value)
 
 
-def _set_dotted(data, key_path, value):
+def _set_dotted(data, key_path, value, base=None):
+    """data[k1][k2]...= value; a level that is not a mapping yet starts from base(key_path, current)."""
     node = data
-    for key in key_path[:-1]:
+    for depth, key in enumerate(key_path[:-1]):
         if not isinstance(node.get(key), dict):
-            node[key] = {}
+            node[key] = base(key_path[:depth + 1], node.get(key)) if base else {}
         node = node[key]
     node[key_path[-1]] = value
+
+
+def _override_base(raw, spec, key_path, current):
+    """What an environment variable overriding one field of a nested setting starts from, so that it
+    changes that field only: PROD_DB_CONTAINER=x on `source: prod` keeps prod's user, database and role
+    (a copy of the named endpoint), and on an unset source keeps the section's default endpoint."""
+    import copy
+
+    if len(key_path) != 2:
+        return {}
+    if isinstance(current, str):
+        endpoint = (raw.get("endpoints") or {}).get(current)
+        return copy.deepcopy(endpoint) if isinstance(endpoint, dict) else {}
+    if current is None:
+        field = spec.model.model_fields.get(key_path[1])
+        default = getattr(field, "default", None)
+        if isinstance(default, BaseModel):
+            return default.model_dump(exclude_unset=True)
+    return {}
 
 
 def _validate(model, value, key_path, where):

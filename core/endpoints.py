@@ -260,6 +260,14 @@ class Endpoint:
             return False, secrets.mask(str(exc))
 
 
+def dbname_argument(database):
+    """The value for a client tool's -d/--dbname naming exactly this database: libpq reads a -d value
+    containing '=' as a whole connection string (DEV_DATABASE='dbname=x host=y' would restore into
+    another database or send the password to another server), so it is always given as a quoted
+    dbname keyword."""
+    return "dbname='" + str(database).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _connection_params(config):
     params = {}
     if config.dsn is not None:

@@ -10,6 +10,7 @@ import shlex
 import socket
 import time
 
+from dbdeck.endpoints import dbname_argument
 from dbdeck.errors import DbdeckError, LockBusy, UsageError
 
 from .target import quote
@@ -241,7 +242,7 @@ class Server:
             raise DbdeckError(f"database container {database.container} is not running")
         # --clean --if-exists: restoring the file replaces the database's objects instead of failing on them
         dump = quote("docker", "exec", database.container, "pg_dump", "-U", database.user, "--clean", "--if-exists",
-                     *(["-Fc"] if database.format == "custom" else []), database.name)
+                     *(["-Fc"] if database.format == "custom" else []), "-d", dbname_argument(database.name))
         self.sh(f"umask 077 && mkdir -p {BACKUP_DIR} && if {dump} > {quote(path)}.partial; "
                 f"then mv -f {quote(path)}.partial {quote(path)}; else rm -f {quote(path)}.partial; exit 1; fi",
                 timeout=6 * 3600)
@@ -258,10 +259,12 @@ class Server:
         path = backup_path(name)
         if path.endswith(".dump"):
             command = quote("docker", "exec", "-i", database.container, "pg_restore", "-U", database.user,
-                            "--clean", "--if-exists", "--single-transaction", "--exit-on-error", "-d", database.name)
+                            "--clean", "--if-exists", "--single-transaction", "--exit-on-error",
+                            "-d", dbname_argument(database.name))
         else:
             command = quote("docker", "exec", "-i", database.container, "psql", "-U", database.user, "-q",
-                            "-v", "ON_ERROR_STOP=1", "--single-transaction", "-d", database.name)
+                            "-v", "ON_ERROR_STOP=1", "--single-transaction", "-d",
+                            dbname_argument(database.name))
         self.sh(f"{command} < {quote(path)} >/dev/null", timeout=6 * 3600)
 
     def backup_exists(self, name):

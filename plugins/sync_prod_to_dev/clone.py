@@ -17,7 +17,7 @@ from pathlib import Path
 
 from psycopg import sql
 
-from dbdeck.endpoints import Endpoint
+from dbdeck.endpoints import Endpoint, dbname_argument
 from dbdeck.errors import DbdeckError, Refused
 from dbdeck.run import printable
 from dbdeck.state import StateFile
@@ -124,11 +124,32 @@ class Clone:
         if (str(prod["server"]), str(prod["db"])) == (str(dev["server"]), self.dev):
             raise Refused(f"refusing to sync: source and target are the same database "
                           f"({self.source.describe()} and {self.target.describe()})")
+        production = self._configured_production_at_target()
+        if production and not self.settings.allow_production_target:
+            raise Refused(f"refusing to overwrite {self.target.describe()}: it names the same server and database "
+                          f"as endpoint {production}, which is marked role: production")
         source_major, target_major = int(prod["version"]) // 10000, int(dev["version"]) // 10000
         if source_major > target_major:
             raise DbdeckError(f"prod runs PostgreSQL {source_major} and dev {target_major}: "
                               f"restoring into an older major version is not supported; upgrade dev first")
         self._check_roles()
+
+    def _configured_production_at_target(self):
+        """The name of an endpoint marked role: production that the target (possibly an inline mapping
+        or one assembled from the seed's variables) names too: same host and port, or same container,
+        and the same database."""
+        target = self.target
+        for name, config in self.app.config.endpoints.items():
+            if config.role != "production" or config.kind != target.kind:
+                continue
+            other = Endpoint(name, config, self.runner)
+            if other.database != self.dev:
+                continue
+            same_host = bool(other.host) and (other.host, other.port or 5432) == (target.host, target.port or 5432)
+            same_container = bool(other.container) and other.container == target.container
+            if same_host or same_container:
+                return name
+        return None
 
     def _check_roles(self):
         """Keeping owners or grants needs prod's roles on dev's server; name the missing ones up front."""
@@ -314,7 +335,7 @@ class Clone:
 
     def restore_stage(self, staging):
         return staging.tool_invocation("pg_restore", *self.dump_options, "--exit-on-error", "--single-transaction",
-                                       "-d", self.staging)
+                                       "-d", dbname_argument(self.staging))
 
     def _copy_excluded_tables(self, staging, dev_exists):
         kept = []

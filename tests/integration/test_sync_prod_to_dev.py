@@ -161,6 +161,20 @@ def test_refuses_production_target_and_same_database(clusters, tmp_path):
     assert done.returncode == 1 and "source and target are the same database" in done.stderr
     assert prod.endpoint("crm_production").query("SELECT count(*) AS n FROM orders")[0]["n"] >= 20000
 
+    # the same dev database under a second endpoint marked production, and an inline target naming it
+    marker = write_config(tmp_path, prod, dev).read_text().replace(
+        "sync_prod_to_dev:", f"  live: {{host: 127.0.0.1, port: {dev.port}, user: postgres, database: crm_development,"
+                             f" role: production}}\nsync_prod_to_dev:")
+    inline = marker.replace("  target: dev", f"  target: {{host: 127.0.0.1, port: {dev.port}, user: postgres, "
+                                              f"password_file: {tmp_path}/secrets/dev, database: crm_development}}")
+    before = checksums(dev.endpoint("crm_development"))
+    for text in (marker, inline):
+        (tmp_path / "aliased.yaml").write_text(text)
+        done = sync(tmp_path / "aliased.yaml", "--force")
+        assert done.returncode == 1 and "as endpoint live, which is marked role: production" in done.stderr, \
+            done.stderr
+    assert checksums(dev.endpoint("crm_development")) == before
+
 
 def test_kill_9_mid_restore_leaves_dev_intact_and_next_run_cleans_up(clusters, tmp_path):
     prod, dev = clusters
@@ -343,3 +357,21 @@ def test_host_pg_dump_older_than_prod_is_refused_before_anything_changes(cluster
     assert "pg_dump on PATH is version 9" in done.stderr and "postgresql-client-" in done.stderr
     names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
     assert not any("__dbdeck_" in n for n in names)
+
+
+def test_a_target_database_name_is_a_name_never_a_connection_string(clusters, tmp_path):
+    prod, dev = clusters
+    weird = "dbname=other application_name="
+    dev.server.psql("DROP DATABASE IF EXISTS other; CREATE DATABASE other;")
+    dev.server.psql("CREATE TABLE marker (x int); INSERT INTO marker VALUES (42);", database="other")
+    config = write_config(tmp_path, prod, dev)
+    config.write_text(config.read_text().replace("database: crm_development", f"database: '{weird}'"))
+    try:
+        done = sync(config)
+        assert done.returncode == 0, done.stderr
+        assert dev.endpoint(weird).query("SELECT count(*) AS n FROM customers")[0]["n"] == 2000
+        other = dev.endpoint("other").query(
+            "SELECT array_agg(tablename::text ORDER BY tablename) AS t FROM pg_tables WHERE schemaname = 'public'")
+        assert other[0]["t"] == ["marker"]
+    finally:
+        dev.server.psql(f"DROP DATABASE IF EXISTS \"{weird}\" WITH (FORCE); DROP DATABASE IF EXISTS other;")

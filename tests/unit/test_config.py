@@ -156,3 +156,20 @@ def test_unknown_endpoint_name(tmp_path):
 
 def test_empty_file_means_defaults(tmp_path):
     assert load(write(tmp_path, "")).section("sync").database == "crm_production"
+
+
+def test_a_seed_variable_overrides_one_field_of_an_endpoint_never_the_whole_endpoint(tmp_path):
+    from dbdeck.plugins.sync_prod_to_dev.model import SEED_ENVIRONMENT, SyncProdToDev
+
+    spec = ConfigSection("sync_prod_to_dev", SyncProdToDev, env=SEED_ENVIRONMENT)
+    path = write(tmp_path, "endpoints:\n  prod: {host: db.internal, port: 5433, user: app, database: crm,"
+                           " role: production}\nsync_prod_to_dev:\n  source: prod\n")
+    section = load(path, {"PROD_DB_CONTAINER": "crm-postgres-2"}, sections=(spec,)).section("sync_prod_to_dev")
+    source = section.source
+    assert (source.container, source.host, source.port, source.user, source.database, source.role) == \
+        ("crm-postgres-2", "db.internal", 5433, "app", "crm", "production")
+    # an unset target keeps the section's default endpoint: DEV_DATABASE changes only the database
+    target = load(path, {"DEV_DATABASE": "crm_dev_2"}, sections=(spec,)).section("sync_prod_to_dev").target
+    assert (target.database, target.container, target.user, target.role) == \
+        ("crm_dev_2", "crm-postgres-dev", "postgres", "development")
+    assert load(path, {"DEV_DATABASE": "crm_dev_2"}, sections=(spec,)).endpoints["prod"].container is None

@@ -97,3 +97,15 @@ def test_prisma_database_url_options_are_understood():
     assert params == {"user": "app", "password": "p@ss", "host": "db", "port": "5432", "dbname": "crm",
                       "sslmode": "require"}
     assert _parse_libpq("postgresql://app@db/crm?schema=tenant1")["options"] == "-c search_path=tenant1"
+
+
+@pytest.mark.parametrize("name", ["crm_dev", "dbname=other application_name=", "host=evil.example port=1 x",
+                                  "it's", "back\\slash", "Sales Dept"])
+def test_a_database_name_given_to_a_client_tool_stays_one_name(name):
+    """libpq expands a -d value containing '=' as a connection string; the quoted dbname keyword is
+    parsed back to exactly the name (checked with libpq's own parser through psycopg)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from dbdeck.endpoints import dbname_argument
+
+    assert conninfo_to_dict(dbname_argument(name)) == {"dbname": name}
