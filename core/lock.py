@@ -27,6 +27,44 @@ def default_run_dir():
     return Path(runtime, "dbdeck") if runtime else Path(f"/tmp/dbdeck-{os.geteuid()}")
 
 
+def _shared_parent(directory):
+    """Whether others may create entries next to directory (e.g. /tmp): then the directory itself could
+    have been planted by someone else and must be ours and private."""
+    try:
+        return bool(os.stat(directory.parent).st_mode & 0o002)
+    except OSError:
+        return False
+
+
+def ensure_run_dir(directory):
+    """Create the lock directory, or check the existing one, so that nobody else can hold our locks or
+    turn a lock write into a write to another file: never a symlink; in a world-writable parent (the
+    /tmp/dbdeck-<uid> fallback) it must be ours with mode 0700; anywhere, not writable by everyone."""
+    from .errors import DbdeckError
+
+    directory = Path(directory)
+    private = _shared_parent(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o755)
+        info = os.lstat(directory)
+    except OSError as exc:
+        raise DbdeckError(f"cannot create the lock directory {directory}: {exc.strerror}") from None
+    import stat
+
+    problem = None
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        problem = "is not a plain directory (a symlink?)"
+    elif private and (info.st_uid != os.geteuid() or info.st_mode & 0o077):
+        problem = (f"is owned by uid {info.st_uid} with mode {oct(info.st_mode & 0o777)}, in a directory "
+                   f"anyone can write to; it must be yours and 0700")
+    elif info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
+        problem = "is writable by everyone"
+    if problem:
+        raise DbdeckError(f"refusing to use the lock directory {directory}: it {problem} (someone else could hold "
+                          f"dbdeck's locks or redirect its writes); remove it or set dbdeck.run_dir")
+    return directory
+
+
 class JobLock:
     def __init__(self, name, run_dir=None):
         self.name = name
@@ -37,8 +75,14 @@ class JobLock:
     def acquire(self, wait=0.0, waiting=None):
         """Take the lock; LockBusy when another process holds it. With wait > 0, keep trying for that many
         seconds first; waiting(holder) is called once when the wait starts (to say who we wait for)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        ensure_run_dir(self.run_dir)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            from .errors import DbdeckError
+
+            raise DbdeckError(f"cannot open the lock file {self.path}: {exc.strerror}"
+                              + (" (a symlink: refused)" if os.path.islink(self.path) else "")) from None
         deadline = time.monotonic() + wait
         announced = False
         while True:
@@ -73,7 +117,10 @@ class JobLock:
         """Who holds the lock now (a dict), or None when nobody does."""
         if not self.path.exists():
             return None
-        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

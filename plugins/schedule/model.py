@@ -14,6 +14,31 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 TIMING_KEYS = ("every", "cron", "on_calendar")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+USER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?$")
+
+
+def refuse_control_characters(value, path=()):
+    """Every value here lands in a crontab line or a systemd unit, where a newline starts a new line
+    (another job, an ExecStartPre=): refuse control characters anywhere, naming the key."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            refuse_control_characters(item, (*path, str(key)))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            refuse_control_characters(item, (*path, str(index)))
+    elif isinstance(value, (str, Path)) and _CONTROL.search(str(value)):
+        where = ".".join(path) or "value"
+        raise ValueError(f"{where}: control characters (newline, tab, ...) are not allowed: {str(value)!r}")
+    return value
+
+
+def _user_name(value):
+    if value is not None and not USER_NAME.match(value):
+        raise ValueError(f"{value!r} is not a user name (letters, digits, '.', '-', '_'; at most 32)")
+    return value
+
+
 def parse_every(text):
     """'5m' / '30s' / '0.5s' / '6h' / '1d' / 300 -> seconds (a whole number when it is one)."""
     if isinstance(text, (int, float)):
@@ -39,6 +64,16 @@ class SchedulerSettings(Section):
     randomized_delay_sec: int = 30
     state_dir: Path | None = None
     sync_cron_interval: int = 5
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_control_characters(cls, value):
+        return refuse_control_characters(value)
+
+    @field_validator("cron_user")
+    @classmethod
+    def _cron_user(cls, value):
+        return _user_name(value)
 
     @field_validator("backend")
     @classmethod
@@ -79,6 +114,16 @@ class Job(Section):
     timeout: int | None = None
     enabled: bool = True
     description: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_control_characters(cls, value):
+        return refuse_control_characters(value)
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value):
+        return _user_name(value)
 
     @field_validator("command", mode="before")
     @classmethod

@@ -243,3 +243,25 @@ def test_a_dbdeck_job_past_its_timeout_is_stopped_and_exits_124(tmp_path, dbdeck
     job_log = (tmp_path / "state" / "log" / "job-relay.log").read_text()
     assert "webhook-relay on http://127.0.0.1:" in job_log and "webhook-relay stopping (signal 15)" in job_log
     assert json.loads((tmp_path / "state" / "schedule-state.json").read_text())["relay"]["last_exit_code"] == 124
+
+
+@pytest.mark.parametrize("job_yaml, key", [
+    ('    command: x\n    every: 10m\n    user: "postgres\\n* * * * * root touch /tmp/injected"\n', "user"),
+    ('    command: x\n    every: 10m\n    user: "postgres\\nExecStartPre=/bin/touch /tmp/injected"\n', "user"),
+    ('    command: ["x", "a\\n* * * * * root touch /tmp/injected"]\n    every: 10m\n', "command.1"),
+    ('    command: x\n    every: 10m\n    env_file: "a.env\\nExecStartPre=/bin/true"\n', "env_file"),
+    ('    command: x\n    on_calendar: "daily\\nExecStartPre=/bin/true"\n', "on_calendar"),
+    ('    command: x\n    every: 10m\n    description: "d\\nExecStartPre=/bin/true"\n', "description"),
+    ('    command: x\n    every: 10m\n    user: "root; touch /tmp/injected"\n', "user"),
+])
+def test_a_value_that_would_inject_a_line_is_refused_and_nothing_is_written(tmp_path, dbdeck_bin, job_yaml, key):
+    cron_file = tmp_path / "cron.d" / "dbdeck"
+    root = tmp_path / "root"
+    config = write_config(tmp_path, f"  cron_file: {cron_file}\nschedules:\n  sync:\n" + job_yaml)
+    check = dbdeck_bin("--config", config, "config", "check")
+    assert check.returncode == 2 and "schedules.sync" in check.stderr and f"{key}:" in check.stderr, check.stderr
+    assert len(check.stderr.strip().splitlines()) == 1
+    for backend in (["--backend", "cron"], ["--backend", "systemd", "--systemd-root", root]):
+        done = dbdeck_bin("--config", config, "schedule", "install", *backend)
+        assert done.returncode == 2, done.stderr
+    assert not cron_file.exists() and not root.exists() and not os.path.exists("/tmp/injected")

@@ -69,3 +69,37 @@ def test_cli_exit_code_when_locked(tmp_path):
         child.kill()
         child.wait()
     assert run_command(command, ["--config", str(config)], prog_name="locked-job") == 0
+
+
+def test_a_lock_directory_planted_by_someone_else_is_refused_and_nothing_is_written(tmp_path):
+    """The /tmp/dbdeck-<uid> fallback lives in a directory anyone can write: another user could create
+    it first (to hold our locks) or make it, or a lock file, a symlink (to have the lock write clobber
+    one of our files)."""
+    from dbdeck.errors import DbdeckError
+
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "job.lock").write_text("precious\n")
+
+    (shared / "linked").symlink_to(victim)
+    with pytest.raises(DbdeckError, match="not a plain directory"):
+        JobLock("job", shared / "linked").acquire()
+
+    planted = shared / "planted"
+    planted.mkdir(mode=0o777)
+    os.chmod(planted, 0o777)
+    if os.geteuid() == 0:
+        os.chown(planted, 65534, 65534)
+    with pytest.raises(DbdeckError, match="it must be yours and 0700"):
+        JobLock("job", planted).acquire()
+
+    ours = JobLock("job", shared / "ours").acquire()  # created private, then used
+    assert oct(os.stat(shared / "ours").st_mode & 0o777) == "0o700"
+    ours.release()
+    (shared / "ours" / "other.lock").symlink_to(victim / "job.lock")
+    with pytest.raises(DbdeckError, match="a symlink: refused"):
+        JobLock("other", shared / "ours").acquire()
+    assert (victim / "job.lock").read_text() == "precious\n"
