@@ -60,6 +60,8 @@ class EndpointConfig(Section):
     docker_user: str | None = None
     role: Literal["production", "staging", "development", "test", "sandbox"] | None = None
     connect_timeout: int = 10
+    read_timeout: int = 900  # MySQL: longest wait for one answer of a connected server (0: no limit)
+    lock_timeout: int = 300  # longest wait for a lock another session holds (0: the server's default)
     options: dict[str, str] = {}
 
     @model_validator(mode="after")

@@ -108,16 +108,33 @@ class Endpoint:
                 import psycopg
 
                 params.setdefault("connect_timeout", self.config.connect_timeout)
+                if self.config.lock_timeout:
+                    params["options"] = " ".join(filter(None, [params.get("options"),
+                                                               f"-c lock_timeout={self.config.lock_timeout}s"]))
                 return psycopg.connect(autocommit=autocommit, **params, **(driver_options or {}))
-            import pymysql
-
-            return pymysql.connect(
-                host=params.get("host") or "127.0.0.1", port=int(params.get("port") or 3306),
-                user=params.get("user"), password=params.get("password") or "", database=params.get("dbname"),
-                connect_timeout=self.config.connect_timeout, autocommit=autocommit, charset="utf8mb4",
-                **(driver_options or {}))
+            return self._connect_mysql(params, autocommit, driver_options)
         except Exception as exc:
+            if "timed out" in str(exc):
+                raise DbdeckError(f"cannot connect to {self.describe()}: the server accepted the connection but did "
+                                  f"not answer within {self.config.connect_timeout}s (connect_timeout)") from None
             raise DbdeckError(f"cannot connect to {self.describe()}: {_first_line(exc)}") from None
+
+    def _connect_mysql(self, params, autocommit, driver_options):
+        import pymysql
+
+        options = dict(driver_options or {})
+        if self.config.lock_timeout:  # metadata locks wait a day (MariaDB) or a year (MySQL) by default
+            options.setdefault("init_command", f"SET SESSION lock_wait_timeout = {self.config.lock_timeout}, "
+                                               f"innodb_lock_wait_timeout = {self.config.lock_timeout}")
+        # the handshake is bounded by connect_timeout (a server that accepts and never answers); each
+        # later answer by read_timeout
+        connection = pymysql.connect(
+            host=params.get("host") or "127.0.0.1", port=int(params.get("port") or 3306),
+            user=params.get("user"), password=params.get("password") or "", database=params.get("dbname"),
+            connect_timeout=self.config.connect_timeout, read_timeout=self.config.connect_timeout,
+            write_timeout=self.config.connect_timeout, autocommit=autocommit, charset="utf8mb4", **options)
+        connection._read_timeout = connection._write_timeout = self.config.read_timeout or None
+        return connection
 
     # --- client tools ---------------------------------------------------------------------------
     def tool_invocation(self, tool, *args, database=True):
@@ -221,6 +238,9 @@ class Endpoint:
         except Exception as exc:
             if not _is_driver_error(exc):
                 raise
+            if self.kind == "mysql" and "timed out" in str(exc):
+                raise DbdeckError(f"{what} failed on {self.name}: no answer from the server within "
+                                  f"{self.config.read_timeout}s (read_timeout)") from None
             raise DbdeckError(f"{what} failed on {self.name}: {_first_line(exc)}") from None
 
     def _query_with_tool(self, text):

@@ -549,3 +549,55 @@ def test_watch_reconnects_after_losing_the_main_database(world):
         out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
     assert "reconnecting" in err
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP port that accepts connections and never says a word (a hung MySQL, a stuck proxy)."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1], accepted
+    stop.set()
+    thread.join()
+    for connection in accepted:
+        connection.close()
+    listener.close()
+
+
+def test_a_tenant_server_that_never_answers_fails_that_tenant_within_connect_timeout(world, tmp_path, silent_server,
+                                                                                    dbdeck_bin):
+    port, accepted = silent_server
+    world.write_config(f"""    - name: hung
+      target: {{kind: mysql, host: 127.0.0.1, port: {port}, user: dbdeck, password_file: {tmp_path}/maria.pw,
+               database: nowhere, connect_timeout: 2}}
+""")
+    done = world.run("--format", "json", timeout=90)
+    assert done.returncode == 1
+    result = json.loads(done.stdout)
+    assert result["failed"] == ["hung"] and accepted
+    assert "did not answer within 2s (connect_timeout)" in done.stderr
+    world.assert_equal()  # the other tenants were synced
+    status = world.run("status", timeout=90)
+    assert status.returncode != 0 and "did not answer within 2s" in status.stdout + status.stderr
+    (tmp_path / "endpoints.yaml").write_text(
+        f"endpoints:\n  hung: {{kind: mysql, host: 127.0.0.1, port: {port}, user: x, "
+        f"password_file: {tmp_path}/maria.pw, connect_timeout: 2}}\n")
+    endpoints = dbdeck_bin("--config", tmp_path / "endpoints.yaml", "endpoints", timeout=90)
+    assert endpoints.returncode == 1 and "did not answer within 2s (connect_timeout)" in endpoints.stdout
