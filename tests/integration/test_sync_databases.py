@@ -233,3 +233,21 @@ def test_external_url_read_from_env_sync_file_as_in_the_seed(pair):
                           env={**env, "DATABASE_URL": pair.env["DATABASE_URL"]})
     assert done.returncode == 0, done.stderr
     assert [r[:2] for r in pair.rows("external")] == [(40, "via env file")]
+
+
+def test_a_target_table_locked_by_another_session_fails_the_run_after_lock_timeout(pair):
+    """A long ALTER or LOCK TABLE on the target used to block the run without limit (and the 5-minute
+    job behind it); with `lock_timeout` the run fails saying so, and the next one catches up."""
+    pair.config.write_text(pair.config.read_text() + "  external: {lock_timeout: 2}\n")
+    pair.sql("local", "INSERT INTO perfis (id, nome, email) VALUES (1, 'Ana', 'ana@example.com')")
+    holder = psycopg.connect(**pair.sides["external"])
+    holder.execute("LOCK TABLE perfis IN ACCESS EXCLUSIVE MODE")
+    try:
+        done = pair.sync("run")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "lock timeout" in done.stderr.lower() and len(done.stderr.strip().splitlines()) <= 3, done.stderr
+    finally:
+        holder.rollback()
+        holder.close()
+    pair.round()
+    assert [r[:3] for r in pair.rows("external")] == [(1, "Ana", "ana@example.com")]
