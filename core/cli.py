@@ -8,6 +8,7 @@ so --help and --version never import psycopg, pymysql or a plugin's internals.
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -348,7 +349,29 @@ def run_command(command, args=None, prog_name=None):
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         return 130
+    except BrokenPipeError:
+        _quiet_closed_stdout()
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen fault: one masked line, not a traceback
+        name = prog_name or "dbdeck"
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        click.echo(f"{name}: error: {type(exc).__name__}{': ' + secrets.mask(detail) if detail else ''}"
+                   f" (unexpected; -vv shows where)", err=True)
+        if logging.getLogger("dbdeck").isEnabledFor(logging.DEBUG):
+            import traceback
+
+            click.echo(secrets.mask(traceback.format_exc()), err=True)
+        return EXIT_FAILED
     return 0
+
+
+def _quiet_closed_stdout():
+    """stdout went away (`| head -1`): point it at /dev/null so the exit flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv=None):

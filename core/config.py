@@ -22,7 +22,11 @@ from .errors import ConfigError
 
 SEARCH_PATHS = (Path("etc/dbdeck.yaml"), Path("/etc/dbdeck/dbdeck.yaml"))
 _SECRET_KEY_HINTS = ("password", "secret", "token", "dsn", "url")
-_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|\$\$")
+# ${NAME}, ${NAME:-default} where the default may itself hold ${OTHER} or ${OTHER:-x}, and $$ for a literal $
+_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+                            r"(?::-(?P<default>(?:[^${}]|\$\$|\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^${}]*)?\}|\$(?![{$]))*))?"
+                            r"\}|\$\$")
+_MAX_YAML_NODES = 20000  # a config is a few hundred; aliases that expand past this are a bomb, not a config
 
 
 class Section(BaseModel):
@@ -77,11 +81,29 @@ class EndpointConfig(Section):
             secrets.register(value)
         return self
 
+    @field_validator("container", "docker_user")
+    @classmethod
+    def _docker_name(cls, value):
+        # docker's own rule for names; anything else (e.g. "--help") would be read as a docker option
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]*", value):
+            raise ValueError(f"{value!r} is not a container or user name docker accepts (letters, digits, "
+                             f"'_', '.', '-'; starting with a letter or digit)")
+        return value
+
     @field_validator("password_file")
     @classmethod
-    def _password_file_readable(cls, value):
-        if value is not None:
-            _read_secret_file(value)
+    def _password_file_protected(cls, value):
+        if value is None:
+            return value
+        import logging
+        import stat
+
+        if not _read_secret_file(value):
+            raise ValueError(f"password file {value} is empty")
+        mode = os.stat(value).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            logging.getLogger("dbdeck.config").warning(
+                "password file %s can be read by others (mode %s); chmod 600 it", value, oct(mode & 0o777))
         return value
 
     @field_validator("port")
@@ -202,6 +224,8 @@ def load(explicit=None, sections=(), environ=None):
     environ = _with_env_files(env_files, path, environ, where, sources)
     raw = _interpolate(raw, environ, where, ())
 
+    if path is not None:
+        raw = _anchor_local_files(raw, path.parent)
     given = {name for name, value in raw.items() if value not in (None, {})}
     shell_overrides = []
     for spec in all_sections.values():
@@ -270,8 +294,14 @@ def _read_yaml(path, sources):
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _check_yaml_shape(node, path)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         location = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -284,6 +314,51 @@ def _read_yaml(path, sources):
     lines = {}
     _record_lines(node, (), lines)
     return data, lines
+
+
+def _anchor_local_files(value, directory):
+    """A relative password or key file is relative to the config file (as env_files are), never to
+    wherever the command happens to start (cron starts in $HOME, systemd in /)."""
+    if isinstance(value, dict):
+        return {k: (str(directory / v) if _is_local_file_key(k) and isinstance(v, str) and v
+                    and not Path(v).is_absolute() else _anchor_local_files(v, directory))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_anchor_local_files(v, directory) for v in value]
+    return value
+
+
+def _is_local_file_key(key):
+    return isinstance(key, str) and (key.endswith("password_file") or key == "key_file")
+
+
+def _check_yaml_shape(root, path):
+    """Refuse what YAML allows but a config never means: a key given twice in one mapping (the last one
+    would win silently) and aliases that expand to more nodes than any config has (an alias bomb)."""
+    sizes = {}
+
+    def size(node):
+        if id(node) in sizes:
+            return sizes[id(node)]
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    if key_node.value in seen:
+                        raise ConfigError(f"{path}:{key_node.start_mark.line + 1}: key {key_node.value!r} is given "
+                                          f"twice in the same mapping (first on line {seen[key_node.value]})")
+                    seen[key_node.value] = key_node.start_mark.line + 1
+                total += size(key_node) + size(value_node)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        if total > _MAX_YAML_NODES:
+            raise ConfigError(f"{path}:{node.start_mark.line + 1}: the YAML expands to more than {_MAX_YAML_NODES} "
+                              f"values through its aliases; refusing it")
+        sizes[id(node)] = total
+        return total
+
+    size(root)
 
 
 def _record_lines(node, key_path, lines):
@@ -337,10 +412,16 @@ def _interpolate(value, environ, where, key_path):
         if environ.get(name) not in (None, ""):
             return environ[name]
         if default is not None:
-            return default
+            return _INTERPOLATION.sub(replace, default)
         raise ConfigError(f"{where.at(key_path)}: {_dotted(key_path)}: environment variable {name} is not set "
                           f"(write ${{{name}:-default}} to give a default)")
 
+    covered = [m.span() for m in _INTERPOLATION.finditer(value)]
+    for start in (i for i in range(len(value) - 1) if value.startswith("${", i)):
+        if not any(a <= start < b for a, b in covered):
+            raise ConfigError(f"{where.at(key_path)}: {_dotted(key_path)}: cannot read the ${{...}} at "
+                              f"{value[start:start + 40]!r}: write ${{NAME}}, ${{NAME:-default}} (one level of "
+                              f"nesting in the default) or $$ for a literal $")
     return _INTERPOLATION.sub(replace, value)
 
 

@@ -337,7 +337,12 @@ def _parse_mysql_url(dsn):
     parts = urlsplit(dsn)
     if parts.scheme not in ("mysql", "mariadb"):
         raise DbdeckError(f"malformed MySQL DSN ({secrets.mask(dsn)}): expected mysql://user:password@host:port/db")
-    params = {"host": parts.hostname, "port": parts.port, "user": unquote(parts.username or "") or None,
+    try:
+        port = parts.port
+    except ValueError:
+        raise DbdeckError(f"malformed MySQL DSN ({secrets.mask(dsn)}): the port is not a number from 1 to "
+                          f"65535") from None
+    params = {"host": parts.hostname, "port": port, "user": unquote(parts.username or "") or None,
               "password": unquote(parts.password) if parts.password else None,
               "dbname": parts.path.lstrip("/") or None}
     return {k: v for k, v in params.items() if v is not None}

@@ -21,7 +21,26 @@ class MaskingFormatter(logging.Formatter):
         return secrets.mask(super().format(record))
 
 
-class DailyFileHandler(logging.Handler):
+class _OneLineWriteErrors:
+    """A log file that cannot be written (full or read-only disk) is said once, in one line, on stderr;
+    the job goes on (logging must never take it down) instead of printing a traceback per message."""
+
+    _said_write_error = False
+
+    def handleError(self, record):  # noqa: N802 - logging's name
+        if self._said_write_error:
+            return
+        self._said_write_error = True
+        error = sys.exc_info()[1]
+        reason = getattr(error, "strerror", None) or error
+        where = getattr(self, "path", None) or getattr(self, "directory", "a log file")
+        try:
+            sys.stderr.write(f"dbdeck: cannot write to {where}: {reason}; going on without that log\n")
+        except (OSError, ValueError):
+            pass
+
+
+class DailyFileHandler(_OneLineWriteErrors, logging.Handler):
     """Appends to <directory>/<prefix>-YYYYMMDD.log, switching file when the date changes.
 
     Unlike TimedRotatingFileHandler it never renames files, matching the seeds' layout
@@ -59,7 +78,10 @@ class DailyFileHandler(logging.Handler):
 
     def close(self):
         if self._stream:
-            self._stream.close()
+            try:
+                self._stream.close()
+            except OSError:  # the last buffered lines hit a full disk; already said by handleError
+                pass
             self._stream = None
         super().close()
 
@@ -95,7 +117,7 @@ def _attach_file_handler(handler, level):
     return handler
 
 
-class RunFileHandler(logging.StreamHandler):
+class RunFileHandler(_OneLineWriteErrors, logging.StreamHandler):
     """One log file per run, <prefix>-YYYYMMDD-HHMMSS.log (the seeds' failover-*.log, rebuild-replica-*.log)."""
 
     def __init__(self, directory, prefix, mode=0o640):
@@ -114,6 +136,8 @@ class RunFileHandler(logging.StreamHandler):
     def close(self):
         try:
             self.stream.close()
+        except OSError:  # the last buffered lines hit a full disk; already said by handleError
+            pass
         finally:
             super().close()
 

@@ -91,6 +91,8 @@ def record_result_in(state_dir, name, kind, ok, summary, seconds=None, **details
 def result_items(config):
     items = []
     for name, result in sorted(results_file(config).read().items()):
+        if not isinstance(result, dict):
+            continue
         ok = result.get("ok")
         metrics = {"dbdeck_result_last_success_timestamp_seconds": epoch(result.get("last_success"))}
         if result.get("seconds") is not None:

@@ -44,7 +44,7 @@ def footer(ended, status, duration, problem=None):
 
 
 def record_start(state, name, log_path, started):
-    first = {} if state.read().get(name, {}).get("first_start") else {"first_start": started}
+    first = {} if state.entry(name).get("first_start") else {"first_start": started}
     state.update(name, last_start=started, last_end=None, last_exit_code=None, running_pid=os.getpid(),
                  log=str(log_path), **first)
 

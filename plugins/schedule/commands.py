@@ -190,7 +190,7 @@ def setup_sync_cron(app, action):
         app.emit({"removed": bool(changed)}, "removed" if changed else "not installed; nothing to remove")
     else:
         line = backend.installed(jobs)[SYNC_JOB]
-        last = run_state(app).read().get(SYNC_JOB, {})
+        last = run_state(app).entry(SYNC_JOB)
         app.emit({"installed": bool(line), "line": line, **last},
                  (f"installed: {line}" if line else "not installed (run setup-sync-cron --install)")
                  + (f"\nlast run {last.get('last_start')}: exit {last.get('last_exit_code')} in "

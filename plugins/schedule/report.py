@@ -86,10 +86,10 @@ def job_items(app, jobs, backend):
         problem = str(exc)
     else:
         problem = None
-    state = run_state(app).read()
+    state = run_state(app)
     items = []
     for name, job in jobs.items():
-        item = job_item(app, name, job, installed.get(name), state.get(name, {}),
+        item = job_item(app, name, job, installed.get(name), state.entry(name),
                         app.lock(f"schedule-{name}").holder())
         if problem:
             item.detail += f"; {problem}"

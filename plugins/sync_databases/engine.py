@@ -114,7 +114,7 @@ class Sync:
         seconds = round(time.monotonic() - started, 2)
         if not self.app.dry_run:
             conflicts = sum(c["conflicts"] for c in totals.values())
-            previous = self.state.read().get("rounds", {})
+            previous = self.state.entry("rounds")
             self.state.update("rounds", last_success=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=seconds,
                               last=totals, conflicts_total=previous.get("conflicts_total", 0) + conflicts)
         return {"seconds": seconds, "directions": totals}
@@ -215,7 +215,7 @@ class Sync:
                     sides[side] = {"reachable": True, "tables": tables}
             except DbdeckError as exc:
                 sides[side] = {"reachable": False, "error": str(exc)}
-        rounds = self.state.read().get("rounds", {})
+        rounds = self.state.entry("rounds")
         return {"sides": sides, "last_success": rounds.get("last_success"),
                 "conflicts_total": rounds.get("conflicts_total", 0), "last_round": rounds.get("last")}
 

@@ -7,6 +7,7 @@ the `<dev>__dbdeck_old` a kill after the swap may leave) and re-allows connectio
 died while it had them switched off. Prod is only read (pg_dump's own ACCESS SHARE locks).
 """
 
+import glob
 import hashlib
 import json
 import logging
@@ -59,6 +60,22 @@ def table_pattern(name):
     return ".".join('"' + part.replace('"', '""') + '"' for part in name.split(".", 1))
 
 
+PG_IDENTIFIER_MAX_BYTES = 63
+
+
+def work_database_name(dev, suffix):
+    """`<dev><suffix>`, or, when that exceeds PostgreSQL's 63 bytes (the server would cut it, and the
+    staging and old names would become the same name), dev's first bytes + a hash of dev + suffix:
+    distinct per dev and per suffix, and stable between runs so leftovers are found again."""
+    name = dev + suffix
+    if len(name.encode()) <= PG_IDENTIFIER_MAX_BYTES:
+        return name
+    tag = "_" + hashlib.sha256(dev.encode()).hexdigest()[:8]
+    room = PG_IDENTIFIER_MAX_BYTES - len((tag + suffix).encode())
+    head = dev.encode()[:room].decode(errors="ignore")
+    return head + tag + suffix
+
+
 class Clone:
     def __init__(self, app, settings, force=False, say=print):
         self.app = app
@@ -71,8 +88,8 @@ class Clone:
         if not self.target.database:
             raise DbdeckError("sync_prod_to_dev.target: no database name (set database: or DEV_DATABASE)")
         self.dev = self.target.database
-        self.staging = self.dev + STAGING_SUFFIX
-        self.old = self.dev + OLD_SUFFIX
+        self.staging = work_database_name(self.dev, STAGING_SUFFIX)
+        self.old = work_database_name(self.dev, OLD_SUFFIX)
         self.maintenance = on_database(self.target, "postgres", "dev-server")
         self.state = StateFile(Path(app.config.state_dir) / STATE_FILE)
 
@@ -180,7 +197,7 @@ class Clone:
         return hashlib.sha256(f"{self.source.describe()} -> {self.target.describe()}".encode()).hexdigest()[:16]
 
     def last_sync(self):
-        return self.state.read().get(self._state_key())
+        return self.state.entry(self._state_key()) or None
 
     def _record(self, prod_probe, recipe, dev_probe, seconds):
         self.state.update(self._state_key(), prod=prod_probe, recipe=recipe, dev=dev_probe,
@@ -382,28 +399,50 @@ class Clone:
         return self.settings.jobs or max(2, min(8, os.cpu_count() or 2))
 
     def _copy_through_file(self, dump, staging):
+        """Dump to a temporary name, make it durable, restore staging from it (pg_restore reads every
+        entry, so a dump cut short fails here), and only then give it its final name: a file named *.dump
+        is always a complete dump that restored once, so pruning never keeps a broken one in place of a
+        good one. (pg_restore --list alone would accept a truncated file: the table of contents is
+        written at the start.)"""
         directory = Path(self.settings.dump_dir)
-        path = directory / f"{self.source.database or 'prod'}-{time.strftime('%Y%m%d-%H%M%S')}.dump"
+        prefix = self.source.database or "prod"
+        path = directory / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.dump"
+        partial = path.with_name(path.name + ".partial")
         dump_argv, dump_env = self.source.tool_invocation(*dump)
         restore_argv, restore_env = self.restore_stage(staging)
         if self.runner.dry_run:
-            self.runner.say(f"would run: {printable(dump_argv, dump_env)} > {path}")
-            self.runner.say(f"would run: {printable(restore_argv, restore_env)} < {path}")
-        else:
-            self.say(f"writing {path}")
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            self.runner.say(f"would run: {printable(dump_argv, dump_env)} > {partial}")
+            self.runner.say(f"would run: {printable(restore_argv, restore_env)} < {partial}")
+            self.runner.say(f"would rename it to {path.name} once restored")
+            self._prune_dumps(directory)
+            return
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in directory.glob(f"{glob.escape(prefix)}-*.dump.partial"):
+            self.say(f"removing {stale.name}, left by an interrupted run")
+            stale.unlink(missing_ok=True)
+        self.say(f"writing {path}")
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as out:
                 self.runner.run(dump_argv, env=dump_env, stdout=out, timeout=self.settings.timeout)
-            with open(path, "rb") as dumped:
+                out.flush()
+                os.fsync(out.fileno())
+            with open(partial, "rb") as dumped:
                 self.runner.run(restore_argv, env=restore_env, stdin=dumped, timeout=self.settings.timeout)
+            os.replace(partial, path)
+            _fsync_directory(directory)
+        except OSError as exc:
+            raise DbdeckError(f"could not write the dump {path}: {exc.strerror or exc}") from None
+        finally:
+            partial.unlink(missing_ok=True)
         self._prune_dumps(directory)
 
     def _prune_dumps(self, directory):
+        """Only complete dumps carry the .dump name (see _copy_through_file), so only those are counted."""
         if not directory.is_dir():
             return
-        dumps = sorted(directory.glob(f"{self.source.database or 'prod'}-*.dump"), key=lambda p: p.stat().st_mtime,
-                       reverse=True)
+        prefix = glob.escape(self.source.database or "prod")
+        dumps = sorted(directory.glob(f"{prefix}-*.dump"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in dumps[self.settings.keep_dumps:]:
             self.say(f"removing old dump {old.name} (keeping the last {self.settings.keep_dumps})")
             if not self.runner.dry_run:
@@ -448,3 +487,12 @@ class Clone:
             self.say(f"renaming {self.staging} to {self.dev} (dev did not exist)")
             self.maintenance.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(self.staging),
                                                                                       ident(self.dev)))
+
+
+def _fsync_directory(directory):
+    """Make a rename durable: the directory entry is on disk only once the directory is synced."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

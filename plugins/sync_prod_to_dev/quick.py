@@ -15,6 +15,9 @@ FINGERPRINT_SQL = """
 SELECT md5(
   coalesce((SELECT string_agg(relid::text || ':' || n_tup_ins || ':' || n_tup_upd || ':' || n_tup_del, ','
                               ORDER BY relid) FROM pg_stat_user_tables), '')
+  || '|' || coalesce((SELECT string_agg(relname || ':' || n_tup_ins || ':' || n_tup_upd || ':' || n_tup_del, ','
+                                        ORDER BY relname) FROM pg_stat_sys_tables
+                      WHERE relname IN ('pg_largeobject', 'pg_largeobject_metadata')), '')
   || '|' || coalesce((SELECT string_agg(c.oid::text || ':' || c.xmin::text || ':' || c.relfilenode, ','
                                         ORDER BY c.oid)
                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

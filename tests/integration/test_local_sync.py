@@ -38,8 +38,9 @@ class World:
             c.execute(SAMPLE.read_text())  # its rows were last written a day ago: incremental runs see only ours
         for instance in self.instances:
             self.mysql(f"CREATE DATABASE {self.tenant_db(instance)}", database=None)
-        (tmp_path / "pg.pw").write_text(pg_server.password)
-        (tmp_path / "maria.pw").write_text(mariadb_server.password)
+        for name, password in (("pg.pw", pg_server.password), ("maria.pw", mariadb_server.password)):
+            (tmp_path / name).write_text(password)
+            os.chmod(tmp_path / name, 0o600)
         self.config = tmp_path / "dbdeck.yaml"
         self.write_config()
 
@@ -50,7 +51,7 @@ class World:
     def tenant_db(self, instance):
         return f"ls{self.n}_{instance}"
 
-    def write_config(self, extra="", instances=None):
+    def write_config(self, extra="", instances=None, overlap_seconds=5):
         listed = "\n".join(f"    - {name}" for name in (instances or self.instances))
         self.config.write_text(f"""dbdeck:
   state_dir: {self.tmp_path}/state
@@ -64,7 +65,7 @@ local_sync:
   source: main
   target_server: tenants
   database_pattern: "ls{self.n}_{{instance}}"
-  overlap_seconds: 5
+  overlap_seconds: {overlap_seconds}
   instances:
 {listed}
 {extra}""")
@@ -250,7 +251,7 @@ def test_a_column_the_tenant_added_survives_a_full_sync(world):
 
 
 def test_a_transaction_committing_after_the_run_read_past_it_is_not_lost(world):
-    world.write_config("  overlap_seconds: 0\n")  # only the oldest-writer guard protects this row
+    world.write_config(overlap_seconds=0)  # only the oldest-writer guard protects this row
     world.sync()
     late = psycopg.connect(**world.pg_args())
     try:

@@ -92,6 +92,7 @@ def test_setup_sync_cron_line_runs_under_crons_bare_environment(prod_dev, tmp_pa
     # between runs: prod changes and the config moves dev's password to another file
     prod.endpoint("app").execute("UPDATE items SET name = 'renamed' WHERE id = 7")
     (tmp_path / "secrets" / "dev-new").write_text(dev.password)
+    os.chmod(tmp_path / "secrets" / "dev-new", 0o600)
     config.write_text(config.read_text().replace("secrets/dev,", "secrets/dev-new,"))
     changed = as_cron_runs_it(command)
     assert changed.returncode == 0 and changed.stdout == changed.stderr == ""

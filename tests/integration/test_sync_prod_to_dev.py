@@ -217,6 +217,102 @@ def test_dump_retention_keeps_exactly_n(clusters, tmp_path):
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in dumps)
 
 
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real filesystem that fills up: a 24 MiB tmpfs."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_dump_files_are_complete_or_absent_after_kill_9_and_a_full_disk(clusters, tmp_path, small_filesystem):
+    prod, dev = clusters
+    prod_ep, dev_ep = prod.endpoint("crm_production"), dev.endpoint("crm_development")
+    prod_ep.execute("CREATE TABLE IF NOT EXISTS dump_bulk AS SELECT g AS id, md5(g::text) || md5((-g)::text) AS v "
+                    "FROM generate_series(1, 250000) g")
+    dumps = small_filesystem / "dumps"
+    config = write_config(tmp_path, prod, dev, extra=f"  dump_dir: {dumps}\n  keep_dumps: 1\n")
+    try:
+        first = sync(config, "--force")
+        assert first.returncode == 0, first.stderr
+        [good] = list(dumps.iterdir())
+        good_size = good.stat().st_size
+        assert good.name.endswith(".dump") and good_size > 2_000_000
+
+        # a full disk: the run fails and says why, the good dump survives, nothing half-written stays
+        before = checksums(dev_ep)
+        filler = small_filesystem / "filler"
+        free = os.statvfs(small_filesystem).f_bavail * os.statvfs(small_filesystem).f_frsize
+        filler.write_bytes(b"\0" * max(0, free - good_size // 2))
+        time.sleep(1.05)
+        full = sync(config, "--force")
+        assert full.returncode == 1
+        assert "No space left on device" in full.stderr and "Traceback" not in full.stderr, full.stderr
+        assert [p.name for p in dumps.iterdir()] == [good.name]
+        assert checksums(dev_ep) == before
+        filler.unlink()
+
+        # kill -9 while pg_dump is writing: what is left is a .partial, never a *.dump
+        time.sleep(1.05)
+        process = subprocess.Popen([str(BIN / "sync-prod-to-dev"), "--config", str(config), "--force"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_for(lambda: any(p.name.endswith(".partial") and p.stat().st_size > 100_000
+                                    for p in dumps.iterdir()), timeout=60, pause=0.005)
+        os.killpg(process.pid, signal.SIGKILL) if os.getpgid(process.pid) == process.pid else \
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        assert sorted(p.name for p in dumps.glob("*.dump")) == [good.name]
+        assert any(p.name.endswith(".dump.partial") for p in dumps.iterdir())
+
+        # the next run cleans the leftovers, writes a complete dump, and only then prunes
+        time.sleep(1.05)
+        again = sync(config, "--force")
+        assert again.returncode == 0, again.stderr
+        [latest] = list(dumps.iterdir())
+        assert latest.name != good.name and latest.name.endswith(".dump")
+        listing = subprocess.run(["pg_restore", "--file=/dev/null", str(latest)], capture_output=True, text=True)
+        assert listing.returncode == 0, listing.stderr
+        assert dev_ep.query("SELECT count(*) AS n FROM dump_bulk")[0]["n"] == 250000
+    finally:
+        prod_ep.execute("DROP TABLE IF EXISTS dump_bulk")
+
+
+def test_full_log_and_state_filesystem_is_one_line_each(clusters, tmp_path, small_filesystem):
+    prod, dev = clusters
+    config = write_config(tmp_path, prod, dev)
+    text = config.read_text().replace(f"{tmp_path}/state", f"{small_filesystem}/state").replace(
+        f"{tmp_path}/logs", f"{small_filesystem}/logs")
+    config.write_text(text)
+    for sub in ("state", "logs"):
+        (small_filesystem / sub).mkdir()
+    first = sync(config, "--force")
+    assert first.returncode == 0, first.stderr
+    prod.endpoint("crm_production").execute("INSERT INTO customers (email) VALUES ('full-disk@example.com')")
+    for log in (small_filesystem / "logs").iterdir():
+        log.unlink()  # a new day's file: no page left with room in it
+    with open(small_filesystem / "filler", "wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        except OSError:
+            pass
+    done = sync(config)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "Logging error" not in done.stderr, done.stderr
+    assert done.stderr.count("No space left on device") <= 2 and "could not save" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
+    dev_ep = dev.endpoint("crm_development")
+    assert dev_ep.query("SELECT count(*) AS n FROM customers WHERE email = 'full-disk@example.com'")[0]["n"] == 1
+    (small_filesystem / "filler").unlink()
+    prod.endpoint("crm_production").execute("DELETE FROM customers WHERE email = 'full-disk@example.com'")
+    again = sync(config)
+    assert again.returncode == 0, again.stderr
+    assert dev_ep.query("SELECT count(*) AS n FROM customers WHERE email = 'full-disk@example.com'")[0]["n"] == 0
+
+
 def test_second_run_while_one_is_going_exits_75(clusters, tmp_path):
     from dbdeck.lock import JobLock
 
@@ -375,3 +471,39 @@ def test_a_target_database_name_is_a_name_never_a_connection_string(clusters, tm
         assert other[0]["t"] == ["marker"]
     finally:
         dev.server.psql(f"DROP DATABASE IF EXISTS \"{weird}\" WITH (FORCE); DROP DATABASE IF EXISTS other;")
+
+
+def test_dev_name_near_the_63_byte_limit_syncs_every_time(clusters, tmp_path):
+    prod, dev = clusters
+    long_name = "crm_development_" + "l" * 40  # 56 bytes: with a suffix, past PostgreSQL's 63
+    dev.server.psql(f"DROP DATABASE IF EXISTS {long_name}; CREATE DATABASE {long_name};")
+    config = write_config(tmp_path, prod, dev)
+    config.write_text(config.read_text().replace("database: crm_development,", f"database: {long_name},"))
+    for _ in range(2):
+        done = sync(config, "--force")
+        assert done.returncode == 0, done.stderr
+    dev_ep = dev.endpoint(long_name)
+    assert dev_ep.query("SELECT count(*) AS n FROM orders")[0]["n"] >= 20000
+    names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
+    assert not any("__dbdeck_" in n for n in names)
+    dev.server.psql(f"DROP DATABASE {long_name};")
+
+
+def test_a_changed_large_object_is_not_taken_for_unchanged_prod(clusters, tmp_path):
+    prod, dev = clusters
+    prod_ep, dev_ep = prod.endpoint("crm_production"), dev.endpoint("crm_development")
+    oid = prod_ep.query("SELECT lo_from_bytea(0, 'first contract') AS oid")[0]["oid"]
+    config = write_config(tmp_path, prod, dev)
+    try:
+        done = sync(config, "--force")
+        assert done.returncode == 0, done.stderr
+        assert bytes(dev_ep.query(f"SELECT lo_get({oid}) AS b")[0]["b"]) == b"first contract"
+        prod_ep.execute(f"SELECT lo_put({oid}, 0, 'FIRST')")
+        done = sync(config)
+        assert done.returncode == 0, done.stderr
+        assert "nothing to do" not in done.stdout
+        assert bytes(dev_ep.query(f"SELECT lo_get({oid}) AS b")[0]["b"]) == b"FIRST contract"
+        again = sync(config)
+        assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+    finally:
+        prod_ep.execute(f"SELECT lo_unlink({oid})")

@@ -141,3 +141,46 @@ def test_dry_run_flag_reaches_the_runner(tmp_path):
     assert done.stdout.strip() == f"[dry-run] would run: touch {target}"
     subprocess.run([sys.executable, "-c", code, str(target)], check=True)
     assert target.exists()
+
+
+def _command_that_fails(tmp_path, body):
+    return textwrap.dedent(f"""
+        import click, sys
+        from dbdeck import secrets
+        from dbdeck.cli import pass_app, run_command, _with_global_options
+
+        @click.command("fail-it")
+        @pass_app
+        def fail_it(app):
+            secrets.register("hunter2-secret")
+{textwrap.indent(textwrap.dedent(body), " " * 12)}
+        sys.exit(run_command(_with_global_options(fail_it), sys.argv[1:], prog_name="fail-it"))
+    """)
+
+
+def test_unexpected_exception_is_one_masked_line_and_exit_1(tmp_path):
+    code = _command_that_fails(tmp_path, """
+        raise RuntimeError("boom while using hunter2-secret\\nsecond line")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("fail-it: error: RuntimeError: boom while using ***") and "-vv" in lines[0]
+    assert "hunter2" not in done.stderr and "Traceback" not in done.stderr
+    verbose = subprocess.run([sys.executable, "-c", code, "-vv"], capture_output=True, text=True, timeout=60)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr and "fail_it" in verbose.stderr
+    assert "hunter2" not in verbose.stderr
+
+
+def test_closed_stdout_ends_quietly(tmp_path):
+    code = _command_that_fails(tmp_path, """
+        for n in range(100000):
+            click.echo(f"line {n}")
+    """)
+    reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.readline()
+    reader.stdout.close()
+    stderr = reader.stderr.read().decode()
+    assert reader.wait(timeout=60) == 1
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr

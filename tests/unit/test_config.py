@@ -173,3 +173,44 @@ def test_a_seed_variable_overrides_one_field_of_an_endpoint_never_the_whole_endp
     assert (target.database, target.container, target.user, target.role) == \
         ("crm_dev_2", "crm-postgres-dev", "postgres", "development")
     assert load(path, {"DEV_DATABASE": "crm_dev_2"}, sections=(spec,)).endpoints["prod"].container is None
+
+
+def test_yaml_that_a_config_never_means_is_refused_in_one_line(tmp_path):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8))
+    with pytest.raises(ConfigError, match="more than 20000 values through its aliases"):
+        load(write(tmp_path, bomb))
+    with pytest.raises(ConfigError, match=r"dbdeck.yaml:3: key 'container' is given twice .*first on line 2"):
+        load(write(tmp_path, "sync:\n  container: a\n  container: b\n"))
+    # anchors and merge keys a person writes still work
+    cfg = load(write(tmp_path, "x: &base {container: c1, database: d1}\nsync:\n  <<: *base\n  database: d2\n"),
+               sections=(SYNC, ConfigSection("x", SyncSection)))
+    assert (cfg.section("sync").container, cfg.section("sync").database) == ("c1", "d2")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load(_latin1(tmp_path))
+
+
+def _latin1(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("sync: {container: caf\xe9}\n".encode("latin-1"))
+    return path
+
+
+def test_nested_default_interpolation_and_unreadable_placeholders(tmp_path):
+    path = write(tmp_path, "sync:\n  container: ${A:-${B:-fallback}}\n  database: ${A:-${C}}\n")
+    assert load(path, {"C": "from_c"}).section("sync").container == "fallback"
+    assert load(path, {"C": "from_c"}).section("sync").database == "from_c"
+    assert load(path, {"A": "a", "C": "c"}).section("sync").database == "a"
+    with pytest.raises(ConfigError, match=r"dbdeck.yaml:2: sync.container: cannot read the \$\{...\}"):
+        load(write(tmp_path, "sync:\n  container: ${A:-${B:-${C}}}\n"), {"C": "x"})
+
+
+def test_a_relative_password_file_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "pw").write_text("s3cret\n")
+    path = write(tmp_path / "conf", "endpoints:\n  db: {host: h, password_file: pw}\n")
+    monkeypatch.chdir("/")
+    cfg = config.load(str(path), (), environ={})
+    assert cfg.endpoints["db"].password.get_secret_value() == "s3cret"
+    assert cfg.endpoints["db"].password_file == tmp_path / "conf" / "pw"

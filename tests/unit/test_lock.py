@@ -103,3 +103,15 @@ def test_a_lock_directory_planted_by_someone_else_is_refused_and_nothing_is_writ
     with pytest.raises(DbdeckError, match="a symlink: refused"):
         JobLock("other", shared / "ours").acquire()
     assert (victim / "job.lock").read_text() == "precious\n"
+
+
+def test_state_file_of_the_wrong_shape_reads_as_no_state(tmp_path):
+    from dbdeck.state import StateFile
+
+    path = tmp_path / "state.json"
+    for damaged in ("[1, 2]", '"text"', "{bad json", '{"job": "not an object"}'):
+        path.write_text(damaged)
+        state = StateFile(path)
+        assert state.entry("job") == {}
+        state.update("job", last="ok")
+        assert state.entry("job") == {"last": "ok"}

@@ -105,3 +105,15 @@ def test_the_last_entry_loses_the_dumps_trailer_it_would_be_sent_with_dash_c():
                                  "\n\n\\unrestrict abc123\n")
     assert entries[-1][0] == "INDEX" and "\\unrestrict" not in entries[-1][3]
     assert "CREATE INDEX orders_customer" in entries[-1][3]
+
+
+def test_work_database_names_stay_distinct_within_63_bytes():
+    from dbdeck.plugins.sync_prod_to_dev.clone import OLD_SUFFIX, STAGING_SUFFIX, work_database_name
+
+    assert work_database_name("crm_development", STAGING_SUFFIX) == "crm_development__dbdeck_staging"
+    for dev in ("d" * 48, "d" * 62, "d" * 63, "é" * 31, "app_" + "x" * 50):
+        staging, old = work_database_name(dev, STAGING_SUFFIX), work_database_name(dev, OLD_SUFFIX)
+        assert len(staging.encode()) <= 63 and len(old.encode()) <= 63
+        assert staging != old and staging.endswith(STAGING_SUFFIX) and old.endswith(OLD_SUFFIX)
+        assert work_database_name(dev, STAGING_SUFFIX) == staging
+    assert work_database_name("d" * 60 + "a", OLD_SUFFIX) != work_database_name("d" * 60 + "b", OLD_SUFFIX)
