@@ -9,12 +9,14 @@ so --help and --version never import psycopg, pymysql or a plugin's internals.
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 import click
 
 from . import __version__, secrets
-from .errors import EXIT_FAILED, EXIT_USAGE, DbdeckError
+from .errors import EXIT_FAILED, EXIT_USAGE, DbdeckError, Terminated
 
 log = logging.getLogger("dbdeck")
 
@@ -106,11 +108,13 @@ class App:
 
     def emit(self, data, text=None):
         """Print a result: JSON with --format json, otherwise text (a string or a callable)."""
+        from . import output
+
         if self.format == "json":
             # masked value by value: masking the JSON text could swallow a closing quote
-            click.echo(json.dumps(secrets.mask_values(data), indent=2, default=str, sort_keys=False))
+            output.line(json.dumps(secrets.mask_values(data), indent=2, default=str, sort_keys=False))
         else:
-            click.echo(secrets.mask(text() if callable(text) else (text if text is not None else str(data))))
+            output.line(secrets.mask(text() if callable(text) else (text if text is not None else str(data))))
 
 
 pass_app = click.make_pass_decorator(App, ensure=True)
@@ -329,6 +333,7 @@ def run_command(command, args=None, prog_name=None):
     from . import log as log_module
 
     log_module.setup(0)
+    _stop_cleanly_on_sigterm()
     try:
         command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -336,7 +341,17 @@ def run_command(command, args=None, prog_name=None):
     except click.ClickException as exc:
         exc.show()
         return EXIT_USAGE
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C and SIGTERM (errors.Terminated) into Abort; the cause says which
+        if isinstance(exc.__cause__, Terminated):
+            _echo_if_possible("Terminated.")
+            return 143
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            from .run import stop_children
+
+            stop_children(signal.SIGINT)
+            _echo_if_possible("Interrupted.")
+            return 130
         click.echo("Aborted.", err=True)
         return EXIT_FAILED
     except DbdeckError as exc:
@@ -346,11 +361,19 @@ def run_command(command, args=None, prog_name=None):
 
             click.echo(secrets.mask(traceback.format_exc()), err=True)
         return exc.exit_code
+    except Terminated:
+        _echo_if_possible("Terminated.")
+        return 143
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
+        from .run import stop_children
+
+        stop_children(signal.SIGINT)
+        _echo_if_possible("Interrupted.")
         return 130
     except BrokenPipeError:
-        _quiet_closed_stdout()
+        from . import output
+
+        output.detach(sys.stdout)
         return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen fault: one masked line, not a traceback
         name = prog_name or "dbdeck"
@@ -365,11 +388,26 @@ def run_command(command, args=None, prog_name=None):
     return 0
 
 
-def _quiet_closed_stdout():
-    """stdout went away (`| head -1`): point it at /dev/null so the exit flush does not fail again."""
+def _stop_cleanly_on_sigterm():
+    """SIGTERM stops the programs we wait for, then unwinds like Ctrl-C (see errors.Terminated).
+    Commands that serve (scheduler, auto-failover, relays) install their own handler after this."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return
+
+    def on_sigterm(signum, frame):
+        from .run import stop_children
+
+        stop_children(signal.SIGTERM)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _echo_if_possible(line):
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        click.echo(line, err=True)
     except (OSError, ValueError):
         pass
 

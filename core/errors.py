@@ -43,3 +43,8 @@ class CommandFailed(DbdeckError):
 
 class CommandTimeout(CommandFailed):
     pass
+
+
+class Terminated(KeyboardInterrupt):
+    """dbdeck was sent SIGTERM (systemd stop, timeout(1), kill): unwinds like Ctrl-C, so every
+    cleanup (staging dropped, locks released) runs, and the command exits 143."""

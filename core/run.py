@@ -13,7 +13,10 @@ Every pg_dump, psql, docker, rsync or ssh call goes through Runner.run(), which
 import logging
 import os
 import shlex
+import shutil
+import signal
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +26,53 @@ from .errors import CommandFailed, CommandTimeout, DbdeckError
 log = logging.getLogger("dbdeck.run")
 
 _STDERR_TAIL_CHARS = 2000
+
+_children_lock = threading.Lock()
+_children: set[int] = set()  # pids of the programs this process runs and waits for right now
+
+
+def stop_children(signum=signal.SIGTERM):
+    """Pass a stop on to every program we are waiting for (called when dbdeck itself is told to stop,
+    before its own cleanup runs, so a DROP of a staging database does not race a pg_restore)."""
+    with _children_lock:
+        pids = list(_children)
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _track(pid):
+    with _children_lock:
+        _children.add(pid)
+
+
+def _untrack(pid):
+    with _children_lock:
+        _children.discard(pid)
+
+
+def _tied_to_us(argv, env=None):
+    """argv resolved and run through `setpriv --pdeathsig TERM`: if dbdeck dies, even by kill -9, the
+    kernel sends the program SIGTERM, so no pg_dump or pg_restore goes on working for nobody.
+    (The signal is not inherited by the program's own children: a postmaster that pg_ctl starts, or a
+    container, lives on as intended.) Raises CommandFailed when the program is not found."""
+    path = (env or {}).get("PATH") or os.environ.get("PATH")
+    program = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=path)
+    if not program or not os.access(program, os.X_OK):
+        raise CommandFailed(f"program not found: {argv[0]} (is it installed and on PATH?)", argv=argv, returncode=127)
+    setpriv = _setpriv()
+    return [setpriv, "--pdeathsig", "TERM", "--", program, *argv[1:]] if setpriv else [program, *argv[1:]]
+
+
+_setpriv_path = []
+
+
+def _setpriv():
+    if not _setpriv_path:
+        _setpriv_path.append(shutil.which("setpriv"))
+    return _setpriv_path[0]
 
 
 @dataclass
@@ -199,11 +249,8 @@ class Runner:
                      output=None, echo=False):
         import sh
 
-        try:
-            program = sh.Command(argv[0])
-        except sh.CommandNotFound:
-            raise CommandFailed(f"program not found: {argv[0]} (is it installed and on PATH?)",
-                                argv=argv, returncode=127) from None
+        tied = _tied_to_us(argv, env)
+        program = sh.Command(tied[0])
         kwargs = dict(
             _env={**os.environ, **(env or {})},
             _timeout=timeout,
@@ -224,7 +271,21 @@ class Runner:
             kwargs["_err_to_out"] = True
             kwargs["_out"] = _tee(output) if echo else output
         try:
-            done = program(*argv[1:], **kwargs)
+            running = program(*tied[1:], _bg=True, _bg_exc=False, **kwargs)
+            _track(running.pid)
+            try:
+                done = running.wait()
+            except (sh.TimeoutException, sh.SignalException, sh.ErrorReturnCode):
+                raise
+            except BaseException:  # Ctrl-C, SIGTERM (cli), a failure elsewhere: the program stops with us
+                _stop(running.pid)
+                try:
+                    running.wait(timeout=5)  # lets sh see the end and cancel its timeout timer thread,
+                except BaseException:  # noqa: BLE001 - which would otherwise keep the interpreter alive
+                    pass
+                raise
+            finally:
+                _untrack(running.pid)
         except sh.TimeoutException:
             raise CommandTimeout(f"timed out after {timeout}s: {printable(argv)}", argv=argv) from None
         except sh.SignalException as exc:
@@ -268,14 +329,11 @@ class Runner:
                 last = index == len(stages) - 1
                 error_file = tempfile.TemporaryFile()
                 error_files.append(error_file)
-                try:
-                    process = subprocess.Popen(
-                        argv, stdin=previous if previous is not None else subprocess.DEVNULL,
-                        stdout=(stdout if stdout is not None else subprocess.PIPE) if last else subprocess.PIPE,
-                        stderr=error_file, env={**os.environ, **env})
-                except FileNotFoundError:
-                    raise CommandFailed(f"program not found: {argv[0]} (is it installed and on PATH?)",
-                                        argv=argv, returncode=127) from None
+                process = subprocess.Popen(
+                    _tied_to_us(argv, env), stdin=previous if previous is not None else subprocess.DEVNULL,
+                    stdout=(stdout if stdout is not None else subprocess.PIPE) if last else subprocess.PIPE,
+                    stderr=error_file, env={**os.environ, **env})
+                _track(process.pid)
                 if previous is not None:
                     previous.close()  # the next stage holds the read end now; EOF/SIGPIPE propagate
                 previous = process.stdout if not last else None
@@ -299,6 +357,7 @@ class Runner:
                 if process.poll() is None:
                     process.kill()
                     process.wait()
+                _untrack(process.pid)
         stderr_texts = []
         for error_file in error_files:
             error_file.seek(0)
@@ -323,12 +382,12 @@ class Runner:
 
         errors = tempfile.TemporaryFile()
         try:
-            popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
-                                     env={**os.environ, **(env or {})})
-        except FileNotFoundError:
+            tied = _tied_to_us(argv, env)
+        except CommandFailed:
             errors.close()
-            raise CommandFailed(f"program not found: {argv[0]} (is it installed and on PATH?)",
-                                argv=argv, returncode=127) from None
+            raise
+        popen = subprocess.Popen(tied, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                                 env={**os.environ, **(env or {})})
         return Session(argv, env, popen, errors)
 
     def start_daemon(self, argv, *, log_path=None, env=None, as_user=None, cwd=None):
@@ -354,6 +413,21 @@ class Runner:
             raise CommandFailed(f"program not found: {argv[0]} (is it installed and on PATH?)",
                                 argv=argv, returncode=127) from None
         return Daemon(argv=argv, pid=popen.pid, log_path=Path(log_path) if log_path else None, _popen=popen)
+
+
+def _stop(pid, grace=5.0):
+    """SIGTERM, then SIGKILL after grace seconds; reaps nothing (sh's own thread does)."""
+    import time
+
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _tee(output):

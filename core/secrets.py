@@ -5,6 +5,7 @@ wherever they appear; on top of that, URL passwords and key=value passwords are 
 so a DSN typed straight into a config file is safe to print even before it was registered.
 """
 
+import functools
 import re
 import threading
 
@@ -17,6 +18,8 @@ _known: set[str] = set()
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]+)(?=@)")
 _KEY_VALUE_PASSWORD = re.compile(
     r"(?P<head>\b(?:password|passwd|pwd|pgpassword|mysql_pwd|secret|token)\s*[=:]\s*)"
+    # MySQL's "Access denied ... (using password: YES)" says whether one was sent, not what it was
+    r"(?!(?:YES|NO)\))"
     r"(?P<secret>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;&]+)",
     re.IGNORECASE,
 )
@@ -40,6 +43,17 @@ def register(secret):
             _known.add(value)
 
 
+@functools.lru_cache(maxsize=256)
+def _occurrences(value):
+    """Where a known secret is replaced. A plain word (a weak password such as 'postgres') only as a
+    whole word: masked inside 'postgresql' it would garble messages and give itself away (***ql://).
+    Anything else wherever it appears."""
+    pattern = re.escape(value)
+    if value.isalpha():
+        pattern = rf"(?<![A-Za-z0-9_]){pattern}(?![A-Za-z0-9_])"
+    return re.compile(pattern)
+
+
 def mask(text):
     """Return text with every registered secret and every password-shaped value replaced by ***."""
     if text is None:
@@ -50,9 +64,11 @@ def mask(text):
         known = sorted(_known, key=len, reverse=True)
     for value in known:
         if value in text:
-            text = text.replace(value, MASK)
+            text = _occurrences(value).sub(MASK, text)
     text = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
-    text = _KEY_VALUE_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+    # a value already masked above keeps what follows it: "(PGPASSWORD=***)" stays whole
+    text = _KEY_VALUE_PASSWORD.sub(
+        lambda m: m.group(0) if m.group("secret").startswith(MASK) else m.group("head") + MASK, text)
     return text
 
 

@@ -17,12 +17,12 @@ def payload(event):
 def deliver(event, settings):
     body = secrets.mask(json.dumps(payload(event), default=str))
     if settings.webhook_url:
-        _post(settings.webhook_url, body, settings.timeout_s)
+        _post(settings.webhook_url.get_secret_value(), settings.webhook_shown(), body, settings.timeout_s)
     if settings.command:
         _run(settings.command, body, settings.timeout_s)
 
 
-def _post(url, body, timeout):
+def _post(url, shown, body, timeout):
     import urllib.error
     import urllib.request
 
@@ -32,7 +32,7 @@ def _post(url, body, timeout):
         with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read()
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        log.warning("notify: webhook %s failed: %s", secrets.mask(url), secrets.mask(str(exc)))
+        log.warning("notify: webhook %s failed: %s", shown, secrets.mask(str(exc)).replace(url, shown))
 
 
 def _run(command, body, timeout):

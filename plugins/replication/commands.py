@@ -42,11 +42,12 @@ class NagiosCommand(click.Command):
 @click.option("--warn-lag-bytes", callback=_size_option, metavar="SIZE",
               help="WARNING when a standby is this far behind (default 16MB, or replication.warn_lag_bytes).")
 @click.option("--crit-lag-bytes", callback=_size_option, metavar="SIZE", help="CRITICAL over this many bytes.")
-@click.option("--warn-lag-seconds", type=float, metavar="S", help="WARNING over this replay delay.")
-@click.option("--crit-lag-seconds", type=float, metavar="S",
+@click.option("--warn-lag-seconds", type=click.FloatRange(min=0), metavar="S", help="WARNING over this replay delay.")
+@click.option("--crit-lag-seconds", type=click.FloatRange(min=0), metavar="S",
               help="CRITICAL over this replay delay (default 30, or replication.crit_lag_seconds).")
 @click.option("--serve", metavar="[HOST]:PORT", help="Serve /metrics (Prometheus) until stopped, probing per scrape.")
-@click.option("--timeout", type=float, default=5, show_default=True, help="Seconds to wait for each node.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5, show_default=True,
+              help="Seconds to wait for each node.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the report to FILE atomically (node_exporter's textfile collector never reads half a file).")
 @pass_app
@@ -247,7 +248,7 @@ def rebuild_replica(app, node, rejoin):
 @click.command("switchover")
 @click.option("--max-lag", "max_lag", callback=_size_option, metavar="SIZE",
               help="Refuse when the standby is further behind (default replication.switchover_max_lag_bytes).")
-@click.option("--timeout", type=int, metavar="S",
+@click.option("--timeout", type=click.IntRange(min=1), metavar="S",
               help="Seconds to wait for the standby to replay the shutdown checkpoint (default 30).")
 @pass_app
 def switchover(app, max_lag, timeout):

@@ -125,7 +125,7 @@ class Clone:
         settings = self.settings
         shaping = settings.model_dump(mode="json", exclude={
             "source", "target", "log_dir", "dump_dir", "keep_dumps", "skip_unchanged", "allow_production_target",
-            "timeout", "jobs", "anonymize_salt"})
+            "timeout", "stall_timeout", "jobs", "anonymize_salt"})
         salt = settings.anonymize_salt.get_secret_value() if settings.anonymize_salt else None
         shaping.update(dbdeck=__version__, source=self.source.describe(), target=self.target.describe(),
                        salt=salt)
@@ -361,6 +361,9 @@ class Clone:
             in_dev = dev_exists and self._has_table(self.target, table)
             origin = self.target if in_dev else self.source
             if not in_dev and not self._has_table(self.source, table):
+                # a typo here would let the table it meant through, rows and all: say so every run
+                log.warning("exclude_tables: %s names no table in prod or dev (misspelt? schema-qualify "
+                            "names outside public)", table)
                 continue
             what = "dev's own copy" if in_dev else "prod's structure, no rows"
             self.say(f"excluded table {table}: keeping {what}")

@@ -23,6 +23,7 @@ def sync_prod_to_dev(app, force):
     DEV_DATABASE, DEV_DB_USER and EXCLUDE_TABLES work as in the script.
     """
     from dbdeck import log as log_module
+    from dbdeck import output
 
     from .clone import Clone
 
@@ -33,7 +34,7 @@ def sync_prod_to_dev(app, force):
 
     def say(line):
         log.info(line)
-        click.echo(("[dry-run] " if app.dry_run else "") + line)
+        output.line(("[dry-run] " if app.dry_run else "") + line)
 
     started = time.monotonic()
     with app.lock("sync-prod-to-dev"):

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from pydantic import SecretStr, field_validator
+from pydantic import NonNegativeInt, SecretStr, field_validator
 
 from dbdeck.config import EndpointConfig, Section
 
@@ -33,6 +33,7 @@ class SyncProdToDev(Section):
     skip_unchanged: bool = True
     allow_production_target: bool = False
     timeout: int = 6 * 3600
+    stall_timeout: NonNegativeInt = 600  # no rows from prod this long while the loads wait: fail (0: never)
     jobs: int = 0
     keep_owner: bool = False
     keep_privileges: bool = False

@@ -20,12 +20,14 @@ Works the same for DSN and `docker exec` endpoints: every step is a client-tool 
 
 import json
 import re
+import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from functools import partial
 
 from psycopg import sql
 
-from dbdeck.run import printable
+from dbdeck.errors import DbdeckError
+from dbdeck.run import printable, stop_children
 
 from .progress import Progress
 
@@ -119,20 +121,25 @@ def group_post_data(entries, index_tables, raw_tables):
 
 def run_parallel(tasks, workers, while_waiting=None, interval=None):
     """Run the callables `workers` at a time, calling while_waiting every `interval` seconds meanwhile.
-    The first failure cancels what has not started and is raised at once: a copy still running then
-    ends when the caller drops the staging database under it."""
+    The first failure (or one raised by while_waiting) cancels what has not started, stops the programs
+    of what is running, and is raised at once."""
     pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(tasks))))
     futures = [pool.submit(task) for task in tasks]
-    while True:
-        done, pending = wait(futures, timeout=interval, return_when=FIRST_EXCEPTION)
-        failed = next((future for future in done if future.exception() is not None), None)
-        if failed is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise failed.exception()
-        if not pending:
-            break
-        if while_waiting:
-            while_waiting()
+    try:
+        while True:
+            done, pending = wait(futures, timeout=interval, return_when=FIRST_EXCEPTION)
+            failed = next((future for future in done if future.exception() is not None), None)
+            if failed is not None:
+                raise failed.exception()
+            if not pending:
+                break
+            if while_waiting:
+                while_waiting()
+    except BaseException:
+        # the other streams stop now: one blocked reading a frozen prod would never notice on its own
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_children()
+        raise
     pool.shutdown()
 
 
@@ -159,10 +166,19 @@ class CopyWatcher:
                     "FROM pg_stat_progress_copy p JOIN pg_class c ON c.oid = p.relid "
                     "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.datname = current_database()")
 
-    def __init__(self, staging, streams, progress):
+    # every session loading staging waits for rows from prod (ClientRead), none builds or writes
+    WAITING_SQL = ("SELECT count(*) AS sessions, count(*) FILTER (WHERE wait_event = 'ClientRead') AS waiting "
+                   "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                   "AND backend_type = 'client backend'")
+
+    def __init__(self, staging, streams, progress, stall_timeout=0, clock=time.monotonic):
         self.staging = staging
         self.streams = streams
         self.progress = progress
+        self.stall_timeout = stall_timeout
+        self.clock = clock
+        self._last_moved = clock()
+        self._last_seen = None
         self.position = {t["name"]: (i, k) for i, stream in enumerate(streams) for k, t in enumerate(stream)}
         self.reached = [0] * len(streams)  # per stream: tables before this one are done
         self.current_bytes = {}
@@ -188,6 +204,26 @@ class CopyWatcher:
         sizes = {t["name"]: t["bytes"] for stream in self.streams for t in stream}
         partial = sum(min(copied, sizes[name]) for name, copied in self.current_bytes.items())
         self.progress.update(len(done), sum(t["bytes"] for t in done) + partial)
+        self._check_stall((len(done), tuple(sorted(self.current_bytes.items()))))
+
+    def _check_stall(self, seen):
+        """Raise when no row has arrived for stall_timeout seconds while every loading session waits
+        for prod (a frozen or unreachable prod keeps TCP open: without this the wait lasts until
+        `timeout`, hours). Index builds are not waits for prod, so they never count as a stall."""
+        now = self.clock()
+        if seen != self._last_seen:
+            self._last_seen, self._last_moved = seen, now
+            return
+        if not self.stall_timeout or now - self._last_moved < self.stall_timeout:
+            return
+        try:
+            row = self.staging.query(self.WAITING_SQL)[0]
+        except Exception:  # noqa: BLE001 - no answer from staging: its own timeouts report that
+            return
+        if row["sessions"] and row["waiting"] == row["sessions"]:
+            raise DbdeckError(f"no rows from prod for {now - self._last_moved:.0f}s while every load waited "
+                              f"for them (stall_timeout); prod or the network to it is stalled")
+        self._last_moved = now
 
 
 class ParallelCopy:
@@ -249,7 +285,7 @@ class ParallelCopy:
             return
         progress = Progress(self.say, total_items=len(tables), total_bytes=sum(t["bytes"] for t in tables),
                             what="tables")
-        watcher = CopyWatcher(self.staging, streams, progress)
+        watcher = CopyWatcher(self.staging, streams, progress, stall_timeout=self.clone.settings.stall_timeout)
         run_parallel([partial(self._run_stream, pipeline, watcher, index) for index, pipeline in enumerate(pipelines)],
                      len(streams), while_waiting=watcher.poll, interval=2.0)
         progress.finish()

@@ -194,6 +194,8 @@ def test_kill_9_mid_restore_leaves_dev_intact_and_next_run_cleans_up(clusters, t
     time.sleep(0.3)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    # its pg_dump/pg_restore children do not go on working for nobody (the kernel stops them with dbdeck)
+    assert wait_for(lambda: not copy_sessions(prod, dev), timeout=15, pause=0.1), copy_sessions(prod, dev)
     assert checksums(dev_ep) == before  # dev still serves the old copy
     done = sync(config, "--force")
     assert done.returncode == 0, done.stderr
@@ -203,6 +205,59 @@ def test_kill_9_mid_restore_leaves_dev_intact_and_next_run_cleans_up(clusters, t
     names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
     assert not any("__dbdeck_" in n for n in names)
     prod.endpoint("crm_production").execute("DROP TABLE bulk")
+
+
+def copy_sessions(prod, dev):
+    """Sessions of a copy in progress: pg_dump on prod, anything on dev's staging database."""
+    return (prod.endpoint().query("SELECT pid, application_name FROM pg_stat_activity "
+                                  "WHERE application_name = 'pg_dump' AND datname = 'crm_production'")
+            + dev.endpoint().query("SELECT pid, application_name FROM pg_stat_activity "
+                                   "WHERE datname LIKE '%\\_\\_dbdeck\\_%'"))
+
+
+def test_sigterm_mid_copy_stops_children_drops_staging_exits_143(clusters, tmp_path):
+    prod, dev = clusters
+    prod.endpoint("crm_production").execute(
+        "CREATE TABLE IF NOT EXISTS bulk_term AS SELECT g AS id, repeat(md5(g::text), 8) AS payload "
+        "FROM generate_series(1, 300000) g")
+    config = write_config(tmp_path, prod, dev)
+    dev_ep = dev.endpoint("crm_development")
+    try:
+        before = checksums(dev_ep)
+        process = subprocess.Popen([str(BIN / "sync-prod-to-dev"), "--config", str(config), "--force"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert wait_for(lambda: copy_sessions(prod, dev), timeout=30, pause=0.02)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 143, err
+        assert "Terminated." in err and "Traceback" not in err
+        assert "dropping crm_development__dbdeck_staging" in out
+        assert not copy_sessions(prod, dev)
+        names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
+        assert not any("__dbdeck_" in n for n in names)
+        assert checksums(dev_ep) == before
+    finally:
+        prod.endpoint("crm_production").execute("DROP TABLE IF EXISTS bulk_term")
+
+
+def test_closed_stdout_does_not_stop_the_sync(clusters, tmp_path):
+    prod, dev = clusters
+    config = write_config(tmp_path, prod, dev)
+    done = subprocess.run(["bash", "-o", "pipefail", "-c",
+                           f"{BIN / 'sync-prod-to-dev'} --config {config} --force | head -1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("source: ") and done.stdout.count("\n") == 1
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
+    assert not any("__dbdeck_" in n for n in names)
+    prod_sums, _ = checksums(prod.endpoint("crm_production"))
+    dev_sums, _ = checksums(dev.endpoint("crm_development"))
+    prod_sums.pop("_prisma_migrations"), dev_sums.pop("_prisma_migrations")
+    assert prod_sums == dev_sums
+    log = "".join(p.read_text() for p in (tmp_path / "logs").glob("sync-*.log"))
+    assert "sync complete" in log
 
 
 def test_dump_retention_keeps_exactly_n(clusters, tmp_path):
@@ -507,3 +562,45 @@ def test_a_changed_large_object_is_not_taken_for_unchanged_prod(clusters, tmp_pa
         assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
     finally:
         prod_ep.execute(f"SELECT lo_unlink({oid})")
+
+
+def test_exclude_tables_naming_no_table_is_a_warning_every_run(clusters, tmp_path):
+    prod, dev = clusters
+    config = write_config(tmp_path, prod, dev, extra="  exclude_tables: [_prisma_migrations, custmers]\n")
+    done = sync(config, "--force")
+    assert done.returncode == 0, done.stderr
+    assert "exclude_tables: custmers names no table in prod or dev" in done.stderr
+    assert "_prisma_migrations names no table" not in done.stderr
+
+
+def test_a_frozen_prod_mid_copy_fails_after_stall_timeout(clusters, tmp_path):
+    prod, dev = clusters
+    prod_ep, dev_ep = prod.endpoint("crm_production"), dev.endpoint("crm_development")
+    prod_ep.execute("CREATE TABLE IF NOT EXISTS bulk_frozen AS SELECT g AS id, repeat(md5(g::text), 8) AS payload "
+                    "FROM generate_series(1, 400000) g")
+    config = write_config(tmp_path, prod, dev, extra="  stall_timeout: 3\n")
+    before = checksums(dev_ep)
+    frozen = []
+    try:
+        process = subprocess.Popen([str(BIN / "sync-prod-to-dev"), "--config", str(config), "--force"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def copying_backends():
+            return [r["pid"] for r in prod.endpoint().query(
+                "SELECT pid FROM pg_stat_activity WHERE datname = 'crm_production' AND query LIKE 'COPY %TO STDOUT'")]
+        assert wait_for(copying_backends, timeout=60, pause=0.02)
+        for pid in copying_backends():  # the server stops answering mid-stream; TCP stays open
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+        started = time.monotonic()
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 1, err
+        assert "no rows from prod for" in err and "stall_timeout" in err, err
+        assert time.monotonic() - started < 60
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        prod_ep.execute("DROP TABLE IF EXISTS bulk_frozen")
+    names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
+    assert not any("__dbdeck_" in n for n in names)
+    assert checksums(dev_ep) == before

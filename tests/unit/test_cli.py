@@ -184,3 +184,12 @@ def test_closed_stdout_ends_quietly(tmp_path):
     stderr = reader.stderr.read().decode()
     assert reader.wait(timeout=60) == 1
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
+
+
+def test_out_of_range_numbers_are_refused_not_replaced(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("endpoints: {}\n")
+    negative = run("check-replication", "--config", str(cfg), "--crit-lag-seconds", "-5")
+    assert negative.returncode == 3 and "REPLICATION UNKNOWN" in negative.stdout and "-5" in negative.stdout
+    zero = run("auto-failover", "--config", str(cfg), "--interval", "0")
+    assert zero.returncode == 2 and "--interval" in zero.stderr

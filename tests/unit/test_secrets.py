@@ -45,3 +45,40 @@ def test_mask_values_keeps_json_valid_when_a_message_says_password():
     text = json.dumps(masked)
     assert json.loads(text)["error"].startswith("(1045, \"Access denied")
     assert masked["nested"] == [["password=***"]] and masked["n"] == 3
+
+
+def test_a_weak_word_password_is_masked_as_a_word_only():
+    secrets.register("postgres")
+    shown = secrets.mask("connect postgresql://postgres@db:5432/app as postgres failed (PGPASSWORD=postgres)")
+    assert shown == "connect postgresql://***@db:5432/app as *** failed (PGPASSWORD=***)"
+
+
+def test_mysql_access_denied_message_is_left_whole():
+    message = "(1045, \"Access denied for user 'dbdeck'@'localhost' (using password: YES)\")"
+    assert secrets.mask(message) == message
+    assert secrets.mask("password: hunter2 rest") == "password: *** rest"
+
+
+def test_webhook_url_is_a_secret_everywhere(tmp_path):
+    from dbdeck import config as config_module
+    from dbdeck.plugins.notify.model import Notify
+
+    def load(path):
+        return config_module.load(str(path), [config_module.ConfigSection("notify", Notify)], environ={})
+
+    url = "https://hooks.example.com/services/T00/B00/tokentokentoken"
+    path = tmp_path / "c.yaml"
+    path.write_text(f"notify:\n  webhook_url: {url}\n")
+    loaded = load(path)
+    settings = loaded.section("notify")
+    assert settings.webhook_url.get_secret_value() == url
+    assert "tokentoken" not in str(config_module.dump(loaded))
+    assert secrets.mask(f"POST {url} failed") == "POST *** failed"
+    assert settings.webhook_shown() == "https://hooks.example.com/***"
+    path.write_text("notify:\n  webhook_url: ftp://files.example.com/secret-path-token\n")
+    try:
+        load(path)
+    except config_module.ConfigError as exc:
+        assert "secret-path-token" not in str(exc) and "http(s) URL" in str(exc)
+    else:
+        raise AssertionError("ftp:// accepted")

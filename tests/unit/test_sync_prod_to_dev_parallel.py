@@ -117,3 +117,36 @@ def test_work_database_names_stay_distinct_within_63_bytes():
         assert staging != old and staging.endswith(STAGING_SUFFIX) and old.endswith(OLD_SUFFIX)
         assert work_database_name(dev, STAGING_SUFFIX) == staging
     assert work_database_name("d" * 60 + "a", OLD_SUFFIX) != work_database_name("d" * 60 + "b", OLD_SUFFIX)
+
+
+class _Staging:
+    def __init__(self, waiting):
+        self.waiting = waiting
+
+    def query(self, sql_text):
+        if "pg_stat_activity" in sql_text:
+            return [{"sessions": 2, "waiting": self.waiting}]
+        return []
+
+
+def test_a_copy_with_no_rows_while_every_load_waits_is_a_stall():
+    import pytest
+
+    from dbdeck.errors import DbdeckError
+    from dbdeck.plugins.sync_prod_to_dev.parallel import CopyWatcher
+
+    now = [0.0]
+    streams = [[{"name": "public.t", "bytes": 10}]]
+    building = CopyWatcher(_Staging(waiting=1), streams, Progress(lambda line: None, 1, 10, "tables"),
+                           stall_timeout=60, clock=lambda: now[0])
+    for now[0] in (0, 30, 61, 200):
+        building.poll()  # one session builds an index: no stall, however long
+    stalled = CopyWatcher(_Staging(waiting=2), streams, Progress(lambda line: None, 1, 10, "tables"),
+                          stall_timeout=60, clock=lambda: now[0])
+    now[0] = 0
+    stalled.poll()
+    now[0] = 59
+    stalled.poll()
+    now[0] = 61
+    with pytest.raises(DbdeckError, match="no rows from prod for 61s"):
+        stalled.poll()
