@@ -109,3 +109,21 @@ def test_a_database_name_given_to_a_client_tool_stays_one_name(name):
     from dbdeck.endpoints import dbname_argument
 
     assert conninfo_to_dict(dbname_argument(name)) == {"dbname": name}
+
+
+def test_hostile_endpoint_values_are_one_line_errors(tmp_path, caplog):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not a container or user name docker accepts"):
+        EndpointConfig(container="--help")
+    with pytest.raises(DbdeckError, match="the port is not a number"):
+        make(kind="mysql", dsn=SecretStr("mysql://u:pw-x@host:notaport/db"))
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ValidationError, match="is empty"):
+        EndpointConfig(password_file=empty)
+    shared = tmp_path / "shared"
+    shared.write_text("s3cret-shared\n")
+    shared.chmod(0o644)
+    EndpointConfig(password_file=shared)
+    assert "can be read by others (mode 0o644); chmod 600 it" in caplog.text
