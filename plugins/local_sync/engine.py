@@ -16,8 +16,8 @@ from dbdeck import secrets
 from dbdeck.errors import ConfigError, DbdeckError, LockBusy, Refused, UsageError
 from dbdeck.events import Event
 
-from .source import (DELETES_TABLE, Source, check_source_tables, prune_statement, relation_exists,
-                     setup_statements)
+from .source import (DELETES_TABLE, Source, check_source_tables, current_schema, prune_statement,
+                     relation_exists, setup_statements)
 from .tables import MESSAGES
 from .target import Tenant
 
@@ -61,7 +61,7 @@ class LocalSync:
                 raise DbdeckError(f"instances_query returned names that cannot be instances: {', '.join(bad[:5])}")
             names += [name for name in found if name not in listed]
         if only:
-            if only not in names and self.settings.target_server is None:
+            if only not in names:  # a typo must not become a database name on the tenant server
                 known = ", ".join(names) or "none configured"
                 raise UsageError(f"no instance {only!r} (known: {known})")
             validate_model(InstanceConfig, {"name": only}, ("--instance",))
@@ -221,10 +221,10 @@ class LocalSync:
         query = self.source.select(connection, mapping, instance, columns, types, since=since)
         deleted = self.source.deleted_keys(connection, mapping, since) if mapping.capture_deletes and captured else []
         changed = self.source.count(connection, query)
-        removed = 0
+        removed = rows = read = 0
         if changed or deleted:
             stage = tenant.stage(mapping)
-            rows = tenant.load(stage, columns, self.source, connection, query) if changed else 0
+            read = tenant.load(stage, columns, self.source, connection, query) if changed else 0
             collapsed = self._report_collapsed(tenant, mapping) if changed else 0
             absent = []
             for chunk in self.source.key_chunks(deleted):
@@ -236,11 +236,13 @@ class LocalSync:
                         tenant.insert_rows(stage, columns, [batch])
                 absent += [key for key in chunk if tuple(key[k] for k in mapping.key) not in still_there]
             removed = tenant.merge(mapping, columns, stage, delete_keys=absent)
+            # the overlap window re-reads rows already there: only those inserted or changed count
+            rows = tenant.written if not self.dry_run else read
         else:
-            rows = collapsed = 0
+            collapsed = 0
         tenant.record(mapping.name, instance, stamp, "incremental", rows)
-        return {"mode": "incremental", "method": "merge", "reason": None, "rows": rows, "removed": removed or 0,
-                "collapsed": collapsed}
+        return {"mode": "incremental", "method": "merge", "reason": None, "rows": rows, "read": read,
+                "removed": removed or 0, "collapsed": collapsed}
 
     def _report_collapsed(self, tenant, mapping):
         if tenant.collapsed:
@@ -268,8 +270,9 @@ class LocalSync:
         """Install the deletion capture and NOTIFY triggers on the main database (idempotent)."""
         with self.source_endpoint.connect(autocommit=False) as connection:
             with self.source_endpoint.driver_errors("setup"):
-                check_source_tables(connection, self.settings.tables)
-                for statement in setup_statements(self.settings.tables):
+                schema = current_schema(connection)
+                check_source_tables(connection, self.settings.tables, schema)
+                for statement in setup_statements(self.settings.tables, schema):
                     if self.dry_run:
                         self.app.runner.say(f"would execute on main: {statement.as_string(connection)};")
                     else:

@@ -144,7 +144,7 @@ class Source:
                 sql.SQL("SELECT DISTINCT row_key FROM {} WHERE source_table = %s "
                         "AND deleted_at >= %s::timestamptz - make_interval(secs => %s)").format(
                     sql.Identifier(DELETES_TABLE)),
-                (qualified(capture.source_table), since, self.settings.overlap_seconds))
+                (qualified(capture.source_table, current_schema(connection)), since, self.settings.overlap_seconds))
             found = [row[0] for row in cursor.fetchall()]
         keys = []
         for row_key in found:
@@ -163,26 +163,34 @@ def relation_exists(connection, name):
     return connection.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
 
 
-def qualified(table):
-    """'contact_sectors' -> 'public.contact_sectors' (how the capture trigger names its table)."""
-    return table if "." in table else f"public.{table}"
+def current_schema(connection):
+    """The schema unqualified names resolve to: `public`, or the one a Prisma URL's ?schema= names
+    (it becomes the connection's search_path, see dbdeck.endpoints)."""
+    return connection.execute("SELECT current_schema()").fetchone()[0] or "public"
 
 
-def split_name(table):
-    schema, _, name = qualified(table).partition(".")
+def qualified(table, schema="public"):
+    """'contacts' -> '<schema>.contacts' (how the capture trigger names its table)."""
+    return table if "." in table else f"{schema}.{table}"
+
+
+def split_name(table, schema="public"):
+    schema, _, name = qualified(table, schema).partition(".")
     return schema, name
 
 
-def setup_statements(mappings):
-    """DDL on the main database: the deletion log, its trigger per captured table, NOTIFY triggers for watch."""
+def setup_statements(mappings, schema="public"):
+    """DDL on the main database: the deletion log, its trigger per captured table, NOTIFY triggers for
+    watch; everything in `schema` (the connection's current schema), named with it, so the triggers
+    work whatever search_path the application's sessions use."""
+    deletes = sql.Identifier(schema, DELETES_TABLE)
     statements = [
         sql.SQL("CREATE TABLE IF NOT EXISTS {} (id bigserial PRIMARY KEY, source_table text NOT NULL, "
-                "row_key jsonb NOT NULL, deleted_at timestamptz NOT NULL DEFAULT clock_timestamp())").format(
-            sql.Identifier(DELETES_TABLE)),
+                "row_key jsonb NOT NULL, deleted_at timestamptz NOT NULL DEFAULT clock_timestamp())").format(deletes),
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (deleted_at)").format(
-            sql.Identifier(DELETES_TABLE + "_deleted_at"), sql.Identifier(DELETES_TABLE)),
+            sql.Identifier(DELETES_TABLE + "_deleted_at"), deletes),
         # keys only (no other column reaches the log); arguments are the key columns
-        sql.SQL("""CREATE OR REPLACE FUNCTION dbdeck_local_sync_capture() RETURNS trigger LANGUAGE plpgsql AS $f$
+        sql.SQL("""CREATE OR REPLACE FUNCTION {schema}.dbdeck_local_sync_capture() RETURNS trigger LANGUAGE plpgsql AS $f$
 BEGIN
     INSERT INTO {deletes} (source_table, row_key)
     SELECT TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
@@ -190,34 +198,35 @@ BEGIN
     FROM old_rows AS o;
     PERFORM pg_notify({channel}, TG_TABLE_NAME);
     RETURN NULL;
-END $f$""").format(deletes=sql.Identifier(DELETES_TABLE), channel=sql.Literal(NOTIFY_CHANNEL)),
-        sql.SQL("""CREATE OR REPLACE FUNCTION dbdeck_local_sync_notify() RETURNS trigger LANGUAGE plpgsql AS $f$
+END $f$""").format(schema=sql.Identifier(schema), deletes=deletes, channel=sql.Literal(NOTIFY_CHANNEL)),
+        sql.SQL("""CREATE OR REPLACE FUNCTION {schema}.dbdeck_local_sync_notify() RETURNS trigger LANGUAGE plpgsql AS $f$
 BEGIN
     PERFORM pg_notify({channel}, TG_TABLE_NAME);
     RETURN NULL;
-END $f$""").format(channel=sql.Literal(NOTIFY_CHANNEL)),
+END $f$""").format(schema=sql.Identifier(schema), channel=sql.Literal(NOTIFY_CHANNEL)),
     ]
     captured, watched = {}, []
     for mapping in mappings:
         if mapping.capture_deletes:
             columns = [mapping.capture_deletes.key_columns.get(k, k) for k in mapping.key]
-            captured[qualified(mapping.capture_deletes.source_table)] = columns
+            captured[qualified(mapping.capture_deletes.source_table, schema)] = columns
         for table in mapping.source_tables or []:
-            if qualified(table) not in watched:
-                watched.append(qualified(table))
+            if qualified(table, schema) not in watched:
+                watched.append(qualified(table, schema))
     for table, columns in captured.items():
         target = sql.Identifier(*split_name(table))
         statements.append(sql.SQL("DROP TRIGGER IF EXISTS dbdeck_local_sync_capture ON {}").format(target))
         statements.append(sql.SQL(
             "CREATE TRIGGER dbdeck_local_sync_capture AFTER DELETE ON {} REFERENCING OLD TABLE AS old_rows "
-            "FOR EACH STATEMENT EXECUTE FUNCTION dbdeck_local_sync_capture({})").format(
-            target, sql.SQL(", ").join(sql.Literal(c) for c in columns)))
+            "FOR EACH STATEMENT EXECUTE FUNCTION {}.dbdeck_local_sync_capture({})").format(
+            target, sql.Identifier(schema), sql.SQL(", ").join(sql.Literal(c) for c in columns)))
     for table in watched:
         target = sql.Identifier(*split_name(table))
         statements.append(sql.SQL("DROP TRIGGER IF EXISTS dbdeck_local_sync_notify ON {}").format(target))
         statements.append(sql.SQL(
             "CREATE TRIGGER dbdeck_local_sync_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {} "
-            "FOR EACH STATEMENT EXECUTE FUNCTION dbdeck_local_sync_notify()").format(target))
+            "FOR EACH STATEMENT EXECUTE FUNCTION {}.dbdeck_local_sync_notify()").format(
+            target, sql.Identifier(schema)))
     return statements
 
 
@@ -226,13 +235,13 @@ def prune_statement(days):
         sql.Identifier(DELETES_TABLE), sql.Literal(days))
 
 
-def check_source_tables(connection, mappings):
+def check_source_tables(connection, mappings, schema="public"):
     """Every table setup would put a trigger on must exist; say which does not."""
     for mapping in mappings:
         tables = list(mapping.source_tables or [])
         if mapping.capture_deletes:
             tables.append(mapping.capture_deletes.source_table)
         for table in tables:
-            if not relation_exists(connection, sql.Identifier(*split_name(table)).as_string(connection)):
-                raise DbdeckError(f"local_sync.tables.{mapping.name}: source table {table} does not exist on the "
-                                  f"main database")
+            if not relation_exists(connection, sql.Identifier(*split_name(table, schema)).as_string(connection)):
+                raise DbdeckError(f"local_sync.tables.{mapping.name}: source table {qualified(table, schema)} does "
+                                  f"not exist on the main database")

@@ -50,6 +50,8 @@ BUILTIN_TABLES = {
                         "FROM contacts c WHERE c.instance = %(instance)s",
         "watermark": "updated_at",
         "source_tables": ["contacts"],
+        # a hard-deleted contact leaves no row to find by its timestamp either
+        "capture_deletes": {"source_table": "contacts"},
         "labels": {"pt": ("contatos", "contatos"), "en": ("contacts", "contacts")},
     },
     "wpp_contact_sectors": {
@@ -76,6 +78,7 @@ BUILTIN_TABLES = {
                         "FROM chats ch WHERE ch.instance = %(instance)s",
         "watermark": "updated_at",
         "source_tables": ["chats"],
+        "capture_deletes": {"source_table": "chats"},
         "labels": {"pt": ("chats", "chats"), "en": ("chats", "chats")},
     },
 }

@@ -61,6 +61,7 @@ class Tenant:
         self.connection = None
         self.local_infile = False
         self.collapsed = 0
+        self.written = 0  # rows the last merge inserted or changed
         self.max_statement_bytes = 1 << 20
 
     # --- connection ----------------------------------------------------------------------------------
@@ -109,9 +110,16 @@ class Tenant:
     def write(self, statement, params=None):
         """A statement that changes the tenant: printed in a dry run."""
         if self.dry_run:
-            self.say(f"would execute on {self.endpoint.name}: {statement}")
+            self.say(f"would execute on {self.endpoint.name}: {self._rendered(statement, params)}")
             return 0
         return self.execute(statement, params)
+
+    def _rendered(self, statement, params):
+        """The statement with its values, as the server would get it (the dry run shows the keys)."""
+        if params is None or self.connection is None:
+            return statement
+        with self.connection.cursor() as cursor:
+            return cursor.mogrify(statement, params)
 
     # --- tables --------------------------------------------------------------------------------------
     def table_exists(self, table):
@@ -295,8 +303,9 @@ class Tenant:
                     self.write(f"DROP TABLE IF EXISTS {quote(new)}")
                 raise
             if swapped:
+                removed = self._rows_only_in(old, table, mapping.key)
                 self.write(f"DROP TABLE {quote(old)}")
-                return rows, 0, "swap"
+                return rows, removed, "swap"
             removed = self.merge(mapping, columns, new, delete_missing=True)
             self.connection.commit()
             self.write(f"DROP TABLE {quote(new)}")
@@ -314,6 +323,20 @@ class Tenant:
             log.warning("%s.%s: another session kept the table open for %ss; merging the new rows in instead of "
                         "renaming", self.endpoint.name, table, self.settings.lock_wait_seconds)
             return False
+
+    def _rows_new_or_changed(self, stage, table, key, columns):
+        joined = " AND ".join(f"t.{quote(k)} = s.{quote(k)}" for k in key)
+        same = " AND ".join(f"t.{quote(c)} <=> s.{quote(c)}" for c in columns)
+        return int(self.query(f"SELECT count(*) AS n FROM {quote(stage)} s LEFT JOIN {table} t ON {joined} "
+                              f"WHERE t.{quote(key[0])} IS NULL OR NOT ({same})")[0][0])
+
+    def _rows_only_in(self, old, new, key):
+        """Rows a full load removed: in the copy renamed away, not in the new one."""
+        if self.dry_run:
+            return 0
+        joined = " AND ".join(f"n.{quote(k)} = o.{quote(k)}" for k in key)
+        return int(self.query(f"SELECT count(*) AS n FROM {quote(old)} o LEFT JOIN {quote(new)} n ON {joined} "
+                              f"WHERE n.{quote(key[0])} IS NULL")[0][0])
 
     def stage(self, mapping):
         stage = f"dbdeck_stage_{mapping.name}"[:64]
@@ -334,6 +357,7 @@ class Tenant:
             taken = " AND ".join(f"t.{quote(c)} = s.{quote(c)}" for c in unique)
             other = " OR ".join(f"NOT (t.{quote(k)} <=> s.{quote(k)})" for k in key)
             self.write(f"DELETE t FROM {table} t JOIN {quote(stage)} s ON {taken} WHERE {other}")
+        self.written = 0 if self.dry_run else self._rows_new_or_changed(stage, table, key, columns)
         non_key = [c for c in columns if c not in key] or key[:1]
         updates = ", ".join(f"{quote(c)} = src.{quote(c)}" for c in non_key)
         self.write(f"INSERT INTO {table} ({column_list(columns)}) SELECT * FROM (SELECT {column_list(columns)} "

@@ -25,8 +25,9 @@ class World:
 
     counter = 0
 
-    def __init__(self, pg_server, mariadb_server, tmp_path, instances=("exatron", "acme")):
+    def __init__(self, pg_server, mariadb_server, tmp_path, instances=("exatron", "acme"), schema=None):
         World.counter += 1
+        self.schema = schema  # Prisma's ?schema=: the app's tables live there, not in public
         self.n = World.counter
         self.pg_server, self.maria = pg_server, mariadb_server
         self.database = f"crm_ls{self.n}"
@@ -35,6 +36,8 @@ class World:
         with psycopg.connect(**self.pg_args("postgres"), autocommit=True) as c:
             c.execute(f"CREATE DATABASE {self.database}")
         with psycopg.connect(**self.pg_args(), autocommit=True) as c:
+            if schema:
+                c.execute(f"CREATE SCHEMA {schema}")
             c.execute(SAMPLE.read_text())  # its rows were last written a day ago: incremental runs see only ours
         for instance in self.instances:
             self.mysql(f"CREATE DATABASE {self.tenant_db(instance)}", database=None)
@@ -45,20 +48,27 @@ class World:
         self.write_config()
 
     def pg_args(self, database=None):
-        return {"host": "127.0.0.1", "port": self.pg_server.port, "user": "postgres", "password": self.pg_server.password,
-                "dbname": database or self.database}
+        args = {"host": "127.0.0.1", "port": self.pg_server.port, "user": "postgres",
+                "password": self.pg_server.password, "dbname": database or self.database}
+        if self.schema and not database:
+            args["options"] = f"-c search_path={self.schema}"
+        return args
 
     def tenant_db(self, instance):
         return f"ls{self.n}_{instance}"
 
     def write_config(self, extra="", instances=None, overlap_seconds=5):
         listed = "\n".join(f"    - {name}" for name in (instances or self.instances))
+        main = (f"{{host: 127.0.0.1, port: {self.pg_server.port}, user: postgres, password_file: {self.tmp_path}/pg.pw,"
+                f" database: {self.database}}}")
+        if self.schema:  # the way a Prisma app's .env names it
+            main = (f"{{dsn: 'postgresql://postgres@127.0.0.1:{self.pg_server.port}/{self.database}?schema={self.schema}',"
+                    f" password_file: {self.tmp_path}/pg.pw}}")
         self.config.write_text(f"""dbdeck:
   state_dir: {self.tmp_path}/state
   run_dir: {self.tmp_path}/run
 endpoints:
-  main: {{host: 127.0.0.1, port: {self.pg_server.port}, user: postgres, password_file: {self.tmp_path}/pg.pw,
-         database: {self.database}}}
+  main: {main}
   tenants: {{kind: mysql, host: 127.0.0.1, port: {self.maria.port}, user: dbdeck,
             password_file: {self.tmp_path}/maria.pw}}
 local_sync:
@@ -186,10 +196,54 @@ def test_incremental_picks_up_inserts_updates_soft_deletes_and_sector_removals(w
     world.assert_equal()
     assert world.mysql("SELECT is_deleted FROM wpp_contacts WHERE id = %s", (contact + 1,),
                        instance="exatron") == ((1,),)
-    # a rerun is idempotent: it re-reads at most the overlap window's rows and removes nothing again
-    third = world.sync()
-    again = next(o for o in third["instances"] if o["instance"] == "exatron")["tables"]
-    assert all(again[name]["rows"] <= tables[name]["rows"] and again[name]["removed"] == 0 for name in tables)
+    # a rerun is idempotent: it re-reads the overlap window's rows, but writes and removes nothing
+    third = world.run()
+    assert third.returncode == 0 and "[LocalSync] 0 contatos sincronizados" in third.stdout, third.stdout
+    again = world.sync()
+    again = next(o for o in again["instances"] if o["instance"] == "exatron")["tables"]
+    assert all(again[name]["rows"] == 0 and again[name]["removed"] == 0 for name in tables), again
+    world.assert_equal()
+
+
+def test_hard_deletes_reach_the_tenants_in_incremental_runs_and_every_mode_reports_removals(world):
+    assert world.run("setup").returncode == 0
+    world.sync()
+    contacts = [r[0] for r in world.pg("SELECT id FROM contacts WHERE instance = 'exatron' ORDER BY id LIMIT 3")]
+    world.pg("DELETE FROM chats WHERE contact_id = ANY(%s)", (contacts,))
+    world.pg("DELETE FROM contact_sectors WHERE contact_id = ANY(%s)", (contacts,))
+    world.pg("DELETE FROM contacts WHERE id = ANY(%s)", (contacts,))
+    preview = world.run("--dry-run", "--instance", "exatron")
+    assert preview.returncode == 0 and "%s" not in preview.stdout, preview.stdout
+    assert f"DELETE FROM `wpp_contacts` WHERE (`id` = {contacts[0]})" in preview.stdout, preview.stdout
+    result = world.sync()
+    exatron = next(o for o in result["instances"] if o["instance"] == "exatron")["tables"]
+    assert {t["mode"] for t in exatron.values()} == {"incremental"}
+    assert exatron["wpp_contacts"]["removed"] == 3 and exatron["wpp_chats"]["removed"] > 0
+    world.assert_equal()
+    # a full load that swaps tables reports what it removed too
+    world.mysql("INSERT INTO wpp_contacts VALUES (999999, 'exatron', 'stray', 'x', NULL, 0)", instance="exatron")
+    full = world.sync("--full", "--instance", "exatron")
+    contacts_table = full["instances"][0]["tables"]["wpp_contacts"]
+    assert contacts_table["method"] == "swap" and contacts_table["removed"] == 1
+    world.assert_equal()
+
+
+def test_a_prisma_url_with_another_schema_is_used_everywhere(pg_server, mariadb_server, tmp_path):
+    world = World(pg_server, mariadb_server, tmp_path, schema="crm")
+    setup = world.run("setup")
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert world.pg("SELECT to_regclass('crm.dbdeck_local_sync_deletes') IS NOT NULL")[0][0]
+    world.sync()
+    world.assert_equal()
+    contact = world.pg("SELECT id FROM contacts WHERE instance = 'acme' ORDER BY id LIMIT 1")[0][0]
+    world.pg("DELETE FROM chats WHERE contact_id = %s", (contact,))
+    world.pg("DELETE FROM contact_sectors WHERE contact_id = %s", (contact,))
+    # the application's own session may use another search_path: the capture trigger still works
+    with psycopg.connect(**{**world.pg_args(), "options": "-c search_path=public"}, autocommit=True) as c:
+        c.execute("DELETE FROM crm.contacts WHERE id = %s", (contact,))
+    result = world.sync()
+    acme = next(o for o in result["instances"] if o["instance"] == "acme")["tables"]
+    assert acme["wpp_contacts"]["removed"] == 1 and acme["wpp_contacts"]["mode"] == "incremental"
     world.assert_equal()
 
 
@@ -290,6 +344,7 @@ def test_one_tenant_down_or_refusing_the_password_does_not_stop_the_others(world
     assert {o["instance"]: o["status"] for o in result["instances"]}["exatron"] == "ok"
     assert "Falha em 2 de 4 instância(s)" in done.stderr
     assert "wrong-tenant-pw" not in done.stdout + done.stderr and world.maria.password not in done.stderr
+    assert "(using password: YES)" in done.stdout + done.stderr  # the driver's message whole, only secrets masked
     world.assert_equal()
 
 
@@ -432,6 +487,10 @@ def test_english_summary_and_unknown_instance(world):
     assert done.returncode == 0, done.stderr
     assert "[LocalSync] Summary: 500 contacts," in done.stdout
     assert "[LocalSync] Syncing contact sectors for: acme" in done.stdout
+    typo = world.run("--instance", "acmee")
+    assert typo.returncode == 2 and "no instance 'acmee' (known: exatron, acme)" in typo.stderr, typo.stderr
+    databases = world.mysql("SHOW DATABASES LIKE %s", (world.tenant_db("acmee"),), database=None)
+    assert databases == ()
 
 
 def test_bad_configuration_is_a_clear_error_and_changes_nothing(world):

@@ -78,6 +78,9 @@ def test_setup_captures_deletions_by_key_columns_and_notifies_for_every_source_t
     text = " ".join(str(statement.as_string(None)) if isinstance(statement, psycopg.sql.Composable) else statement
                     for statement in setup_statements(settings().tables))
     assert "AFTER DELETE ON \"public\".\"contact_sectors\" REFERENCING OLD TABLE AS old_rows" in text
-    assert "dbdeck_local_sync_capture('contact_id', 'sector_id')" in text
+    assert "\"public\".dbdeck_local_sync_capture('contact_id', 'sector_id')" in text
     for table in ("contacts", "contact_sectors", "chats"):
-        assert f'ON "public"."{table}" FOR EACH STATEMENT EXECUTE FUNCTION dbdeck_local_sync_notify()' in text
+        assert f'ON "public"."{table}" FOR EACH STATEMENT EXECUTE FUNCTION "public".dbdeck_local_sync_notify()' in text
+    in_crm = " ".join(statement.as_string(None) for statement in setup_statements(settings().tables, "crm"))
+    assert 'AFTER DELETE ON "crm"."contact_sectors"' in in_crm and 'INSERT INTO "crm"."dbdeck_local_sync_deletes"' in in_crm
+    assert '"public"' not in in_crm
