@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import textwrap
 from pathlib import Path
 
 import psycopg
@@ -661,3 +662,49 @@ def test_a_tenant_server_that_never_answers_fails_that_tenant_within_connect_tim
         f"password_file: {tmp_path}/maria.pw, connect_timeout: 2}}\n")
     endpoints = dbdeck_bin("--config", tmp_path / "endpoints.yaml", "endpoints", timeout=90)
     assert endpoints.returncode == 1 and "did not answer within 2s (connect_timeout)" in endpoints.stdout
+
+
+def _readme_prisma_tables():
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("A Prisma schema with its defaults")
+    block = re.search(r"```yaml\n(.*?)```", readme[start:], re.S).group(1)
+    return yaml.safe_load(textwrap.dedent(block))["local_sync"]["tables"]
+
+
+def test_the_readmes_prisma_camelcase_mapping_works(world):
+    # the sample schema as Prisma names it by default: model-named tables, camelCase columns
+    world.pg('ALTER TABLE contacts RENAME TO "Contact"; '
+             'ALTER TABLE "Contact" RENAME COLUMN customer_id TO "customerId"; '
+             'ALTER TABLE "Contact" RENAME COLUMN deleted_at TO "deletedAt"; '
+             'ALTER TABLE "Contact" RENAME COLUMN updated_at TO "updatedAt"; '
+             'ALTER TABLE contact_sectors RENAME TO "ContactSector"; '
+             'ALTER TABLE "ContactSector" RENAME COLUMN contact_id TO "contactId"; '
+             'ALTER TABLE "ContactSector" RENAME COLUMN sector_id TO "sectorId"; '
+             'ALTER TABLE "ContactSector" RENAME COLUMN updated_at TO "updatedAt"')
+    tables = _readme_prisma_tables()
+    world.write_config("  tables:\n" + textwrap.indent(yaml_dump(tables), "    "))
+    setup = world.run("setup")
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    world.sync()
+    contacts = world.pg('SELECT count(*) FROM "Contact" WHERE instance = %s', ("acme",))[0][0]
+    assert world.mysql("SELECT COUNT(*) FROM wpp_contacts", instance="acme")[0][0] == contacts
+    pair = world.pg('SELECT cs."contactId", cs."sectorId" FROM "ContactSector" cs JOIN "Contact" c '
+                    'ON c.id = cs."contactId" WHERE c.instance = %s LIMIT 1', ("acme",))[0]
+    world.pg('DELETE FROM "ContactSector" WHERE "contactId" = %s AND "sectorId" = %s', pair)
+    world.pg('UPDATE "Contact" SET name = %s, "updatedAt" = now() WHERE id = %s', ("Camel", pair[0]))
+    result = world.sync("--instance", "acme")
+    acme = result["instances"][0]["tables"]
+    assert acme["wpp_contact_sectors"]["removed"] == 1 and acme["wpp_contacts"]["rows"] == 1
+    assert world.mysql("SELECT name FROM wpp_contacts WHERE id = %s", (pair[0],), instance="acme") == (("Camel",),)
+    assert world.mysql("SELECT COUNT(*) FROM wpp_contact_sectors WHERE contact_id = %s AND sector_id = %s", pair,
+                       instance="acme")[0][0] == 0
+
+
+def yaml_dump(data):
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, width=200)
