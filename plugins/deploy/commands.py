@@ -97,7 +97,8 @@ def lock():
 
 @lock.command("acquire")
 @_env_option()
-@click.option("--reason", default="manual", help="Recorded in the lock as what is going on.")
+@click.option("--message", "-m", "--reason", "reason", default=None, metavar="TEXT",
+              help="Why the lock is held; deploys that fail on it show this (e.g. 'migrating the db, ask ana').")
 @click.pass_context
 @pass_app
 def lock_acquire(app, ctx, environment, reason):

@@ -295,6 +295,9 @@ class Deployment:
         return None
 
     def _health_check(self):
+        if not self.profile.health_url:
+            self.say(f"No health_url for {self.context.environment}: only the container running is checked "
+                     f"(set deploy.environments.{self.context.environment}.health_url)")
         problem = check_health(self.context, self.server)
         if problem:
             self.say("Health check failed! Initiating rollback..." if self.profile.rollback else "Health check failed!")
@@ -312,7 +315,9 @@ class Deployment:
             return
         server.tag(f"{server.image()}:latest", self.version)
         history = [h for h in state.get("history", []) if h.get("version") != self.version]
-        history.insert(0, {"version": self.version, "image_id": built, "deployed_at": iso_now(), "by": who()})
+        # "previous" is what served before this version: the target of a rollback from it, by hand or not
+        history.insert(0, {"version": self.version, "image_id": built, "deployed_at": iso_now(), "by": who(),
+                           "previous": self.previous})
         pruned = self._prune(history)
         state.update(current=self.version, environment=self.context.environment,
                      history=[h for h in history if h["version"] not in pruned])
@@ -325,8 +330,10 @@ class Deployment:
                                       details=self._details("succeeded")))
 
     def _prune(self, history):
+        """Keep the newest versions_keep versions, and always the one a rollback would return to."""
         keep = self.profile.versions_keep
-        pruned = [h["version"] for h in history[keep:]]
+        protected = {self.version, self.previous}
+        pruned = [h["version"] for h in history[keep:] if h["version"] not in protected]
         for version in pruned:
             self.server.remove_tag(version)
         return pruned
@@ -359,7 +366,10 @@ class Deployment:
                         else "")
         if problem.startswith("migrations"):
             self.say("Rollback completed. Please check migrations manually.")
-        self.hooks.run("post-rollback", self._hook_variables(outcome, reason=problem), must_succeed=False)
+        # post-rollback gets the same variables by hand or automatic: VERSION is what serves now,
+        # PREVIOUS_VERSION the one rolled away from (here the version that failed)
+        self.hooks.run("post-rollback", hook_variables(self.context, self.previous, self.version, outcome, problem),
+                       must_succeed=False)
         self._notify_failure("deploy.rolled_back",
                              f"{self.context.environment}: {self.version} failed ({problem}); rolled back to "
                              f"{self.previous}" + ("" if healthy else ", which is NOT healthy either"))

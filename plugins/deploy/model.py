@@ -27,7 +27,7 @@ SEED_ENVIRONMENT = {
 
 # rsync never sends these, whatever a profile lists: secrets stay on the server, and dbdeck's own
 # state and the backups must survive a staging `--delete`.
-ALWAYS_EXCLUDED = (".env", ".env.*", "backups", ".dbdeck")
+ALWAYS_EXCLUDED = (".env", ".env.*", "backups", ".dbdeck", ".git")
 
 SEED_EXCLUDES_PRODUCTION = ["node_modules", "dist", ".env", ".env.*", "coverage", "backups", "certbot",
                             "*.test.ts", "src/test", "logs", "uploads"]
@@ -84,6 +84,8 @@ class Profile(Section):
     """One environment. Unset server keys (host, user, path...) come from `deploy.server`."""
 
     branch: str | None = None
+    # the port the app listens on, on the server: without health_url, the health check is
+    # GET http://localhost:PORT/api/health run on the server (the seed's path)
     port: PositiveInt | None = None
     container: ContainerName
     service: str = "backend"
@@ -143,14 +145,18 @@ class Profile(Section):
     def _health(self):
         if self.health_url and not re.match(r"^https?://[^/\s]+", self.health_url):
             raise ValueError(f"health_url must be an http(s) URL, got {self.health_url!r}")
+        if not self.health_url and self.port:
+            # the app's own port on its own server, with the seed's path: never a URL outside this config
+            self.health_url = f"http://localhost:{self.port}/api/health"
+            if "health_from" not in self.model_fields_set:
+                self.health_from = "server"
         return self
 
 
 SEED_PROFILES = {
     "production": dict(branch="main", port=3001, container="crm-backend", compose_file="docker-compose.production.yml",
                        backup=True, backup_required=True, rollback=True, health_attempts=30, health_interval=5,
-                       health_url="https://api.botreserva.com.br/api/health", health_from="runner",
-                       rsync_delete=False, excludes=SEED_EXCLUDES_PRODUCTION, image="deploy-backend-backend"),
+                       rsync_delete=False, excludes=SEED_EXCLUDES_PRODUCTION),
     # the seed does not name staging's compose file; docker-compose.yml is a guess, set compose_file
     "staging": dict(branch="develop", port=3002, container="crm-backend-dev", compose_file="docker-compose.yml",
                     backup=False, backup_required=False, rollback=False, health_attempts=20, health_interval=5,

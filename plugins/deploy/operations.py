@@ -62,7 +62,13 @@ def rollback_command(app, environment, version):
 
 
 def _previous_version(state, current):
-    versions = [h["version"] for h in state.get("history", [])]
+    """What served before the current version (recorded when it was deployed: the same version the
+    automatic rollback returns to), else the next older one kept."""
+    history = state.get("history", [])
+    versions = [h["version"] for h in history]
+    entry = next((h for h in history if h.get("version") == current), None)
+    if entry and entry.get("previous") in versions and entry["previous"] != current:
+        return entry["previous"]
     if current in versions:
         older = versions[versions.index(current) + 1:]
         return older[0] if older else None
@@ -107,8 +113,8 @@ def lock_command(app, environment, action, reason=None):
     with _server(app, environment, reads_only=action == "status") as (context, server):
         if action == "acquire":
             token = random_tokens.token_hex(8)
-            server.acquire_lock(reason or "manual", token)
-            app.emit({"locked": True, "environment": environment, "by": who()},
+            server.acquire_lock("manual", token, message=reason)
+            app.emit({"locked": True, "environment": environment, "by": who(), "message": reason},
                      f"deploy lock on {server.target.describe()} taken by {who()}; release it with: "
                      f"deploy lock release --env {environment}")
         elif action == "release":

@@ -52,6 +52,7 @@ class Server:
         # a deploy's dry run runs nothing on the server, not even reads; status and lists do read
         self.probe_in_dry_run = probe_in_dry_run
         self._compose = None
+        self._image = None
 
     @property
     def dry_run(self):
@@ -62,9 +63,9 @@ class Server:
 
     # --- lock -------------------------------------------------------------------------------------
 
-    def acquire_lock(self, version, token):
+    def acquire_lock(self, version, token, message=None):
         record = json.dumps({"token": token, "by": who(), "started": iso_now(), "version": version,
-                             "environment": self.environment})
+                             "environment": self.environment, **({"message": message} if message else {})})
         # noclobber makes the shell create the file with O_EXCL: of two deploys, exactly one wins
         result = self.sh(f"mkdir -p {STATE_DIR} && if (set -C; cat > {LOCK_FILE}) 2>/dev/null; then echo acquired; "
                          f"else echo held; cat {LOCK_FILE}; fi", stdin=record + "\n")
@@ -124,8 +125,13 @@ class Server:
 
     def _detect_compose(self):
         wanted = self.profile.compose_command
-        if self.dry_run:
-            return (["docker-compose"] if wanted == "docker-compose" else ["docker", "compose"]), 2
+        if self.dry_run and not self.probe_in_dry_run:
+            if wanted == "auto":  # a dry run does not connect: say which the real run picks, and how
+                self.target.runner.say("compose_command auto: the commands below show `docker compose` (v2); "
+                                       "the real run uses `docker-compose` (v1) where the server has no compose "
+                                       "plugin. Set compose_command to see the exact one.")
+            return (["docker-compose"] if wanted == "docker-compose" else ["docker", "compose"]), \
+                (1 if wanted == "docker-compose" else 2)
         candidates = [["docker", "compose"], ["docker-compose"]]
         if wanted != "auto":
             candidates = [wanted.split()]
@@ -139,14 +145,42 @@ class Server:
                           f"install docker-compose (v1) or the compose plugin (v2)")
 
     def image(self):
-        """The image repository compose builds for the service."""
+        """The image repository compose builds for the service: `image:` in dbdeck's profile, else what
+        compose itself says (`compose config`: the service's `image:` with the server's .env applied,
+        or v2's project name), else compose's naming rule for the version found (v1 `<project>_<service>`,
+        v2 `<project>-<service>`)."""
         if self.profile.image:
             return self.profile.image
+        if self._image is None:
+            named, project = self._ask_compose()
+            if named:
+                self._image = named
+                return named
+            project = project or self.profile.compose_project or self.target.path.rstrip("/").rsplit("/", 1)[-1]
+            project = re.sub(r"[^a-z0-9_-]", "", project.lower())
+            # a guess is not remembered: before the first rsync compose has no file to answer from
+            return f"{project}{'_' if self._compose[1] == 1 else '-'}{self.profile.service}"
+        return self._image
+
+    def _ask_compose(self):
+        """(the service's image repository, the project name) from `compose config`; None where unknown."""
         if self._compose is None:
             self._compose = self._detect_compose()
-        project = self.profile.compose_project or self.target.path.rstrip("/").rsplit("/", 1)[-1]
-        project = re.sub(r"[^a-z0-9_-]", "", project.lower())
-        return f"{project}{'_' if self._compose[1] == 1 else '-'}{self.profile.service}"
+        result = self.sh(f"{self.compose()} config 2>/dev/null", read_only=True, check=False)
+        if result.returncode != 0 or not result.stdout.strip():
+            return None, None
+        import yaml
+
+        try:
+            data = yaml.safe_load(result.stdout) or {}
+        except yaml.YAMLError:
+            return None, None
+        service = ((data.get("services") or {}).get(self.profile.service)) or {}
+        image = service.get("image") if isinstance(service, dict) else None
+        if image:
+            repository, _, tag = image.rpartition(":")
+            image = repository if repository and "/" not in tag else image
+        return image or None, data.get("name")
 
     def container_image_id(self):
         result = self.sh(f"docker inspect -f '{{{{.Image}}}}' {quote(self.profile.container)} 2>/dev/null || true",
@@ -296,6 +330,10 @@ def describe_holder(text_or_holder):
         return "unknown holder (empty lock file)"
     if "raw" in holder:
         return holder["raw"]
-    return (f"{holder.get('by', '?')}, deploying {holder.get('version', '?')} to {holder.get('environment', '?')} "
-            f"since {holder.get('started', '?')}")
+    if holder.get("version") == "manual":
+        what = f"holding {holder.get('environment', '?')} by hand"
+    else:
+        what = f"deploying {holder.get('version', '?')} to {holder.get('environment', '?')}"
+    message = f": {holder['message']}" if holder.get("message") else ""
+    return f"{holder.get('by', '?')}, {what} since {holder.get('started', '?')}{message}"
 

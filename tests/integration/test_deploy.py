@@ -166,6 +166,14 @@ def test_dry_run_prints_every_remote_command_and_changes_nothing(world):
         assert expected in out, f"{expected!r} missing from the dry run:\n{out}"
     assert "runner-secret" not in out
     assert "would notify: deploy.succeeded" in out and not world.events.exists()
+    assert "the real run uses `docker-compose` (v1) where the server has no compose plugin" in out
+    pinned = yaml.safe_load(world.config.read_text())
+    pinned["deploy"]["environments"]["production"]["compose_command"] = "docker-compose"
+    (world.root / "pinned.yaml").write_text(yaml.safe_dump(pinned))
+    exact = world.run_bin("--env", "production", "--version", "v0-dry", "--dry-run", "--config",
+                          world.root / "pinned.yaml", command="deploy", env={"GITHUB_SHA": ""}, timeout=300)
+    assert exact.returncode == 0 and "docker-compose -f docker-compose.yml build backend" in _out(exact), _out(exact)
+    assert "docker compose" not in _out(exact)
 
 
 def test_first_deploy_says_rollback_is_impossible_then_serves(world):
@@ -186,6 +194,9 @@ def test_first_deploy_says_rollback_is_impossible_then_serves(world):
 
 
 def test_second_deploy_serves_v2_keeps_v1_and_never_sends_env(world):
+    subprocess.run(["git", "init", "-q", "-b", "main", str(world.source)], check=True)
+    subprocess.run(["git", "-C", str(world.source), "remote", "add", "origin", "https://token@git.example/x"],
+                   check=True)
     result = world.deploy("v2")
     assert result.returncode == 0, _out(result)
     assert "First deploy" not in _out(result)
@@ -193,6 +204,7 @@ def test_second_deploy_serves_v2_keeps_v1_and_never_sends_env(world):
     assert world.tags() == ["latest", "v1", "v2"]
     assert (world.path / ".env").read_text() == world.server_env
     assert not (world.path / ".env.local").exists()
+    assert not (world.path / ".git").exists()  # the repository's history and remotes stay on the runner
     assert (world.path / "app.py").read_text() == (APP / "app.py").read_text()
     backups = world.backups()
     assert len(backups) == 2 and all(b.startswith("pre-deploy-") and b.endswith(".sql") for b in backups)
@@ -224,7 +236,9 @@ def test_failing_migration_rolls_back_to_v2(world):
     assert events[-1]["kind"] == "deploy.rolled_back" and events[-1]["severity"] == "critical"
     assert events[-1]["details"]["version"] == "v3" and events[-1]["details"]["previous"] == "v2"
     hook_env = (world.root / "rollback.env").read_text()
-    assert "DBDECK_DEPLOY_VERSION=v3" in hook_env and "DBDECK_DEPLOY_PREVIOUS_VERSION=v2" in hook_env
+    # the same meaning as after a manual rollback: VERSION serves now, PREVIOUS_VERSION was rolled away from
+    assert "DBDECK_DEPLOY_VERSION=v2" in hook_env and "DBDECK_DEPLOY_PREVIOUS_VERSION=v3" in hook_env
+    assert "DBDECK_DEPLOY_OUTCOME=rolled_back" in hook_env
 
 
 def test_never_healthy_rolls_back_and_shows_the_logs(world):
@@ -240,7 +254,7 @@ def test_never_healthy_rolls_back_and_shows_the_logs(world):
 
 
 def test_lock_refuses_a_second_deploy_until_released(world):
-    taken = world.run("lock", "acquire", "--env", "production", "--reason", "db maintenance")
+    taken = world.run("lock", "acquire", "--env", "production", "--message", "db maintenance")
     assert taken.returncode == 0, _out(taken)
     refused = world.deploy("v5")
     assert refused.returncode == 75, _out(refused)
@@ -291,6 +305,13 @@ def test_old_versions_are_pruned_to_three_and_rollback_command(world):
     missing = world.run("rollback", "v1", "--env", "production")
     assert missing.returncode == 1 and "v1 is not on the server" in missing.stderr
     assert world.serving() == "v5"
+    # a deploy after a rollback: rolling back returns to what served before it (v5), not to v7
+    result = world.deploy("v7b")
+    assert result.returncode == 0, _out(result)
+    assert "v5" in world.tags()  # kept through pruning: it is the rollback target
+    back = world.run("rollback", "--env", "production")
+    assert back.returncode == 0, _out(back)
+    assert world.serving() == "v5" and world.state()["current"] == "v5"
 
 
 def test_backup_retention_keeps_exactly_five(world):
@@ -421,3 +442,32 @@ def test_an_image_deployed_by_the_seed_scripts_is_adopted_for_rollback(seed_serv
     assert seed_server.serving() == "seed-built"
     adopted = seed_server.state()["current"]
     assert adopted.startswith("pre-dbdeck-") and adopted in seed_server.tags()
+
+
+def _without_dbdeck_image(world):
+    config = yaml.safe_load(world.config.read_text())
+    for profile in config["deploy"]["environments"].values():
+        profile.pop("image")
+    world.config.write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.parametrize("compose_names_it", [True, False], ids=["compose-image", "compose-v1-default-name"])
+def test_the_built_image_is_the_one_compose_names(tmp_path, sshd, app_database, dbdeck_bin_module, compose_names_it):
+    require("docker-compose", "docker-compose")
+    world = World(tmp_path, sshd, app_database, dbdeck_bin_module, f"named{int(compose_names_it)}", target="local")
+    _without_dbdeck_image(world)
+    if not compose_names_it:
+        compose = world.source / "docker-compose.yml"
+        compose.write_text(compose.read_text().replace("    image: ${APP_IMAGE}\n", ""))
+        world.image = "deploy-backend_backend"  # docker-compose v1: <project>_<service>, project = the directory
+    try:
+        for version in ("n1", "n2"):
+            result = world.deploy(version)
+            assert result.returncode == 0, _out(result)
+            assert world.serving() == version
+        assert world.tags() == ["latest", "n1", "n2"]
+        back = world.run("rollback", "--env", "production")
+        assert back.returncode == 0, _out(back)
+        assert world.serving() == "n1"
+    finally:
+        world.remove()

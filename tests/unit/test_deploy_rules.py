@@ -30,6 +30,12 @@ def test_yaml_profile_is_merged_over_the_seed_profile(tmp_path):
     assert production.health_attempts == 10 and production.container == "crm-backend" and production.rollback
     assert deploy.profile("qa").container == "crm-backend-qa" and not deploy.profile("qa").backup
     assert deploy.names() == ["production", "qa", "staging"]
+    # no default reaches outside the config: the seed's public URL is gone, the app's own port is used
+    assert (production.health_url, production.health_from) == ("http://localhost:3001/api/health", "server")
+    assert production.image is None  # asked from compose at deploy time, not guessed
+    assert deploy.profile("qa").health_url == "http://localhost:3003/api/health"
+    own = _config(tmp_path, "deploy:\n  environments:\n    production:\n      health_url: https://app.example/h\n")
+    assert own.section("deploy").profile("production").health_from == "runner"
 
 
 @pytest.mark.parametrize("text, key", [
@@ -220,3 +226,8 @@ def test_lock_holder_description_and_previous_version():
     assert _previous_version(state, "v3") == "v2"
     assert _previous_version(state, "v2") == "v1"
     assert _previous_version(state, "v1") is None
+    # deploy v1, v2, rollback -> v1, deploy v3: rolling back from v3 returns to v1, what served before it
+    after = {"history": [{"version": "v3", "previous": "v1"}, {"version": "v2", "previous": "v1"},
+                         {"version": "v1", "previous": None}]}
+    assert _previous_version(after, "v3") == "v1"
+    assert _previous_version(after, "v2") == "v1"
