@@ -72,8 +72,7 @@ def webhook_relay(app, listen, primary, mirror, mirror_timeout_ms, no_mirror):
     except OSError as exc:
         raise UsageError(f"cannot listen on {settings.listen}: {exc.strerror or exc}") from None
     host, port = server.server_address[:2]
-    log.info("%s", plan.replace(f"{address[0]}:{address[1]}", f"{host}:{port}"))
-    click.echo(plan.replace(f"{address[0]}:{address[1]}", f"{host}:{port}"), err=True)
+    log.info("%s; health at %s", plan.replace(f"{address[0]}:{address[1]}", f"{host}:{port}"), settings.health_path)
 
     def stop(signum, _frame):
         log.info("webhook-relay stopping (signal %d)", signum)

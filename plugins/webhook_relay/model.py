@@ -43,6 +43,27 @@ class WebhookRelay(Section):
     mirror_workers: int = 4
     max_body_bytes: int = 10 * 1024 * 1024
     log_dir: str | None = None
+    # what the seed mirrors: webhook deliveries (POST). A GET (Meta's hub.challenge verification, a
+    # load balancer's probe) is answered by the primary only.
+    mirror_methods: list[str] = ["POST"]
+    # answered by the relay itself, never forwarded: 200 while it serves (for Docker/systemd/LB checks)
+    health_path: str = "/-/relay-health"
+
+    @field_validator("mirror_methods")
+    @classmethod
+    def _methods(cls, value):
+        methods = [m.upper() for m in value]
+        unknown = sorted(set(methods) - {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+        if unknown:
+            raise ValueError(f"not HTTP methods: {', '.join(unknown)}")
+        return methods
+
+    @field_validator("health_path")
+    @classmethod
+    def _path(cls, value):
+        if not value.startswith("/") or any(c.isspace() for c in value):
+            raise ValueError("health_path is a URL path starting with /")
+        return value
 
     @field_validator("primary", "mirror")
     @classmethod

@@ -8,6 +8,7 @@ dev environment", "Dev environment unavailable for webhook replication". Bodies 
 """
 
 import http.client
+import json
 import logging
 import queue
 import socket
@@ -67,6 +68,7 @@ class Mirror:
         self.target = target
         self.timeout = timeout_ms / 1000
         self.pending = queue.Queue(maxsize=queue_size)
+        self.dropped = 0
         self.workers = [threading.Thread(target=self._work, daemon=True, name=f"mirror-{n}") for n in range(workers)]
 
     def start(self):
@@ -80,6 +82,7 @@ class Mirror:
         try:
             self.pending.put_nowait((method, path, body, kept))
         except queue.Full:
+            self.dropped += 1
             log.warning("Failed to replicate webhook to dev environment: %d copies already waiting, this one dropped",
                         self.pending.qsize())
 
@@ -138,11 +141,14 @@ class RelayHandler(BaseHTTPRequestHandler):
 
     def _relay(self):
         started = time.monotonic()
+        if self.path.split("?", 1)[0] == self.server.settings.health_path and self.command in ("GET", "HEAD"):
+            self._health()
+            return
         body = self._read_body()
         if body is None:
             return
         headers = {name: value for name, value in self.headers.items() if name.lower() not in HOP_BY_HOP}
-        if self.server.mirror is not None:
+        if self.server.mirror is not None and self.command in self.server.settings.mirror_methods:
             self.server.mirror.submit(self.command, self.path, body, headers)
         forwarded = self.headers.get("X-Forwarded-For")
         headers["X-Forwarded-For"] = f"{forwarded}, {self.client_address[0]}" if forwarded else self.client_address[0]
@@ -183,6 +189,14 @@ class RelayHandler(BaseHTTPRequestHandler):
         self._answer(413, "Payload Too Large", [("Content-Type", "text/plain")],
                      f"body larger than {limit} bytes\n".encode())
         return None
+
+    def _health(self):
+        mirror = self.server.mirror
+        report = {"status": "ok", "primary": self.server.primary.url,
+                  "mirror": mirror.target.url if mirror else None,
+                  "mirror_waiting": mirror.pending.qsize() if mirror else 0,
+                  "mirror_dropped": mirror.dropped if mirror else 0}
+        self._answer(200, "OK", [("Content-Type", "application/json")], json.dumps(report).encode())
 
     def _answer(self, status, reason, headers, body):
         self.send_response_only(status, reason)

@@ -51,6 +51,8 @@ class RecordingHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(answer)
 
+    do_GET = do_POST  # noqa: N815
+
     def log_message(self, *args):
         pass
 
@@ -207,3 +209,25 @@ def test_dbdeck_status_sees_the_relay_alive_killed_and_stopped(relay, tmp_path):
         again.wait(10)
     code, rows = services()
     assert code == 0 and rows[name]["state"] == "stopped"
+
+
+def test_only_deliveries_are_mirrored_the_relay_answers_its_health_and_says_it_started_once(relay):
+    primary, mirror = Recorder(), Recorder()
+    url, process, _ = relay("--primary", primary.url, "--mirror", mirror.url)
+    with urllib.request.urlopen(url + "/webhooks/whatsapp?hub.mode=subscribe&hub.challenge=42", timeout=10) as got:
+        assert got.status == 200  # the verification GET reaches the primary
+    with urllib.request.urlopen(url + "/api/health", timeout=10) as got:
+        assert got.status == 200
+    assert [r["path"] for r in primary.requests] == ["/webhooks/whatsapp?hub.mode=subscribe&hub.challenge=42",
+                                                     "/api/health"]
+    post(url)
+    wait_for(lambda: mirror.requests, timeout=10)
+    time.sleep(0.5)
+    assert [r["path"] for r in mirror.requests] == ["/webhooks/whatsapp?x=1"]  # the POST only
+    with urllib.request.urlopen(url + "/-/relay-health", timeout=10) as got:
+        health = json.loads(got.read())
+    assert health["status"] == "ok" and health["mirror_dropped"] == 0
+    assert len(primary.requests) == 3  # the relay's own health never reaches the primary
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=15)
+    assert err.count("webhook-relay on http://") == 1, err
