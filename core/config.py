@@ -239,6 +239,17 @@ def load(explicit=None, sections=(), environ=None):
                 if shell.get(variable) not in (None, ""):
                     shell_overrides.append(variable)
 
+    # every section and endpoint is checked, and every problem is reported (one line each), in the
+    # file's order: fixing a config should not take one run per mistake
+    problems = []
+
+    def checked(model, value, key_path):
+        try:
+            return _validate(model, value, key_path, where)
+        except ConfigError as exc:
+            problems.extend(str(exc).splitlines())
+            return None
+
     validated = {}
     for name, spec in all_sections.items():
         if spec is None:
@@ -247,20 +258,31 @@ def load(explicit=None, sections=(), environ=None):
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{where.at((name,))}: {name}: expected a mapping of settings, got {_kind(value)}")
-        validated[name] = _validate(spec.model, value, (name,), where)
+            problems.append(f"{where.at((name,))}: {name}: expected a mapping of settings, got {_kind(value)}")
+            continue
+        validated[name] = checked(spec.model, value, (name,))
 
     endpoints_raw = raw.get("endpoints") or {}
-    if not isinstance(endpoints_raw, dict):
-        raise ConfigError(f"{where.at(('endpoints',))}: endpoints: expected a mapping of name -> endpoint, "
-                          f"got {_kind(endpoints_raw)}")
     endpoints = {}
+    if not isinstance(endpoints_raw, dict):
+        problems.append(f"{where.at(('endpoints',))}: endpoints: expected a mapping of name -> endpoint, "
+                        f"got {_kind(endpoints_raw)}")
+        endpoints_raw = {}
     for name, value in endpoints_raw.items():
         if not isinstance(value, dict):
-            raise ConfigError(f"{where.at(('endpoints', name))}: endpoints.{name}: expected a mapping "
-                              f"(dsn/host/container/...), got {_kind(value)}")
-        endpoints[name] = _validate(EndpointConfig, value, ("endpoints", name), where)
+            problems.append(f"{where.at(('endpoints', name))}: endpoints.{name}: expected a mapping "
+                            f"(dsn/host/container/...), got {_kind(value)}")
+            continue
+        endpoints[name] = checked(EndpointConfig, value, ("endpoints", name))
+    if problems:
+        raise ConfigError("\n".join(sorted(dict.fromkeys(problems), key=_line_of)))
     return Config(path, validated, endpoints, given, shell_overrides, sources)
+
+
+def _line_of(problem):
+    """Sort key: a problem's line in the file ('path:12: ...'), problems without one last."""
+    match = re.match(r"^.*?:(\d+): ", problem)
+    return int(match.group(1)) if match else 1 << 30
 
 
 def validate_model(model, value, key_path, where=None):

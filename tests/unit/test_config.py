@@ -214,3 +214,13 @@ def test_a_relative_password_file_is_relative_to_the_config_file(tmp_path, monke
     cfg = config.load(str(path), (), environ={})
     assert cfg.endpoints["db"].password.get_secret_value() == "s3cret"
     assert cfg.endpoints["db"].password_file == tmp_path / "conf" / "pw"
+
+
+def test_every_problem_in_every_section_is_reported_once_each_in_file_order(tmp_path):
+    path = write(tmp_path, "endpoints:\n  prod: {port: notaport}\n  dev: [x]\nsync:\n  batch_size: lots\n"
+                           "dbdeck:\n  run_dir: [1]\n")
+    with pytest.raises(ConfigError) as raised:
+        load(path)
+    lines = str(raised.value).splitlines()
+    assert [line.split(":")[1] for line in lines] == ["2", "3", "5", "7"], lines
+    assert "endpoints.prod.port" in lines[0] and "endpoints.dev" in lines[1] and "sync.batch_size" in lines[2]
