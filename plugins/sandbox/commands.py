@@ -18,7 +18,7 @@ def _sandbox(app, directory):
 
 @click.group("sandbox")
 def sandbox():
-    """Throwaway local servers: PostgreSQL prod and dev, a primary+standby pair, a MariaDB tenant.
+    """Throwaway local servers: PostgreSQL prod and dev, a replication pair, a MariaDB tenant.
 
     `up` writes DIR/dbdeck.yaml pointing at them; use it with --config to try any command safely.
     """
@@ -26,13 +26,22 @@ def sandbox():
 
 @sandbox.command("up")
 @dir_option
-@click.option("--only", multiple=True, type=click.Choice(["prod", "dev", "primary", "standby", "tenant"]),
+@click.option("--only", multiple=True,
+              type=click.Choice(["prod", "dev", "conecta-postgres", "conecta-postgres-replica", "tenant"]),
               help="Start only these servers (repeatable; default: all).")
 @click.option("--no-sample-data", is_flag=True, help="Leave the databases empty.")
+@click.option("--with-containers", is_flag=True,
+              help="Also run the seeds' containers crm-postgres and crm-postgres-dev (needs Docker and the "
+                   "dbdeck-base image: scripts/build-base-image), reached by `docker exec` as the seeds do.")
 @pass_app
-def up(app, directory, only, no_sample_data):
-    """Start the sandbox servers (idempotent: restarts stopped ones)."""
-    from .sandbox import COMPONENTS
+def up(app, directory, only, no_sample_data, with_containers):
+    """Start the sandbox servers (idempotent: restarts stopped ones).
+
+    Servers: PostgreSQL prod and dev (dev also holds crm_external, the other side of sync-databases),
+    the replication pair conecta-postgres and conecta-postgres-replica, a MariaDB tenant; with
+    --with-containers also the seeds' database containers. DIR/dbdeck.yaml points at all of them.
+    """
+    from .sandbox import COMPONENTS, CONTAINERS
 
     box = _sandbox(app, directory)
     if app.dry_run:
@@ -43,10 +52,13 @@ def up(app, directory, only, no_sample_data):
                 app.runner.say(f"would start {name} if stopped (127.0.0.1:{state['servers'][name]['port']})")
             else:
                 app.runner.say(f"would create and start {name}: {COMPONENTS[name][3]}, on a free 127.0.0.1 port")
+        if with_containers:
+            app.runner.say(f"would start containers {', '.join(c for c, _, _ in CONTAINERS.values())} "
+                           f"(docker compose project dbdeck-sandbox)")
         app.runner.say(f"would write {box.config_path} and passwords under {box.secrets_dir}")
         return
     box.up(components=tuple(only) or tuple(COMPONENTS), sample_data=not no_sample_data,
-           progress=lambda line: click.echo(f"sandbox: {line}", err=True))
+           progress=lambda line: click.echo(f"sandbox: {line}", err=True), with_containers=with_containers)
     _show(app, box.status())
 
 
@@ -88,8 +100,8 @@ def _show(app, result):
         for s in result["servers"]:
             state = "running" if s["running"] else "STOPPED"
             role = " (standby, read-only)" if s.get("in_recovery") else ""
-            lines.append(f"  {s['name']:<8} {s['kind']:<10} 127.0.0.1:{s['port']:<6} {s['database']:<16} "
-                         f"{state}{role}")
+            where = f"127.0.0.1:{s['port']}" if s["port"] else s["host"]
+            lines.append(f"  {s['name']:<25} {s['kind']:<10} {where:<18} {s['database']:<16} {state}{role}")
         return "\n".join(lines)
 
     app.emit(result, text)

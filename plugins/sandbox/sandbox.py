@@ -3,7 +3,8 @@
 Layout of the sandbox directory (default ./.dbdeck-sandbox):
 
     state.json        what runs where (ports, data dirs)
-    dbdeck.yaml       endpoints prod, dev, primary, standby, tenant (passwords by password_file)
+    dbdeck.yaml       endpoints prod, dev, conecta-postgres, conecta-postgres-replica, tenant
+                      (passwords by password_file)
     secrets/          generated passwords, 0600
     data/             server data directories (or a directory under /var/tmp when, as root,
                       the sandbox path is not traversable by the postgres/mysql users)
@@ -26,16 +27,31 @@ from .servers import MariaDBServer, PostgresServer, free_port, traversable_by_ot
 STATE_VERSION = 1
 REPLICATION_USER = "replicator"
 REPLICATION_SLOT = "replica_slot"
+# the pair is named as the seed names its containers, not by role: after a failover the "replica"
+# is the primary, and "primary rejoined as a standby of standby" would be nonsense
+FIRST_NODE, SECOND_NODE = "conecta-postgres", "conecta-postgres-replica"
+LEGACY_NAMES = {"primary": FIRST_NODE, "standby": SECOND_NODE}  # sandboxes made before the rename
 SAMPLE_DIR = Path(__file__).parent
 
 # name -> (kind, database, role, description)
 COMPONENTS = {
     "prod": ("postgresql", "crm_production", "production", "PostgreSQL 'prod' (CRM production database)"),
     "dev": ("postgresql", "crm_development", "development", "PostgreSQL 'dev' (CRM development database)"),
-    "primary": ("postgresql", "conecta_db", None, "streaming-replication primary"),
-    "standby": ("postgresql", "conecta_db", None, "hot standby of 'primary'"),
+    FIRST_NODE: ("postgresql", "conecta_db", None, "replication pair: starts as the primary"),
+    SECOND_NODE: ("postgresql", "conecta_db", None, f"replication pair: starts as a hot standby of {FIRST_NODE}"),
     "tenant": ("mysql", "tenant_exatron", None, "MariaDB tenant database (instance 'exatron')"),
 }
+DEFAULT_COMPONENTS = tuple(COMPONENTS)
+# a second database on dev's server: the "external" side (Neon in the seed) of sync-databases
+EXTERNAL_DATABASE = "crm_external"
+# the seeds' own way, `docker exec crm-postgres ...`: opt-in, it needs Docker and the dbdeck-base image
+CONTAINERS = {"prod-container": ("crm-postgres", "crm_production", "production"),
+              "dev-container": ("crm-postgres-dev", "crm_development", "development")}
+CONTAINERS_PROJECT = "dbdeck-sandbox"
+
+
+def _project(prefix):
+    return CONTAINERS_PROJECT + (f"-{prefix.strip('-_').lower()}" if prefix else "")
 
 
 def new_password():
@@ -54,7 +70,10 @@ class Sandbox:
 
     # --- state ----------------------------------------------------------------------------------
     def load_state(self):
-        return StateFile(self.state_path).read() or None
+        state = StateFile(self.state_path).read() or None
+        if state:
+            state["servers"] = {LEGACY_NAMES.get(name, name): info for name, info in state.get("servers", {}).items()}
+        return state
 
     def _save_state(self, state):
         StateFile(self.state_path).write(state)
@@ -78,7 +97,8 @@ class Sandbox:
         return MariaDBServer(info["datadir"], info["port"], self.runner)
 
     # --- up / status / down ---------------------------------------------------------------------
-    def up(self, components=tuple(COMPONENTS), sample_data=True, progress=lambda line: None):
+    def up(self, components=DEFAULT_COMPONENTS, sample_data=True, progress=lambda line: None,
+           with_containers=False):
         state = self.load_state()
         if state:
             for name in state["servers"]:
@@ -87,6 +107,10 @@ class Sandbox:
                     progress(f"starting {name} (port {state['servers'][name]['port']})")
                     server.start()
             missing = [c for c in components if c not in state["servers"]]
+            if with_containers and not state.get("containers"):
+                missing.append("the containers")
+            if state.get("containers"):
+                self._compose("up", "-d", state=state)
             if not missing:
                 return state
             raise DbdeckError(f"sandbox at {self.dir} exists without {', '.join(missing)}; "
@@ -100,13 +124,19 @@ class Sandbox:
         state = {"version": STATE_VERSION, "dir": str(self.dir), "data_root": str(data_root), "servers": {}}
         self._save_state(state)
         try:
-            for name in ("prod", "dev", "primary"):
-                if name in components or (name == "primary" and "standby" in components):
+            for name in ("prod", "dev", FIRST_NODE):
+                if name in components or (name == FIRST_NODE and SECOND_NODE in components):
                     self._up_postgres(name, data_root, state, progress)
-            if "standby" in components:
+            if SECOND_NODE in components:
                 self._up_standby(data_root, state, progress)
             if "tenant" in components:
                 self._up_mariadb(data_root, state, progress)
+            if "dev" in components:
+                self.server("dev", state).psql(f'CREATE DATABASE "{EXTERNAL_DATABASE}";')
+                state["external"] = {"server": "dev", "database": EXTERNAL_DATABASE}
+                self._save_state(state)
+            if with_containers:
+                self._up_containers(state, progress)
             self.write_config(state)
             if sample_data:
                 progress("loading sample data")
@@ -127,7 +157,7 @@ class Sandbox:
         server.start()
         database = COMPONENTS[name][1]
         server.psql(f'CREATE DATABASE "{database}";')
-        if name == "primary":
+        if name == FIRST_NODE:
             repl_password = new_password()
             self._write_secret(REPLICATION_USER, repl_password)
             server.psql(f"CREATE ROLE {REPLICATION_USER} WITH REPLICATION LOGIN PASSWORD '{repl_password}';\n"
@@ -138,18 +168,58 @@ class Sandbox:
         self._save_state(state)
 
     def _up_standby(self, data_root, state, progress):
-        primary = self.server("primary", state)
+        primary = self.server(FIRST_NODE, state)
         port = free_port()
-        progress(f"pg_basebackup standby of primary (PostgreSQL on 127.0.0.1:{port})")
-        standby = primary.make_standby(data_root / "standby", port, REPLICATION_USER,
+        progress(f"pg_basebackup {SECOND_NODE} from {FIRST_NODE} (PostgreSQL on 127.0.0.1:{port})")
+        standby = primary.make_standby(data_root / SECOND_NODE, port, REPLICATION_USER,
                                        self.password(REPLICATION_USER), slot=REPLICATION_SLOT,
-                                       socket_dir=data_root / "standby.run")
-        self._write_secret("standby", self.password("primary"))
+                                       socket_dir=data_root / f"{SECOND_NODE}.run")
+        self._write_secret(SECOND_NODE, self.password(FIRST_NODE))
         standby.start()
-        state["servers"]["standby"] = {"kind": "postgresql", "port": port, "datadir": str(standby.datadir),
-                                       "socket_dir": str(standby.socket_dir), "log": str(standby.log_path),
-                                       "database": COMPONENTS["standby"][1], "standby_of": "primary"}
+        state["servers"][SECOND_NODE] = {"kind": "postgresql", "port": port, "datadir": str(standby.datadir),
+                                         "socket_dir": str(standby.socket_dir), "log": str(standby.log_path),
+                                         "database": COMPONENTS[SECOND_NODE][1], "standby_of": FIRST_NODE}
         self._save_state(state)
+
+    def _compose(self, *args, check=True, state=None):
+        compose = ["docker", "compose"] if self.runner.run(["docker", "compose", "version"], check=False,
+                                                          read_only=True).ok else ["docker-compose"]
+        prefix = next(iter((state or self.load_state() or {}).get("containers", {}).values()), {}).get(
+            "prefix", os.environ.get("DBDECK_SANDBOX_CONTAINER_PREFIX", ""))
+        return self.runner.run([*compose, "-p", _project(prefix),
+                                "-f", str(SAMPLE_DIR / "containers.yml"), *args], check=check, timeout=300,
+                               env={"DBDECK_SANDBOX_CONTAINER_PREFIX": prefix})
+
+    def _up_containers(self, state, progress):
+        # DBDECK_SANDBOX_CONTAINER_PREFIX: a prefix for the names, so a sandbox can run beside the seed's
+        # own containers (or a test suite's)
+        prefix = os.environ.get("DBDECK_SANDBOX_CONTAINER_PREFIX", "")
+        names = {name: prefix + container for name, (container, _, _) in CONTAINERS.items()}
+        progress(f"docker containers {', '.join(names.values())} (the seeds' `docker exec` way)")
+        taken = [c for c in names.values()
+                 if self.runner.run(["docker", "inspect", "-f", "{{ index .Config.Labels \"com.docker.compose.project\" }}",
+                                     c], check=False, read_only=True).stdout.strip() not in ("", _project(prefix))]
+        if taken:
+            raise DbdeckError(f"container(s) {', '.join(taken)} exist and are not the sandbox's; remove them or "
+                              f"leave out --with-containers")
+        state["containers"] = {name: {"container": names[name], "database": db, "prefix": prefix}
+                               for name, (_, db, _) in CONTAINERS.items()}
+        self._save_state(state)
+        self._compose("up", "-d", state=state)
+        import time
+
+        for info in state["containers"].values():
+            container, database = info["container"], info["database"]
+            deadline = time.monotonic() + 60
+            while self._container_sql(container, "SELECT 1", check=False).returncode != 0:
+                if time.monotonic() > deadline:
+                    raise DbdeckError(f"container {container} did not accept connections within 60s")
+                time.sleep(0.3)
+            self._container_sql(container, f'CREATE DATABASE "{database}"')
+
+    def _container_sql(self, container, sql, database="postgres", check=True):
+        return self.runner.run(["docker", "exec", "-i", container, "psql", "-X", "-q", "-U", "postgres", "-d",
+                                database, "-v", "ON_ERROR_STOP=1"], stdin=sql, check=check, timeout=120)
 
     def _up_mariadb(self, data_root, state, progress):
         port = free_port()
@@ -171,9 +241,11 @@ class Sandbox:
         endpoints = {}
         for name, info in state["servers"].items():
             kind, database, role, _ = COMPONENTS[name]
+            secret = name if (self.secrets_dir / f"{name}.password").exists() else \
+                {v: k for k, v in LEGACY_NAMES.items()}.get(name, name)
             endpoint = {"kind": kind, "host": "127.0.0.1", "port": info["port"],
                         "user": "postgres" if kind == "postgresql" else "dbdeck",
-                        "password_file": str(self.secrets_dir / f"{name}.password"), "database": database}
+                        "password_file": str(self.secrets_dir / f"{secret}.password"), "database": database}
             if role:
                 endpoint["role"] = role
             endpoints[name] = endpoint
@@ -182,27 +254,42 @@ class Sandbox:
                   "endpoints": endpoints}
         if "prod" in endpoints and "dev" in endpoints:
             config["sync_prod_to_dev"] = {"source": "prod", "target": "dev"}
+        if state.get("external"):
+            external = dict(endpoints[state["external"]["server"]], database=state["external"]["database"])
+            external.pop("role", None)
+            endpoints["external"] = external
+            if "prod" in endpoints:
+                config["sync_databases"] = {"local": "prod", "external": "external", "tables": ["perfis"]}
+        for name, info in (state.get("containers") or {}).items():
+            endpoints[name] = {"container": info["container"], "user": "postgres", "database": info["database"],
+                               "role": CONTAINERS[name][2]}
         if "prod" in endpoints and "tenant" in endpoints:
             # the sample CRM data's instance 'exatron' lives in the MariaDB tenant database
             config["local_sync"] = {"source": "prod", "instances": [{"name": "exatron", "target": "tenant"}]}
-        if "primary" in endpoints and "standby" in endpoints:
+        if FIRST_NODE in endpoints and SECOND_NODE in endpoints:
             servers = state["servers"]
             config["replication"] = {
                 "nodes": {name: {"endpoint": name, "driver": "local", "data_dir": servers[name]["datadir"],
                                  "settings": {"port": servers[name]["port"],
                                               "unix_socket_directories": servers[name]["socket_dir"]}}
-                          for name in ("primary", "standby")},
-                "primary": "primary", "replication_user": REPLICATION_USER, "slot": REPLICATION_SLOT,
+                          for name in (FIRST_NODE, SECOND_NODE)},
+                "primary": FIRST_NODE, "replication_user": REPLICATION_USER, "slot": REPLICATION_SLOT,
                 "replication_password_file": str(self.secrets_dir / f"{REPLICATION_USER}.password"),
                 "log_dir": str(self.dir / "logs")}
         header = ("# Written by `dbdeck sandbox up`: throwaway servers on 127.0.0.1.\n"
-                  "# Use it with: dbdeck --config .dbdeck-sandbox/dbdeck.yaml <command>\n")
+                  f"# Use it with: dbdeck --config {self.config_path} <command>\n")
         self.config_path.write_text(header + yaml.safe_dump(config, sort_keys=False))
 
     def load_sample_data(self, state):
-        for name, script in (("prod", "sample_prod.sql"), ("dev", "sample_dev.sql"), ("primary", "sample_primary.sql")):
+        for name, script in (("prod", "sample_prod.sql"), ("dev", "sample_dev.sql"), (FIRST_NODE, "sample_primary.sql")):
             if name in state["servers"]:
                 self.server(name, state).psql((SAMPLE_DIR / script).read_text(), database=COMPONENTS[name][1])
+        if state.get("external"):
+            self.server(state["external"]["server"], state).psql(
+                (SAMPLE_DIR / "sample_external.sql").read_text(), database=state["external"]["database"])
+        for name, info in (state.get("containers") or {}).items():
+            script = "sample_prod.sql" if name == "prod-container" else "sample_dev.sql"
+            self._container_sql(info["container"], (SAMPLE_DIR / script).read_text(), database=info["database"])
 
     def status(self):
         state = self.load_state()
@@ -217,13 +304,22 @@ class Sandbox:
             if info["kind"] == "postgresql" and row["running"]:
                 row["in_recovery"] = server.psql("SELECT pg_is_in_recovery();").strip() == "t"
             rows.append(row)
+        for name, info in (state.get("containers") or {}).items():
+            running = self.runner.run(["docker", "inspect", "-f", "{{.State.Running}}", info["container"]],
+                                      check=False, read_only=True).stdout.strip() == "true"
+            rows.append({"name": name, "kind": "container", "host": info["container"], "port": None,
+                         "database": info["database"], "running": running,
+                         "description": f"docker exec {info['container']} (the seeds' way)"})
         return {"dir": str(self.dir), "config": str(self.config_path), "servers": rows}
 
     def down(self, progress=lambda line: None):
         state = self.load_state()
+        if state and state.get("containers"):
+            progress("removing the containers")
+            self._compose("down", "-v", check=False, state=state)
         if state:
             # standby first, so the primary's shutdown does not wait on a walsender
-            for name in sorted(state["servers"], key=lambda n: n != "standby"):
+            for name in sorted(state["servers"], key=lambda n: n != SECOND_NODE):
                 progress(f"stopping {name}")
                 try:
                     self.server(name, state).destroy()

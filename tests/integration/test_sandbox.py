@@ -15,11 +15,13 @@ def test_sandbox_up_status_down(dbdeck_bin, workdir):
     status = dbdeck_bin("sandbox", "status", "--dir", box, "--format", "json")
     assert status.returncode == 0, status.stderr
     servers = {s["name"]: s for s in json.loads(status.stdout)["servers"]}
-    assert set(servers) == {"prod", "dev", "primary", "standby", "tenant"}
+    assert set(servers) == {"prod", "dev", "conecta-postgres", "conecta-postgres-replica", "tenant"}
     assert all(s["running"] for s in servers.values())
-    assert servers["standby"]["in_recovery"] is True and servers["primary"]["in_recovery"] is False
+    assert servers["conecta-postgres-replica"]["in_recovery"] is True
+    assert servers["conecta-postgres"]["in_recovery"] is False
 
     config = box / "dbdeck.yaml"
+    assert f"# Use it with: dbdeck --config {config} <command>" in config.read_text()  # the --dir given
     endpoints = yaml.safe_load(config.read_text())["endpoints"]
     assert endpoints["prod"]["role"] == "production"
     for name, ep in endpoints.items():
@@ -39,6 +41,19 @@ def test_sandbox_up_status_down(dbdeck_bin, workdir):
     assert synced.returncode == 0, synced.stderr
     tables = json.loads(synced.stdout)["instances"][0]["tables"]
     assert tables["wpp_contacts"]["rows"] == 1000 and tables["wpp_contacts"]["mode"] == "full"
+
+    # and sync-databases: prod's perfis against crm_external on dev's server, a change on each side
+    from dbdeck.cli import App
+
+    assert dbdeck_bin("--config", config, "sync-databases", "setup").returncode == 0
+    app = App()
+    app.config_path = str(config)
+    app.endpoint("prod").execute("UPDATE perfis SET nome = 'from prod' WHERE id = 2")
+    app.endpoint("external").execute("UPDATE perfis SET nome = 'from external' WHERE id = 1001")
+    rounds = dbdeck_bin("--config", config, "sync-databases", "run")
+    assert rounds.returncode == 0, rounds.stderr
+    assert app.endpoint("external").query("SELECT nome FROM perfis WHERE id = 2")[0]["nome"] == "from prod"
+    assert app.endpoint("prod").query("SELECT nome FROM perfis WHERE id = 1001")[0]["nome"] == "from external"
 
     again = dbdeck_bin("sandbox", "up", "--dir", box)
     assert again.returncode == 0, again.stderr
@@ -77,3 +92,31 @@ def test_dry_run_starts_and_deletes_nothing(dbdeck_bin, workdir):
         assert box.exists() and dbdeck_bin("sandbox", "status", "--dir", box).returncode == 0
     finally:
         dbdeck_bin("sandbox", "down", "--dir", box)
+
+
+def test_sandbox_with_the_seeds_containers_serves_the_seeds_own_way(dbdeck_bin, workdir, crm_containers):
+    """The seeds' `docker exec crm-postgres ...`: prefixed names, so it runs beside the suite's containers."""
+    import subprocess
+
+    box = workdir / "sandbox-containers"
+    env = {"DBDECK_SANDBOX_CONTAINER_PREFIX": "sbx-"}
+    up = dbdeck_bin("sandbox", "up", "--dir", box, "--only", "dev", "--with-containers", env=env, timeout=300)
+    assert up.returncode == 0, up.stderr
+    try:
+        status = json.loads(dbdeck_bin("sandbox", "status", "--dir", box, "--format", "json").stdout)
+        containers = {s["name"]: s for s in status["servers"] if s["kind"] == "container"}
+        assert containers["prod-container"]["host"] == "sbx-crm-postgres" and containers["prod-container"]["running"]
+        seed_way = box / "seed-way.yaml"
+        seed_way.write_text(f"dbdeck:\n  run_dir: {box}/run\n  state_dir: {box}/seed-state\n")
+        done = dbdeck_bin("--config", seed_way, "sync-prod-to-dev", env={
+            "PROD_DB_CONTAINER": "sbx-crm-postgres", "DEV_DB_CONTAINER": "sbx-crm-postgres-dev"}, timeout=300)
+        assert done.returncode == 0, done.stderr
+        rows = subprocess.run(["docker", "exec", "sbx-crm-postgres-dev", "psql", "-U", "postgres", "-d",
+                               "crm_development", "-Atc", "SELECT count(*) FROM contacts"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        assert rows == "1500"
+    finally:
+        down = dbdeck_bin("sandbox", "down", "--dir", box)
+    assert down.returncode == 0
+    gone = subprocess.run(["docker", "inspect", "sbx-crm-postgres"], capture_output=True)
+    assert gone.returncode != 0
