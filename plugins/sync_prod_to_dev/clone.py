@@ -18,12 +18,14 @@ from pathlib import Path
 
 from psycopg import sql
 
+from dbdeck import output
 from dbdeck.endpoints import Endpoint, dbname_argument
 from dbdeck.errors import DbdeckError, Refused
 from dbdeck.run import printable
 from dbdeck.state import StateFile
 
 from . import quick as probes
+from .parallel import StallWatch
 
 log = logging.getLogger("dbdeck.sync_prod_to_dev")
 
@@ -201,7 +203,7 @@ class Clone:
 
     def _record(self, prod_probe, recipe, dev_probe, seconds):
         self.state.update(self._state_key(), prod=prod_probe, recipe=recipe, dev=dev_probe,
-                          finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(seconds, 2),
+                          finished_at=output.timestamp(), seconds=round(seconds, 2),
                           source=self.source.describe(), target=self.target.describe())
 
     def unchanged_since(self, last, prod_probe, recipe, dev_probe):
@@ -389,13 +391,31 @@ class Clone:
             self._copy_through_file(dump, staging)
         elif self.source.query("SELECT EXISTS (SELECT 1 FROM pg_largeobject_metadata) AS any")[0]["any"]:
             # large objects are not table data: only pg_dump's archive carries them
-            self.say(f"copying {self.source.database or 'prod'} into {self.staging} (one stream: prod has large objects)")
-            self.runner.pipeline([self.source.tool_invocation(*dump), self.restore_stage(staging)],
-                                 timeout=self.settings.timeout)
+            self.say(f"copying {self.source.database or 'prod'} into {self.staging} "
+                     f"(one stream: prod has large objects)")
+            stages = [self.source.tool_invocation(*dump), self.restore_stage(staging)]
+            self._watched(lambda: self.runner.pipeline(stages, timeout=self.settings.timeout),
+                          StallWatch(self.settings.stall_timeout, moved=lambda: self._staging_size(),
+                                     waiting=StallWatch.staging_waiting(staging)))
         else:
             from .parallel import ParallelCopy
 
             ParallelCopy(self, staging, self.jobs, self.dump_options, timeout=self.settings.timeout).run(excluded)
+
+    @staticmethod
+    def _watched(work, watch):
+        """Run work (a copy) while watch checks every 2 s that it still moves; a stall raises and stops
+        the copy's programs (run_parallel)."""
+        from .parallel import run_parallel
+
+        run_parallel([work], 1, while_waiting=watch.check, interval=2.0)
+
+    def _staging_size(self):
+        try:
+            return self.maintenance.query(sql.SQL("SELECT pg_database_size({}) AS bytes").format(
+                sql.Literal(self.staging)))[0]["bytes"]
+        except Exception:  # noqa: BLE001 - a size we cannot read is no progress; the copy reports real failures
+            return None
 
     @property
     def jobs(self):
@@ -427,7 +447,11 @@ class Clone:
         try:
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as out:
-                self.runner.run(dump_argv, env=dump_env, stdout=out, timeout=self.settings.timeout)
+                # pg_dump streams as it reads: a file that stops growing means prod stopped sending
+                self._watched(lambda: self.runner.run(dump_argv, env=dump_env, stdout=out,
+                                                      timeout=self.settings.timeout),
+                              StallWatch(self.settings.stall_timeout, moved=lambda: partial.stat().st_size,
+                                         waiting=lambda: True, what="bytes"))
                 out.flush()
                 os.fsync(out.fileno())
             with open(partial, "rb") as dumped:

@@ -158,6 +158,53 @@ def sql_only(script):
     return "\n".join(line for line in script.splitlines() if not line.startswith("\\"))
 
 
+class StallWatch:
+    """Fails a copy from prod that has stopped moving: nothing new for stall_timeout seconds while
+    whoever receives is waiting for prod (not building an index, not writing). A frozen or
+    unreachable prod keeps TCP open, so without this the wait lasts until `timeout`, hours.
+
+    moved     a value that changes while data arrives (bytes copied, a file's size)
+    waiting   True when every receiver waits for prod; called only once the timeout has passed
+    """
+
+    # every session loading staging waits for rows from prod (ClientRead), none builds or writes
+    STAGING_WAITING_SQL = ("SELECT count(*) AS sessions, count(*) FILTER (WHERE wait_event = 'ClientRead') "
+                           "AS waiting FROM pg_stat_activity WHERE datname = current_database() "
+                           "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+
+    def __init__(self, stall_timeout, moved, waiting, what="rows", clock=time.monotonic):
+        self.stall_timeout = stall_timeout
+        self.moved = moved
+        self.waiting = waiting
+        self.what = what
+        self.clock = clock
+        self._last_moved = clock()
+        self._last_seen = None
+
+    @classmethod
+    def staging_waiting(cls, staging):
+        def waiting():
+            try:
+                row = staging.query(cls.STAGING_WAITING_SQL)[0]
+            except Exception:  # noqa: BLE001 - no answer from staging: its own timeouts report that
+                return False
+            return bool(row["sessions"]) and row["waiting"] == row["sessions"]
+        return waiting
+
+    def check(self, seen=None):
+        now = self.clock()
+        seen = self.moved() if seen is None else seen
+        if seen != self._last_seen:
+            self._last_seen, self._last_moved = seen, now
+            return
+        if not self.stall_timeout or now - self._last_moved < self.stall_timeout:
+            return
+        if self.waiting():
+            raise DbdeckError(f"no {self.what} from prod for {now - self._last_moved:.0f}s while every load waited "
+                              f"for them (stall_timeout); prod or the network to it is stalled")
+        self._last_moved = now
+
+
 class CopyWatcher:
     """Tables done and bytes copied so far, from the order of each stream and the staging server's
     pg_stat_progress_copy (PostgreSQL 14+; older servers report whole streams only)."""
@@ -166,19 +213,12 @@ class CopyWatcher:
                     "FROM pg_stat_progress_copy p JOIN pg_class c ON c.oid = p.relid "
                     "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.datname = current_database()")
 
-    # every session loading staging waits for rows from prod (ClientRead), none builds or writes
-    WAITING_SQL = ("SELECT count(*) AS sessions, count(*) FILTER (WHERE wait_event = 'ClientRead') AS waiting "
-                   "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                   "AND backend_type = 'client backend'")
-
     def __init__(self, staging, streams, progress, stall_timeout=0, clock=time.monotonic):
         self.staging = staging
         self.streams = streams
         self.progress = progress
-        self.stall_timeout = stall_timeout
-        self.clock = clock
-        self._last_moved = clock()
-        self._last_seen = None
+        self.stall = StallWatch(stall_timeout, moved=lambda: None, waiting=StallWatch.staging_waiting(staging),
+                                clock=clock)
         self.position = {t["name"]: (i, k) for i, stream in enumerate(streams) for k, t in enumerate(stream)}
         self.reached = [0] * len(streams)  # per stream: tables before this one are done
         self.current_bytes = {}
@@ -204,26 +244,7 @@ class CopyWatcher:
         sizes = {t["name"]: t["bytes"] for stream in self.streams for t in stream}
         partial = sum(min(copied, sizes[name]) for name, copied in self.current_bytes.items())
         self.progress.update(len(done), sum(t["bytes"] for t in done) + partial)
-        self._check_stall((len(done), tuple(sorted(self.current_bytes.items()))))
-
-    def _check_stall(self, seen):
-        """Raise when no row has arrived for stall_timeout seconds while every loading session waits
-        for prod (a frozen or unreachable prod keeps TCP open: without this the wait lasts until
-        `timeout`, hours). Index builds are not waits for prod, so they never count as a stall."""
-        now = self.clock()
-        if seen != self._last_seen:
-            self._last_seen, self._last_moved = seen, now
-            return
-        if not self.stall_timeout or now - self._last_moved < self.stall_timeout:
-            return
-        try:
-            row = self.staging.query(self.WAITING_SQL)[0]
-        except Exception:  # noqa: BLE001 - no answer from staging: its own timeouts report that
-            return
-        if row["sessions"] and row["waiting"] == row["sessions"]:
-            raise DbdeckError(f"no rows from prod for {now - self._last_moved:.0f}s while every load waited "
-                              f"for them (stall_timeout); prod or the network to it is stalled")
-        self._last_moved = now
+        self.stall.check((len(done), tuple(sorted(self.current_bytes.items()))))
 
 
 class ParallelCopy:
@@ -325,7 +346,8 @@ class ParallelCopy:
     # --- what needs all tables: keys of partitioned tables and matviews, foreign keys, the rest ---
     def _finish(self, indexes, foreign, rest):
         for label, batches in (("indexes and keys of other relations", list(indexes.values())),
-                               ("foreign keys", [foreign[i::self.jobs] for i in range(self.jobs) if foreign[i::self.jobs]])):
+                               ("foreign keys",
+                                [foreign[i::self.jobs] for i in range(self.jobs) if foreign[i::self.jobs]])):
             if batches:
                 self.say(f"building {label} in {min(self.jobs, len(batches))} sessions")
                 run_parallel([partial(self._build, batch) for batch in batches], self.jobs)
