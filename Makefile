@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench bootstrap unit clean
+.PHONY: demo test lint bench bootstrap unit clean
 
 bootstrap:
 	@scripts/bootstrap
@@ -11,8 +11,13 @@ bootstrap:
 demo: bootstrap
 	@scripts/demo
 
+# The architecture's rules that a tool checks: line length and pyflakes over the code, types over the core.
+lint: bootstrap
+	@.venv/bin/ruff check core plugins
+	@.venv/bin/mypy core
+
 # pytest exits 5 when it collected nothing: that must fail, never pass quietly.
-test: bootstrap
+test: bootstrap lint
 	@$(PYTHON) -m pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$status
 

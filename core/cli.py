@@ -15,106 +15,11 @@ import threading
 
 import click
 
-from . import __version__, secrets
+from . import __version__, output, secrets
+from .app import App
 from .errors import EXIT_FAILED, EXIT_USAGE, DbdeckError, Terminated
 
 log = logging.getLogger("dbdeck")
-
-
-class App:
-    """Per-invocation state shared by every command: options, config, runner, plugins."""
-
-    def __init__(self):
-        self.config_path = None
-        self.dry_run = False
-        self.verbosity = 0
-        self.format = "text"
-        self._config = None
-        self._runner = None
-        self._manager = None
-
-    @property
-    def plugin_manager(self):
-        if self._manager is None:
-            from .pluginmanager import shared_manager
-
-            self._manager = shared_manager()
-        return self._manager
-
-    @property
-    def config(self):
-        if self._config is None:
-            from . import config as config_module
-
-            sections = []
-            for result in self.plugin_manager.hook.config_section():
-                sections.extend(result if isinstance(result, (list, tuple)) else [result])
-            self._config = config_module.load(self.config_path, sections)
-        return self._config
-
-    @property
-    def runner(self):
-        if self._runner is None:
-            from .run import Runner
-
-            self._runner = Runner(dry_run=self.dry_run, echo=click.echo)
-        return self._runner
-
-    def endpoint(self, ref, key="endpoint"):
-        """An Endpoint from a name under `endpoints:` or an inline mapping in a plugin's section."""
-        from .config import EndpointConfig, validate_model
-        from .endpoints import Endpoint
-
-        if isinstance(ref, str):
-            return Endpoint(ref, self.config.endpoint_config(ref), self.runner)
-        if isinstance(ref, dict):
-            ref = validate_model(EndpointConfig, ref, key.split("."))
-        return Endpoint(key.rsplit(".", 1)[-1], ref, self.runner)
-
-    def lock(self, job_name):
-        """The job lock for job_name, under the configured run dir."""
-        from .lock import JobLock
-
-        return JobLock(job_name, self.config.core.run_dir)
-
-    def notify(self, event):
-        if self.dry_run:
-            self.runner.say(f"would notify: {event.kind}: {event.message}")
-            return
-        log.log(logging.WARNING if event.severity != "info" else logging.INFO, "%s: %s", event.kind, event.message)
-        try:
-            config = self.config
-        except DbdeckError:
-            config = None
-        if config is not None:
-            from . import history
-
-            try:
-                history.append(config, event)
-            except OSError as exc:  # a full disk must not turn a done failover into a failed command
-                log.warning("could not add the event to the history journal: %s", exc)
-        self.plugin_manager.hook.notify(event=event, config=config)
-
-    def record_result(self, name, kind, ok, summary, seconds=None, **details):
-        """Remember how this command's work ended, for `dbdeck status` (nothing in a dry run)."""
-        if self.dry_run:
-            return
-        from .status import record_result
-
-        try:
-            record_result(self.config, name, kind, ok, summary, seconds, **details)
-        except OSError as exc:
-            log.warning("could not record the result for dbdeck status: %s", exc)
-
-    def emit(self, data, text=None):
-        """Print a result: JSON with --format json, otherwise text (a string or a callable)."""
-        from . import output
-
-        if self.format == "json":
-            # masked value by value: masking the JSON text could swallow a closing quote
-            output.line(json.dumps(secrets.mask_values(data), indent=2, default=str, sort_keys=False))
-        else:
-            output.line(secrets.mask(text() if callable(text) else (text if text is not None else str(data))))
 
 
 pass_app = click.make_pass_decorator(App, ensure=True)
@@ -186,7 +91,8 @@ class PluginGroup(click.Group):
         return super().get_command(ctx, name)
 
 
-@click.group(name="dbdeck", cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(name="dbdeck", cls=PluginGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="dbdeck", message="%(prog)s %(version)s")
 def root():
     """dbdeck: prod-to-dev cloning, table sync, PostgreSQL replication and failover, Compose deploys.
@@ -318,7 +224,8 @@ def history_command(app, since, kinds):
         raise click.BadParameter(str(exc), param_hint="--since") from None
     entries = history.read(app.config, since_ts, kinds)
     app.emit(entries, lambda: "\n".join(f"{e['at']}  {e['severity']:<8} {e['kind']:<24} {e['message']}"
-                                        for e in entries) or "no events recorded" + (" in that period" if since else ""))
+                                        for e in entries)
+             or "no events recorded" + (" in that period" if since else ""))
 
 
 def build_cli():
@@ -332,14 +239,58 @@ def run_command(command, args=None, prog_name=None):
     """Invoke a click command, mapping dbdeck's exceptions to exit codes and masked one-line errors."""
     from . import log as log_module
 
+    if os.environ.get("DBDECK_TIMESTAMP_LINES") and not isinstance(sys.stderr, output.TimestampedLines):
+        # a daemon writing to its own log file (Runner.start_daemon): every line gets its time
+        sys.stdout, sys.stderr = output.TimestampedLines(sys.stdout), output.TimestampedLines(sys.stderr)
     log_module.setup(0)
     _stop_cleanly_on_sigterm()
+    json_errors = _asks_for_json(sys.argv[1:] if args is None else args)
+    if json_errors:
+        sys.stdout = _CountingStdout(sys.stdout)
+    code = _run_mapping_errors(command, args, prog_name)
+    if json_errors and code not in (0, None) and not sys.stdout.written:
+        # --format json promises one document on stdout, failures included
+        output.line(json.dumps({"error": _last_error[0] if _last_error else f"exit status {code}",
+                                "exit_code": code}))
+    return code
+
+
+_last_error: list[str] = []
+
+
+def _asks_for_json(args):
+    args = [str(a) for a in args or ()]
+    return "--format=json" in args or any(a == "--format" and b == "json" for a, b in zip(args, args[1:]))
+
+
+class _CountingStdout:
+    """sys.stdout that remembers whether anything was written (a command's own JSON document)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.written = 0
+
+    def write(self, text):
+        self.written += len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _say_error(line):
+    _last_error[:] = [line]
+    _echo_if_possible(line)
+
+
+def _run_mapping_errors(command, args, prog_name):
     try:
         command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
         exc.show()
+        _last_error[:] = [exc.format_message()]
         return EXIT_USAGE
     except click.exceptions.Abort as exc:
         # click turns Ctrl-C and SIGTERM (errors.Terminated) into Abort; the cause says which
@@ -355,7 +306,7 @@ def run_command(command, args=None, prog_name=None):
         click.echo("Aborted.", err=True)
         return EXIT_FAILED
     except DbdeckError as exc:
-        click.echo(f"{prog_name or 'dbdeck'}: error: {secrets.mask(str(exc))}", err=True)
+        _say_error(f"{prog_name or 'dbdeck'}: error: {secrets.mask(str(exc))}")
         if logging.getLogger("dbdeck").isEnabledFor(logging.DEBUG):
             import traceback
 
@@ -371,15 +322,13 @@ def run_command(command, args=None, prog_name=None):
         _echo_if_possible("Interrupted.")
         return 130
     except BrokenPipeError:
-        from . import output
-
         output.detach(sys.stdout)
         return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen fault: one masked line, not a traceback
         name = prog_name or "dbdeck"
         detail = str(exc).splitlines()[0] if str(exc) else ""
-        click.echo(f"{name}: error: {type(exc).__name__}{': ' + secrets.mask(detail) if detail else ''}"
-                   f" (unexpected; -vv shows where)", err=True)
+        _say_error(f"{name}: error: {type(exc).__name__}{': ' + secrets.mask(detail) if detail else ''}"
+                   f" (unexpected; -vv shows where)")
         if logging.getLogger("dbdeck").isEnabledFor(logging.DEBUG):
             import traceback
 

@@ -9,12 +9,19 @@ password never appears in argv; for a container the variables are forwarded by n
 (``docker exec -e PGPASSWORD ...`` takes the value from dbdeck's environment).
 """
 
+from __future__ import annotations
+
 import contextlib
 import json
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from . import secrets
 from .errors import DbdeckError
+
+if TYPE_CHECKING:
+    from .config import EndpointConfig
+    from .run import Runner
 
 # libpq connection keywords and the environment variable each one reads
 _LIBPQ_ENV = {
@@ -30,7 +37,7 @@ _MYSQL_TOOLS = {"mysql", "mysqldump", "mariadb", "mariadb-dump", "mysqladmin", "
 
 
 class Endpoint:
-    def __init__(self, name, config, runner):
+    def __init__(self, name: str, config: EndpointConfig, runner: Runner) -> None:
         self.name = name
         self.config = config
         self.runner = runner
@@ -75,7 +82,7 @@ class Endpoint:
     def has_driver_access(self):
         return bool(self.config.dsn is not None or self.config.host)
 
-    def describe(self):
+    def describe(self) -> str:
         """A printable form, password masked: 'prod: postgresql://postgres@127.0.0.1:5432/crm'."""
         p = self._params
         scheme = "postgresql" if self.kind == "postgresql" else "mysql"
@@ -93,7 +100,7 @@ class Endpoint:
     __str__ = describe
 
     # --- driver access --------------------------------------------------------------------------
-    def connect(self, autocommit=True, driver_options=None, **overrides):
+    def connect(self, autocommit: bool = True, driver_options: dict[str, Any] | None = None, **overrides: Any) -> Any:
         """A psycopg (3) or pymysql connection; only for endpoints with a DSN or host.
 
         overrides replace connection parameters (dbname, user...); driver_options go to the driver
@@ -137,7 +144,7 @@ class Endpoint:
         return connection
 
     # --- client tools ---------------------------------------------------------------------------
-    def tool_invocation(self, tool, *args, database=True):
+    def tool_invocation(self, tool: str, *args: Any, database: bool = True) -> tuple[list[str], dict[str, str]]:
         """(argv, env) to run a client tool against this endpoint; the env holds the password."""
         if self.kind == "postgresql" and tool not in _POSTGRES_TOOLS:
             raise DbdeckError(f"{tool} is not a PostgreSQL client tool")
@@ -193,7 +200,7 @@ class Endpoint:
         return args
 
     # --- SQL, whichever way the endpoint is reached ---------------------------------------------
-    def query(self, sql_text, params=None):
+    def query(self, sql_text: Any, params: Any = None) -> list[dict[str, Any]]:
         """Run a read-only query and return a list of dicts (also in a dry run)."""
         if self.has_driver_access:
             with self.connect() as conn, self.driver_errors("query"):
@@ -212,7 +219,7 @@ class Endpoint:
             raise DbdeckError("query parameters need a direct connection; compose literals with psycopg.sql")
         return self._query_with_tool(_as_text(sql_text))
 
-    def execute(self, sql_text, params=None, read_only=False):
+    def execute(self, sql_text: Any, params: Any = None, read_only: bool = False) -> Any:
         """Run a statement that changes something; in a dry run it is printed, not run."""
         text = _as_text(sql_text)
         if self.runner.dry_run and not read_only:
@@ -280,7 +287,7 @@ class Endpoint:
             return False, secrets.mask(str(exc))
 
 
-def dbname_argument(database):
+def dbname_argument(database: str) -> str:
     """The value for a client tool's -d/--dbname naming exactly this database: libpq reads a -d value
     containing '=' as a whole connection string (DEV_DATABASE='dbname=x host=y' would restore into
     another database or send the password to another server), so it is always given as a quoted

@@ -1,6 +1,5 @@
 """Exceptions that carry their own exit code, so every entry point maps failures the same way."""
 
-EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 # sysexits.h EX_TEMPFAIL: cron wrappers and systemd treat it as "try again later", not as a failure.

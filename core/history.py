@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from . import secrets
+from . import output, secrets
 
 FILE = "history.jsonl"
 
@@ -22,7 +22,7 @@ def path_for(config):
 def append(config, event):
     path = path_for(config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(event.at)), "ts": round(event.at, 3),
+    entry = {"at": output.timestamp(event.at), "ts": round(event.at, 3),
              "kind": event.kind, "severity": event.severity, "message": secrets.mask(event.message),
              "details": secrets.mask_values({k: secrets.MASK if secrets.is_secret_name(str(k)) and v else v
                                              for k, v in event.details.items()})}

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import secrets
+from . import output, secrets
 from .errors import LockBusy
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -101,7 +101,7 @@ class JobLock:
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({
-            "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "pid": os.getpid(), "host": socket.gethostname(), "started": output.timestamp(),
             "command": secrets.mask(" ".join(sys.argv)),
         }).encode(), 0)
         self._fd = fd

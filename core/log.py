@@ -20,6 +20,11 @@ class MaskingFormatter(logging.Formatter):
     def format(self, record):
         return secrets.mask(super().format(record))
 
+    def formatTime(self, record, datefmt=None):  # noqa: N802 - logging's name
+        from .output import timestamp
+
+        return timestamp(record.created)
+
 
 class _OneLineWriteErrors:
     """A log file that cannot be written (full or read-only disk) is said once, in one line, on stderr;

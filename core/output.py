@@ -8,8 +8,39 @@ every line.
 
 import os
 import sys
+import time
+from datetime import datetime
 
-_closed = set()
+_closed: set[str] = set()
+
+
+def timestamp(at: float | None = None) -> str:
+    """The one time format dbdeck prints and stores: ISO 8601 with the local offset, to the second
+    (2026-12-03T07:16:00+00:00)."""
+    return datetime.fromtimestamp(time.time() if at is None else at).astimezone().isoformat(timespec="seconds")
+
+
+class TimestampedLines:
+    """A text stream whose every line starts with timestamp(): the output of a background daemon
+    (auto-failover --daemon) goes to a file that has no other clock."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._line_start = True
+
+    def write(self, text):
+        if isinstance(text, (bytes, bytearray)):  # click probes and may write bytes
+            text = bytes(text).decode(errors="replace")
+        pieces = []
+        for piece in text.splitlines(keepends=True):
+            if self._line_start:
+                pieces.append(timestamp() + " ")
+            pieces.append(piece)
+            self._line_start = piece.endswith("\n")
+        return self._stream.write("".join(pieces))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def line(text, err=False):

@@ -17,11 +17,13 @@ import shutil
 import signal
 import subprocess
 import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 from . import secrets
-from .errors import CommandFailed, CommandTimeout, DbdeckError
+from .errors import CommandFailed, CommandTimeout
 
 log = logging.getLogger("dbdeck.run")
 
@@ -31,7 +33,7 @@ _children_lock = threading.Lock()
 _children: set[int] = set()  # pids of the programs this process runs and waits for right now
 
 
-def stop_children(signum=signal.SIGTERM):
+def stop_children(signum: int = signal.SIGTERM) -> None:
     """Pass a stop on to every program we are waiting for (called when dbdeck itself is told to stop,
     before its own cleanup runs, so a DROP of a staging database does not race a pg_restore)."""
     with _children_lock:
@@ -66,7 +68,7 @@ def _tied_to_us(argv, env=None):
     return [setpriv, "--pdeathsig", "TERM", "--", program, *argv[1:]] if setpriv else [program, *argv[1:]]
 
 
-_setpriv_path = []
+_setpriv_path: list[str | None] = []
 
 
 def _setpriv():
@@ -164,7 +166,8 @@ def printable(argv, env=None):
     """A shell-quoted, masked rendering of a command, with the names (only) of extra variables."""
     line = " ".join(shlex.quote(str(a)) for a in argv)
     if env:
-        shown = (f"{k}=***" if secrets.is_secret_name(k) else f"{k}={shlex.quote(str(v))}" for k, v in sorted(env.items()))
+        shown = (f"{k}=***" if secrets.is_secret_name(k) else f"{k}={shlex.quote(str(v))}"
+                 for k, v in sorted(env.items()))
         line = " ".join(shown) + " " + line
     return secrets.mask(line)
 
@@ -172,17 +175,20 @@ def printable(argv, env=None):
 class Runner:
     """Runs external commands; one instance per invocation, carrying the dry-run flag."""
 
-    def __init__(self, dry_run=False, echo=None, default_timeout=None):
+    def __init__(self, dry_run: bool = False, echo: Callable[[str], Any] | None = None,
+                 default_timeout: float | None = None) -> None:
         self.dry_run = dry_run
         self.default_timeout = default_timeout
         self._echo = echo or (lambda line: print(line, flush=True))
 
-    def say(self, message):
+    def say(self, message: str) -> None:
         """Print one dry-run line (or a plan step) the way every command does."""
         self._echo(f"[dry-run] {secrets.mask(message)}" if self.dry_run else secrets.mask(message))
 
-    def run(self, argv, *, env=None, stdin=None, stdout=None, timeout=None, cwd=None,
-            as_user=None, check=True, read_only=False, binary=False, passthrough=False, output=None, echo=False):
+    def run(self, argv: Sequence[Any], *, env: Mapping[str, str] | None = None, stdin: Any = None,
+            stdout: IO[bytes] | None = None, timeout: float | None = None, cwd: str | Path | None = None,
+            as_user: str | None = None, check: bool = True, read_only: bool = False, binary: bool = False,
+            passthrough: bool = False, output: IO[bytes] | None = None, echo: bool = False) -> Result:
         """Run argv and wait for it.
 
         env      extra variables (secrets go here, e.g. PGPASSWORD); merged over os.environ
@@ -208,7 +214,8 @@ class Runner:
                                  timeout=timeout or self.default_timeout, cwd=cwd, check=check, binary=binary,
                                  passthrough=passthrough, output=output, echo=echo)
 
-    def probe(self, invocations, *, timeout=30):
+    def probe(self, invocations: Iterable[tuple[Sequence[Any], Mapping[str, str] | None]], *,
+              timeout: float = 30) -> list[Result]:
         """Run short read-only programs side by side, [(argv, env), ...] -> [Result, ...]; never raises
         for an exit status (a program not found is 127, a timeout 124).
 
@@ -216,9 +223,10 @@ class Runner:
         queries being run. Everything else goes through run()."""
         import time
 
-        started, results = [], []
-        for argv, env in invocations:
-            argv = [str(a) for a in argv]
+        started: list[tuple[list[str], subprocess.Popen | None]] = []
+        results: list[Result] = []
+        for given, env in invocations:
+            argv = [str(a) for a in given]
             for name, value in (env or {}).items():
                 if secrets.is_secret_name(name):
                     secrets.register(value)
@@ -302,22 +310,24 @@ class Runner:
                 argv=argv, returncode=result.returncode, stderr=secrets.mask(result.stderr))
         return result
 
-    def pipeline(self, stages, *, timeout=None, stdout=None, read_only=False):
+    def pipeline(self, stages: Sequence[tuple[Sequence[Any], Mapping[str, str] | None]], *,
+                 timeout: float | None = None, stdout: IO[bytes] | None = None, read_only: bool = False) -> Result:
         """Run `a | b | ...` with kernel pipes between the stages (no copying through Python).
 
         stages   a list of (argv, env) pairs; each env holds that stage's own secrets
         stdout   an open binary file for the last stage's output (default: captured)
         Fails like `set -o pipefail`: any stage's non-zero exit raises CommandFailed naming that stage.
         """
-        stages = [([str(a) for a in argv], dict(env or {})) for argv, env in stages]
-        for _, env in stages:
-            for name, value in env.items():
+        prepared: list[tuple[list[str], dict[str, str]]] = [([str(a) for a in argv], dict(env or {}))
+                                                            for argv, env in stages]
+        for _, stage_env in prepared:
+            for name, value in stage_env.items():
                 if secrets.is_secret_name(name):
                     secrets.register(value)
-        shown = " | ".join(printable(argv, env) for argv, env in stages)
+        shown = " | ".join(printable(argv, env) for argv, env in prepared)
         if self.dry_run and not read_only:
             self.say(f"would run: {shown}")
-            return Result(argv=[a for argv, _ in stages for a in (*argv, "|")][:-1], dry_run=True)
+            return Result(argv=[a for argv, _ in prepared for a in (*argv, "|")][:-1], dry_run=True)
         log.debug("running: %s", shown)
         import tempfile
         import time
@@ -325,8 +335,8 @@ class Runner:
         processes, error_files = [], []
         previous = None
         try:
-            for index, (argv, env) in enumerate(stages):
-                last = index == len(stages) - 1
+            for index, (argv, env) in enumerate(prepared):
+                last = index == len(prepared) - 1
                 error_file = tempfile.TemporaryFile()
                 error_files.append(error_file)
                 process = subprocess.Popen(
@@ -345,13 +355,13 @@ class Runner:
                 try:
                     captured, _ = processes[-1].communicate(timeout=remaining)
                 except subprocess.TimeoutExpired:
-                    raise CommandTimeout(f"timed out after {timeout}s: {shown}", argv=stages[-1][0]) from None
+                    raise CommandTimeout(f"timed out after {timeout}s: {shown}", argv=prepared[-1][0]) from None
             for process in processes:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
                     process.wait(timeout=remaining)
                 except subprocess.TimeoutExpired:
-                    raise CommandTimeout(f"timed out after {timeout}s: {shown}", argv=stages[-1][0]) from None
+                    raise CommandTimeout(f"timed out after {timeout}s: {shown}", argv=prepared[-1][0]) from None
         finally:
             for process in processes:
                 if process.poll() is None:
@@ -363,14 +373,14 @@ class Runner:
             error_file.seek(0)
             stderr_texts.append(_decode(error_file.read()))
             error_file.close()
-        for (argv, env), process, stderr in zip(stages, processes, stderr_texts):
+        for (argv, env), process, stderr in zip(prepared, processes, stderr_texts):
             if process.returncode != 0:
                 raise CommandFailed(f"exit status {process.returncode} in pipeline stage: {printable(argv, env)}"
                                     f"{_tail(stderr)}", argv=argv, returncode=process.returncode,
                                     stderr=secrets.mask(stderr))
-        return Result(argv=stages[-1][0], stdout=_decode(captured), stderr="".join(stderr_texts))
+        return Result(argv=prepared[-1][0], stdout=_decode(captured), stderr="".join(stderr_texts))
 
-    def open_session(self, argv, *, env=None):
+    def open_session(self, argv: Sequence[Any], *, env: Mapping[str, str] | None = None) -> "Session":
         """Start an interactive program (e.g. psql holding a transaction open) that we feed lines and
         read lines from. It runs in a dry run too: callers use it only for read-only sessions."""
         argv = [str(a) for a in argv]
@@ -390,7 +400,9 @@ class Runner:
                                  env={**os.environ, **(env or {})})
         return Session(argv, env, popen, errors)
 
-    def start_daemon(self, argv, *, log_path=None, env=None, as_user=None, cwd=None):
+    def start_daemon(self, argv: Sequence[Any], *, log_path: str | Path | None = None,
+                     env: Mapping[str, str] | None = None, as_user: str | None = None,
+                     cwd: str | Path | None = None) -> Daemon:
         """Start a program without waiting for it, in its own session (a terminal's Ctrl-C does not
         reach it); output goes to log_path, or to our own stdout/stderr when log_path is None."""
         argv = [str(a) for a in argv]
@@ -398,8 +410,10 @@ class Runner:
             argv = ["runuser", "-u", as_user, "--", *argv]
         if self.dry_run:
             self.say(f"would start: {printable(argv, env)}")
-            return Daemon(argv=argv, pid=0, log_path=log_path)
+            return Daemon(argv=argv, pid=0, log_path=Path(log_path) if log_path else None)
         log.debug("starting: %s", printable(argv, env))
+        if log_path:  # dbdeck daemons time-stamp each line of that file (see cli.run_command)
+            env = {**(env or {}), "DBDECK_TIMESTAMP_LINES": "1"}
         try:
             out = open(log_path, "ab") if log_path else None
             try:
@@ -458,11 +472,3 @@ def _tail(stderr):
     if len(stderr) > _STDERR_TAIL_CHARS:
         stderr = "..." + stderr[-_STDERR_TAIL_CHARS:]
     return "\n" + secrets.mask(stderr)
-
-
-def require_program(name, package):
-    """Fail with an install hint when a program dbdeck needs is missing."""
-    import shutil
-
-    if shutil.which(name) is None:
-        raise DbdeckError(f"{name} not found on PATH; install it with: apt-get install {package}")

@@ -5,11 +5,11 @@ plugin its verdict and the auto-failover service...). Commands that finish a pie
 deploy, a backup) call App.record_result(), and those results appear here without a hook of their own.
 """
 
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from . import output
 from .state import StateFile
 
 RESULTS_FILE = "results.json"
@@ -64,7 +64,7 @@ def epoch(iso):
 
 
 def iso(ts):
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ts)) if ts is not None else None
+    return output.timestamp(ts) if ts is not None else None
 
 
 def results_file(config):
@@ -81,7 +81,7 @@ def record_result(config, name, kind, ok, summary, seconds=None, **details):
 
 
 def record_result_in(state_dir, name, kind, ok, summary, seconds=None, **details):
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    now = output.timestamp()
     fields = dict(kind=kind, at=now, ok=bool(ok), summary=summary, seconds=seconds, details=details)
     if ok:
         fields["last_success"] = now

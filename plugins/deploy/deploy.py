@@ -428,7 +428,8 @@ def roll_back_to(context, server, version, state):
         healthy = check_health(context, server) is None
     state["current"] = version
     server.write_state(state)
-    context.say(f"Rolled back to {version}: " + ("healthy" if healthy else f"NOT healthy ({problem or 'health check'})"))
+    context.say(f"Rolled back to {version}: "
+                + ("healthy" if healthy else f"NOT healthy ({problem or 'health check'})"))
     return healthy
 
 

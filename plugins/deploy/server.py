@@ -10,6 +10,7 @@ import shlex
 import socket
 import time
 
+from dbdeck import output
 from dbdeck.endpoints import dbname_argument
 from dbdeck.errors import DbdeckError, LockBusy, UsageError
 
@@ -27,7 +28,7 @@ def now_stamp():
 
 
 def iso_now():
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return output.timestamp()
 
 
 def who():

@@ -190,7 +190,8 @@ def setup_statements(mappings, schema="public"):
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (deleted_at)").format(
             sql.Identifier(DELETES_TABLE + "_deleted_at"), deletes),
         # keys only (no other column reaches the log); arguments are the key columns
-        sql.SQL("""CREATE OR REPLACE FUNCTION {schema}.dbdeck_local_sync_capture() RETURNS trigger LANGUAGE plpgsql AS $f$
+        sql.SQL("""CREATE OR REPLACE FUNCTION {schema}.dbdeck_local_sync_capture() RETURNS trigger
+LANGUAGE plpgsql AS $f$
 BEGIN
     INSERT INTO {deletes} (source_table, row_key)
     SELECT TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
@@ -199,7 +200,8 @@ BEGIN
     PERFORM pg_notify({channel}, TG_TABLE_NAME);
     RETURN NULL;
 END $f$""").format(schema=sql.Identifier(schema), deletes=deletes, channel=sql.Literal(NOTIFY_CHANNEL)),
-        sql.SQL("""CREATE OR REPLACE FUNCTION {schema}.dbdeck_local_sync_notify() RETURNS trigger LANGUAGE plpgsql AS $f$
+        sql.SQL("""CREATE OR REPLACE FUNCTION {schema}.dbdeck_local_sync_notify() RETURNS trigger
+LANGUAGE plpgsql AS $f$
 BEGIN
     PERFORM pg_notify({channel}, TG_TABLE_NAME);
     RETURN NULL;

@@ -161,7 +161,8 @@ def _text_report(snapshot, status, problems, thresholds):
             continue
         lines.append(f"  standby {standby.name}: {standby.state} ({standby.sync_state}), lag "
                      f"{format_size(standby.lag_bytes)} / "
-                     f"{'?' if standby.lag_seconds is None else f'{standby.lag_seconds:.1f}s'}; sent {standby.sent_lsn} "
+                     f"{'?' if standby.lag_seconds is None else f'{standby.lag_seconds:.1f}s'}; "
+                     f"sent {standby.sent_lsn} "
                      f"write {standby.write_lsn} flush {standby.flush_lsn} replay {standby.replay_lsn}")
     for node in snapshot.nodes:
         if node.role != "primary":
@@ -169,7 +170,8 @@ def _text_report(snapshot, status, problems, thresholds):
         for slot in node.slots:
             lines.append(f"  slot {slot['slot_name']} on {node.name}: {'active' if slot['active'] else 'INACTIVE'}, "
                          f"retains {format_size(slot['retained_bytes'])}, wal_status {slot['wal_status']}, "
-                         f"safe_wal_size {format_size(slot['safe_wal_size']) if slot['safe_wal_size'] is not None else 'unlimited'}")
+                         "safe_wal_size " + (format_size(slot['safe_wal_size'])
+                                             if slot['safe_wal_size'] is not None else 'unlimited'))
     lines.extend(f"  ! {p}" for p in problems[1:])
     return "\n".join(lines)
 
@@ -198,13 +200,22 @@ def setup_master(app, node, apply_settings):
         sys.exit(1)
 
 
+def _confirm(app, yes, question):
+    """Ask on a terminal before changing roles or data; --yes, --dry-run and runs without a terminal
+    (cron, CI, scripts) do not ask, so automation behaves as before."""
+    if yes or app.dry_run or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return
+    click.confirm(question, abort=True)
+
+
 @click.command("promote-replica")
 @click.option("--node", metavar="NAME", help="The standby to promote (default: the only one).")
 @click.option("--force", is_flag=True, help="Promote even though the primary still answers (split-brain risk).")
 @click.option("--update-connections", is_flag=True,
               help="Also rewrite DATABASE_URL in replication.after_promote.env_files and restart its services.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask on a terminal (runs without one never ask).")
 @pass_app
-def promote_replica(app, node, force, update_connections):
+def promote_replica(app, node, force, update_connections, yes):
     """Emergency failover: promote the standby once the primary is down (seed's promote-replica.sh).
 
     Refuses while the primary still answers (unless --force, with a loud warning). Shows the standby's
@@ -213,6 +224,7 @@ def promote_replica(app, node, force, update_connections):
     """
     from .promote import promote_replica as run
 
+    _confirm(app, yes, f"Promote {node or 'the standby'} to primary (the old primary must not come back as one)?")
     pair = _pair(app)
     with pair.operator_lock():
         with pair.run_log("failover"):
@@ -223,8 +235,9 @@ def promote_replica(app, node, force, update_connections):
 @click.option("--node", metavar="NAME", help="The node to rebuild (default: the one that is not the primary).")
 @click.option("--rejoin", is_flag=True,
               help="Try pg_rewind first (fast, keeps unchanged files; says why when it cannot), else a base backup.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask on a terminal (runs without one never ask).")
 @pass_app
-def rebuild_replica(app, node, rejoin):
+def rebuild_replica(app, node, rejoin, yes):
     """Turn a node into a fresh streaming standby of the current primary (pg_basebackup -R with the slot).
 
     Stops the node, moves its data directory aside (deleted only after the new standby streams; put
@@ -233,6 +246,8 @@ def rebuild_replica(app, node, rejoin):
     """
     from .rebuild import choose_target, rebuild_replica as run
 
+    _confirm(app, yes, f"Rebuild {node or 'the node that is not the primary'} from the primary "
+                       f"(its current data directory is replaced)?")
     pair = _pair(app)
     with pair.operator_lock():
         with pair.run_log("rebuild-replica"):
@@ -250,8 +265,9 @@ def rebuild_replica(app, node, rejoin):
               help="Refuse when the standby is further behind (default replication.switchover_max_lag_bytes).")
 @click.option("--timeout", type=click.IntRange(min=1), metavar="S",
               help="Seconds to wait for the standby to replay the shutdown checkpoint (default 30).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask on a terminal (runs without one never ask).")
 @pass_app
-def switchover(app, max_lag, timeout):
+def switchover(app, max_lag, timeout, yes):
     """Planned role swap with zero data loss (seed's switchover.sh); run it again to swap back.
 
     Pre-checks (standby streaming, lag, slot, pg_rewind prerequisites), blocks new writes, checkpoints and
@@ -262,6 +278,7 @@ def switchover(app, max_lag, timeout):
     """
     from .switchover import switchover as run
 
+    _confirm(app, yes, "Swap the roles of primary and standby (writes pause for a few seconds)?")
     pair = _pair(app)
     with pair.operator_lock():
         with pair.run_log("switchover"):

@@ -225,7 +225,8 @@ class DockerDriver:
                                      read_only=True)
             if result.returncode != 0:
                 raise DbdeckError(f"node {self.name}: no container {self.container!r} "
-                                  f"({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'docker inspect failed'})")
+                                  "(" + (result.stderr.strip().splitlines()[-1] if result.stderr.strip()
+                                         else "docker inspect failed") + ")")
             self._inspected = json.loads(result.stdout)[0]
         return self._inspected
 

@@ -101,7 +101,8 @@ def connection_changes(pair, old, new):
     for file in after.env_files:
         lines.append(f"  edit {file}")
     if after.restart_services:
-        lines.append(f"  restart: {' '.join(compose_command(pair, dry=True))} restart {' '.join(after.restart_services)}")
+        compose = " ".join(compose_command(pair, dry=True))
+        lines.append(f"  restart: {compose} restart {' '.join(after.restart_services)}")
     return lines
 
 

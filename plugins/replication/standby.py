@@ -24,8 +24,8 @@ from .setup import ensure_slot as ensure_slot_on_connection, read_password
 _FOLLOW = r'''set -eu
 data=$1; conf="$data/postgresql.auto.conf"
 touch "$conf"
-grep -vE "^[[:space:]]*(primary_conninfo|primary_slot_name|default_transaction_read_only)[[:space:]]*=|# dbdeck-rewind$" \
-    "$conf" > "$conf.dbdeck" || true
+ours='^[[:space:]]*(primary_conninfo|primary_slot_name|default_transaction_read_only)[[:space:]]*='
+grep -vE "$ours|# dbdeck-rewind$" "$conf" > "$conf.dbdeck" || true
 cat >> "$conf.dbdeck"
 chmod 600 "$conf.dbdeck"
 mv "$conf.dbdeck" "$conf"
@@ -291,7 +291,8 @@ def _check_source_keeps_wal(pair, source, rewind_output):
         return
     with source.connect() as conn, source.endpoint.driver_errors("pg_ls_waldir"):
         oldest, segment_size = conn.execute(
-            "SELECT min(substr(name, 9)), (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size') FROM pg_ls_waldir() "
+            "SELECT min(substr(name, 9)), (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size') "
+            "FROM pg_ls_waldir() "
             "WHERE name ~ '^[0-9A-F]{24}$'").fetchone()
     needed = f"{int(match.group(1), 16):08X}{int(match.group(2), 16) // segment_size:08X}"
     if oldest and oldest > needed:

@@ -197,7 +197,8 @@ class Sandbox:
         names = {name: prefix + container for name, (container, _, _) in CONTAINERS.items()}
         progress(f"docker containers {', '.join(names.values())} (the seeds' `docker exec` way)")
         taken = [c for c in names.values()
-                 if self.runner.run(["docker", "inspect", "-f", "{{ index .Config.Labels \"com.docker.compose.project\" }}",
+                 if self.runner.run(["docker", "inspect", "-f",
+                                     "{{ index .Config.Labels \"com.docker.compose.project\" }}",
                                      c], check=False, read_only=True).stdout.strip() not in ("", _project(prefix))]
         if taken:
             raise DbdeckError(f"container(s) {', '.join(taken)} exist and are not the sandbox's; remove them or "
@@ -281,7 +282,8 @@ class Sandbox:
         self.config_path.write_text(header + yaml.safe_dump(config, sort_keys=False))
 
     def load_sample_data(self, state):
-        for name, script in (("prod", "sample_prod.sql"), ("dev", "sample_dev.sql"), (FIRST_NODE, "sample_primary.sql")):
+        scripts = (("prod", "sample_prod.sql"), ("dev", "sample_dev.sql"), (FIRST_NODE, "sample_primary.sql"))
+        for name, script in scripts:
             if name in state["servers"]:
                 self.server(name, state).psql((SAMPLE_DIR / script).read_text(), database=COMPONENTS[name][1])
         if state.get("external"):

@@ -9,11 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+from dbdeck import output
+
 ROTATE_BYTES = 5 * 1024 * 1024
 
 
 def now_iso():
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return output.timestamp()
 
 
 def someone_watches():

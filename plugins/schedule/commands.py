@@ -59,8 +59,9 @@ def install(app, names, backend, systemd_root):
     _report(app, "install", changed)
     for name, job in jobs.items():
         if not job.enabled:
-            log.log(logging.WARNING if names else logging.INFO,"job %s not installed: it is disabled (%s); enable it under `schedules: %s: {enabled: "
-                        "true}`", name, "its plugin is not configured" if job.command else "disabled", name)
+            log.log(logging.WARNING if names else logging.INFO,
+                    "job %s not installed: it is disabled (%s); enable it under `schedules: %s: {enabled: true}`",
+                    name, "its plugin is not configured" if job.command else "disabled", name)
 
 
 def _warn_shell_only_settings(app):

@@ -72,7 +72,7 @@ class CronBackend:
             return self._write_cron_file(lines, keep_others=not prune)
         changed = []
         for user in sorted({self._user_of(job) for job in jobs.values()}):
-            mine = {n: l for n, l in lines.items() if self._user_of(jobs[n]) == user}
+            mine = {n: line for n, line in lines.items() if self._user_of(jobs[n]) == user}
             drop = set(jobs) - set(mine)
             changed += self._edit_user_table(user, mine, drop, prune)
         return changed
@@ -84,7 +84,7 @@ class CronBackend:
             if not path.exists():
                 return []
             current = self._parse_file(path.read_text())
-            keep = {} if names is None else {n: l for n, l in current.items() if n not in names}
+            keep = {} if names is None else {n: line for n, line in current.items() if n not in names}
             return self._write_cron_file(keep, keep_others=False, existing=current)
         changed = []
         for user in self._users_to_scan(names):
@@ -99,7 +99,7 @@ class CronBackend:
             return {name: current.get(name) for name in jobs}
         found = {}
         for user in sorted({self._user_of(job) for job in jobs.values()}):
-            table = {job_of(l): l for l in self.read_user_table(user).splitlines() if job_of(l)}
+            table = {job_of(line): line for line in self.read_user_table(user).splitlines() if job_of(line)}
             for name, job in jobs.items():
                 if self._user_of(job) == user:
                     found[name] = table.get(name)
@@ -142,7 +142,7 @@ class CronBackend:
 
     @staticmethod
     def _parse_file(text):
-        return {job_of(l): l for l in text.splitlines() if job_of(l)}
+        return {job_of(line): line for line in text.splitlines() if job_of(line)}
 
     def _write_cron_file(self, lines, keep_others, existing=None):
         path = Path(self.settings.cron_file)

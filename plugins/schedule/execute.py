@@ -82,7 +82,8 @@ def _run_locked(app, name, job, argv, state, log_path, show):
     if status == EXIT_LOCKED:  # the job's own command found its own lock taken: a skip, not a failure
         log.info("job %s: skipped by the command itself (exit 75)", name)
         return status
-    summary = f"dbdeck: job {name} failed with exit {status} after {duration:.2f}s" + (f" ({problem})" if problem else "")
+    summary = (f"dbdeck: job {name} failed with exit {status} after {duration:.2f}s"
+               + (f" ({problem})" if problem else ""))
     if show:
         print(f"{summary}; full output in {log_path}", file=sys.stderr)
     else:  # cron mails this: the reason, without making anyone open the log first

@@ -102,7 +102,7 @@ class SystemdBackend:
         for name in jobs:
             result = self.runner.run(["systemd-analyze", "verify", self.unit_dir / timer_name(name),
                                       self.unit_dir / f"dbdeck@{name}.service"], check=False, read_only=True)
-            problems = [l for l in result.stderr.splitlines() if "sysinit.target" not in l and l.strip()]
+            problems = [line for line in result.stderr.splitlines() if "sysinit.target" not in line and line.strip()]
             if result.returncode != 0 or problems:
                 raise DbdeckError(f"systemd-analyze verify rejected the units of job {name}:\n" + "\n".join(problems))
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from psycopg import sql
 
+from dbdeck import output
 from dbdeck.errors import DbdeckError
 from dbdeck.state import StateFile
 
@@ -115,7 +116,7 @@ class Sync:
         if not self.app.dry_run:
             conflicts = sum(c["conflicts"] for c in totals.values())
             previous = self.state.entry("rounds")
-            self.state.update("rounds", last_success=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=seconds,
+            self.state.update("rounds", last_success=output.timestamp(), seconds=seconds,
                               last=totals, conflicts_total=previous.get("conflicts_total", 0) + conflicts)
         return {"seconds": seconds, "directions": totals}
 

@@ -31,7 +31,8 @@ def parse_rules(raw):
         parts = key.split(".")
         if rule == "truncate":
             if len(parts) not in (1, 2):
-                raise ConfigError(f"sync_prod_to_dev.anonymize.{key}: truncate applies to a table (table or schema.table)")
+                raise ConfigError(f"sync_prod_to_dev.anonymize.{key}: truncate applies to a table "
+                                  f"(table or schema.table)")
             schema, table = (parts if len(parts) == 2 else ["public", parts[0]])
             rules.append((schema, table, None, rule, options))
             continue
@@ -56,7 +57,8 @@ def _expression(rule, column, options, salt, max_length):
         value = digest
     elif rule == "email_mask":
         value = sql.SQL("left({col}, 1) || left({digest}, 10) || '@' || "
-                        "coalesce(nullif(split_part({col}, '@', 2), ''), 'example.invalid')").format(col=col, digest=digest)
+                        "coalesce(nullif(split_part({col}, '@', 2), ''), 'example.invalid')").format(
+                            col=col, digest=digest)
     elif rule == "keep_first_char":
         value = sql.SQL("left({col}, 1) || repeat('*', greatest(length({col}) - 1, 0))").format(col=col)
     else:

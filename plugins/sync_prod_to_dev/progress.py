@@ -27,15 +27,21 @@ class Progress:
         self._reported_tenth = 0
         self._lock = threading.Lock()
 
-    def line(self):
+    def line(self, final=False):
         percent = 100 * self.bytes / self.total_bytes if self.total_bytes else 100 * self.items / self.total_items
         elapsed = time.monotonic() - self.started
+        rate = self.bytes / elapsed if elapsed > 0 else 0
+        pace = f", {human_bytes(rate)}/s" if rate else ""
+        left = ""
+        if not final and rate and self.total_bytes > self.bytes:
+            left = f", about {(self.total_bytes - self.bytes) / rate:.0f}s left"
         return (f"{self.items}/{self.total_items} {self.what}, {human_bytes(self.bytes)} of "
-                f"{human_bytes(self.total_bytes)} ({percent:.0f}%, {elapsed:.0f}s)")
+                f"{human_bytes(self.total_bytes)} ({percent:.0f}%, {elapsed:.0f}s{pace}{left})")
 
     def update(self, items, done_bytes):
         with self._lock:
-            self.items, self.bytes = items, done_bytes
+            # never backwards: a table's COPY progress row disappears while its indexes are built
+            self.items, self.bytes = max(self.items, items), max(self.bytes, min(done_bytes, self.total_bytes))
             if self.interactive:
                 self.stream.write("\r\033[K" + self.line())
                 self.stream.flush()
@@ -52,4 +58,4 @@ class Progress:
         if self.interactive:
             self.stream.write("\r\033[K")
             self.stream.flush()
-        self.say("copied " + self.line())
+        self.say("copied " + self.line(final=True))

@@ -309,6 +309,13 @@ def test_daemon_mode_detaches_with_a_pid_file_and_stops_on_sigterm(local_pair):
     os.kill(pid, signal.SIGTERM)
     assert wait_for(lambda: not pid_file.exists(), timeout=20)
     assert "auto-failover stopped" in (pair.base / "af.log").read_text()
+    # the daemon's file has no other clock: every line starts with the one time format
+    from datetime import datetime
+
+    lines = [line for line in (pair.base / "af.log").read_text().splitlines() if line.strip()]
+    for line in lines:
+        stamp = datetime.fromisoformat(line.split(" ", 1)[0])
+        assert stamp.tzinfo is not None, line
 
 
 def test_switchover_aborts_and_restarts_the_primary_when_the_standby_cannot_catch_up(local_pair):

@@ -193,3 +193,69 @@ def test_out_of_range_numbers_are_refused_not_replaced(tmp_path):
     assert negative.returncode == 3 and "REPLICATION UNKNOWN" in negative.stdout and "-5" in negative.stdout
     zero = run("auto-failover", "--config", str(cfg), "--interval", "0")
     assert zero.returncode == 2 and "--interval" in zero.stderr
+
+
+def test_failures_with_format_json_are_one_json_document_on_stdout(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("endpoints:\n  prod: {port: notaport}\n")
+    bad_config = run("--format", "json", "--config", str(cfg), "config", "check")
+    assert bad_config.returncode == 2
+    document = json.loads(bad_config.stdout)
+    assert document["exit_code"] == 2 and "endpoints.prod.port" in document["error"]
+    cfg.write_text("endpoints: {}\n")
+    unknown = run("endpoints", "nosuch", "--config", str(cfg), "--format=json")
+    assert unknown.returncode != 0 and json.loads(unknown.stdout)["exit_code"] == unknown.returncode
+    usage = run("sync-prod-to-dev", "--no-such-flag", "--format", "json")
+    assert usage.returncode == 2 and json.loads(usage.stdout)["exit_code"] == 2
+    assert "--no-such-flag" in json.loads(usage.stdout)["error"]
+    fine = run("--format", "json", "--config", str(cfg), "config", "check")
+    assert fine.returncode == 0 and "error" not in json.loads(fine.stdout)
+
+
+def _on_a_terminal(args, answer, tmp_path):
+    """Run a command with a real terminal (a pty) as stdin/stdout, answering its question."""
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([str(ROOT / "bin" / args[0]), *args[1:]], stdin=follower, stdout=follower,
+                               stderr=follower, cwd=tmp_path, close_fds=True)
+    os.close(follower)
+    seen, answered = b"", False
+    while process.poll() is None or select.select([leader], [], [], 0.2)[0]:
+        if select.select([leader], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(leader, 1024)
+            except OSError:
+                break
+            seen += chunk
+            if not answered and b"[y/N]" in seen:
+                os.write(leader, answer)
+                answered = True
+    process.wait(timeout=30)
+    os.close(leader)
+    return process.returncode, seen.decode(errors="replace")
+
+
+def test_role_changes_ask_on_a_terminal_and_never_without_one(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("endpoints: {}\n")
+    for command in ("switchover", "promote-replica", "rebuild-replica"):
+        code, seen = _on_a_terminal([command, "--config", str(cfg)], b"n\n", tmp_path)
+        assert code == 1 and "[y/N]" in seen and "Aborted" in seen, seen
+        assert "replication" not in seen.split("[y/N]")[1]  # nothing ran after the refusal
+        code, seen = _on_a_terminal([command, "--config", str(cfg), "--yes"], b"", tmp_path)
+        assert "[y/N]" not in seen and code != 0  # went on, to the missing replication config
+        piped = run(command, "--config", str(cfg))
+        assert "[y/N]" not in piped.stdout + piped.stderr and piped.returncode != 0
+
+
+def test_shell_completion_as_the_readme_installs_it():
+    source = run(env={"_DBDECK_COMPLETE": "bash_source"})
+    assert source.returncode == 0 and "_dbdeck_completion" in source.stdout
+    done = run(env={"_DBDECK_COMPLETE": "bash_complete", "COMP_WORDS": "dbdeck sync-p", "COMP_CWORD": "1"})
+    assert done.stdout.split() == ["plain,sync-prod-to-dev"]
+    options = subprocess.run([str(ROOT / "bin" / "sync-prod-to-dev")], capture_output=True, text=True, env={
+        **os.environ, "_SYNC_PROD_TO_DEV_COMPLETE": "bash_complete", "COMP_WORDS": "sync-prod-to-dev --fo",
+        "COMP_CWORD": "1"}, timeout=60)
+    assert set(options.stdout.split()) == {"plain,--force", "plain,--format"}

@@ -50,3 +50,42 @@ def test_run_files_are_one_per_run_masked_and_private(tmp_path):
         text = handler.path.read_text()
         assert "promoting with password ***" in text and "run-file-secret-xyz" not in text
         assert stat.S_IMODE(handler.path.stat().st_mode) == 0o640
+
+
+def test_one_time_format_in_files_outputs_and_daemon_lines(tmp_path):
+    import io
+    import logging
+    from datetime import datetime
+
+    from dbdeck import log as log_module
+    from dbdeck import output
+
+    stamp = output.timestamp(0)
+    assert datetime.fromisoformat(stamp).timestamp() == 0 and datetime.fromisoformat(stamp).tzinfo is not None
+    handler = log_module.add_daily_file(tmp_path, "fmt")
+    try:
+        logging.getLogger("dbdeck.test").warning("hello")
+    finally:
+        logging.getLogger("dbdeck").removeHandler(handler)
+        handler.close()
+    line = next(tmp_path.glob("fmt-*.log")).read_text().splitlines()[-1]
+    assert datetime.fromisoformat(line[1:line.index("]")]).tzinfo is not None, line
+    sink = io.StringIO()
+    lines = output.TimestampedLines(sink)
+    lines.write("first\nsecond ")
+    lines.write("half\n")
+    written = sink.getvalue().splitlines()
+    assert [w.split(" ", 1)[1] for w in written] == ["first", "second half"]
+    assert all(datetime.fromisoformat(w.split(" ", 1)[0]).tzinfo is not None for w in written)
+
+
+def test_timestamped_lines_take_bytes_too():
+    import io
+
+    from dbdeck import output
+
+    sink = io.StringIO()
+    lines = output.TimestampedLines(sink)
+    lines.write(b"raw bytes\n")
+    lines.write(b"")
+    assert sink.getvalue().endswith(" raw bytes\n")

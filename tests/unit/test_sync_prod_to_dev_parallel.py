@@ -150,3 +150,16 @@ def test_a_copy_with_no_rows_while_every_load_waits_is_a_stall():
     now[0] = 61
     with pytest.raises(DbdeckError, match="no rows from prod for 61s"):
         stalled.poll()
+
+
+def test_progress_never_goes_backwards_and_shows_rate_and_time_left():
+    said = []
+    progress = Progress(said.append, total_items=10, total_bytes=10_000, what="tables", stream=io.StringIO())
+    progress.started -= 10  # ten seconds in
+    progress.update(5, 5_000)
+    progress.update(5, 0)  # a table's COPY row gone while its indexes build: not a step back
+    assert (progress.items, progress.bytes) == (5, 5_000)
+    line = progress.line()
+    assert "50%" in line and "/s" in line and "s left" in line
+    progress.finish()
+    assert "left" not in said[-1]
