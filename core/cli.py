@@ -296,13 +296,13 @@ def _run_mapping_errors(command, args, prog_name):
         # click turns Ctrl-C and SIGTERM (errors.Terminated) into Abort; the cause says which
         if isinstance(exc.__cause__, Terminated):
             _echo_if_possible("Terminated.")
-            return 143
+            _exit_at_once(143)
         if isinstance(exc.__cause__, KeyboardInterrupt):
             from .run import stop_children
 
             stop_children(signal.SIGINT)
             _echo_if_possible("Interrupted.")
-            return 130
+            _exit_at_once(130)
         click.echo("Aborted.", err=True)
         return EXIT_FAILED
     except DbdeckError as exc:
@@ -314,13 +314,13 @@ def _run_mapping_errors(command, args, prog_name):
         return exc.exit_code
     except Terminated:
         _echo_if_possible("Terminated.")
-        return 143
+        _exit_at_once(143)
     except KeyboardInterrupt:
         from .run import stop_children
 
         stop_children(signal.SIGINT)
         _echo_if_possible("Interrupted.")
-        return 130
+        _exit_at_once(130)
     except BrokenPipeError:
         output.detach(sys.stdout)
         return EXIT_FAILED
@@ -352,6 +352,19 @@ def _stop_cleanly_on_sigterm():
         raise Terminated()
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _exit_at_once(code):
+    """End an interrupted run now. Its cleanup has run (the exception unwound every `finally`: staging
+    dropped, locks released) and its programs were told to stop; a worker thread still waiting on one,
+    or a library's timer thread, must not keep the process alive after that."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _echo_if_possible(line):

@@ -224,19 +224,24 @@ def test_sigterm_mid_copy_stops_children_drops_staging_exits_143(clusters, tmp_p
     dev_ep = dev.endpoint("crm_development")
     try:
         before = checksums(dev_ep)
-        process = subprocess.Popen([str(BIN / "sync-prod-to-dev"), "--config", str(config), "--force"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert wait_for(lambda: copy_sessions(prod, dev), timeout=30, pause=0.02)
-        time.sleep(0.3)
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=60)
-        assert process.returncode == 143, err
-        assert "Terminated." in err and "Traceback" not in err
-        assert "dropping crm_development__dbdeck_staging" in out
-        assert not copy_sessions(prod, dev)
-        names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
-        assert not any("__dbdeck_" in n for n in names)
-        assert checksums(dev_ep) == before
+        # at different steps: schema, data streams, index builds (each one a different thread layout)
+        for delay in (0.0, 0.3, 1.2, 2.5):
+            process = subprocess.Popen([str(BIN / "sync-prod-to-dev"), "--config", str(config), "--force"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert wait_for(lambda: copy_sessions(prod, dev), timeout=30, pause=0.02)
+            time.sleep(delay)
+            process.send_signal(signal.SIGTERM)
+            out, err = process.communicate(timeout=60)
+            if process.returncode == 0:  # finished before the signal: dev is the new copy
+                before = checksums(dev_ep)
+                continue
+            assert process.returncode == 143, err
+            assert "Terminated." in err and "Traceback" not in err
+            assert "dropping crm_development__dbdeck_staging" in out
+            assert not copy_sessions(prod, dev)
+            names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
+            assert not any("__dbdeck_" in n for n in names)
+            assert checksums(dev_ep) == before
     finally:
         prod.endpoint("crm_production").execute("DROP TABLE IF EXISTS bulk_term")
 
