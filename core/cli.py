@@ -294,15 +294,8 @@ def _run_mapping_errors(command, args, prog_name):
         return EXIT_USAGE
     except click.exceptions.Abort as exc:
         # click turns Ctrl-C and SIGTERM (errors.Terminated) into Abort; the cause says which
-        if isinstance(exc.__cause__, Terminated):
-            _echo_if_possible("Terminated.")
-            _exit_at_once(143)
-        if isinstance(exc.__cause__, KeyboardInterrupt):
-            from .run import stop_children
-
-            stop_children(signal.SIGINT)
-            _echo_if_possible("Interrupted.")
-            _exit_at_once(130)
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # Terminated included
+            _end_interrupted(exc.__cause__)
         click.echo("Aborted.", err=True)
         return EXIT_FAILED
     except DbdeckError as exc:
@@ -312,15 +305,8 @@ def _run_mapping_errors(command, args, prog_name):
 
             click.echo(secrets.mask(traceback.format_exc()), err=True)
         return exc.exit_code
-    except Terminated:
-        _echo_if_possible("Terminated.")
-        _exit_at_once(143)
-    except KeyboardInterrupt:
-        from .run import stop_children
-
-        stop_children(signal.SIGINT)
-        _echo_if_possible("Interrupted.")
-        _exit_at_once(130)
+    except KeyboardInterrupt as exc:  # Terminated included
+        _end_interrupted(exc)
     except BrokenPipeError:
         output.detach(sys.stdout)
         return EXIT_FAILED
@@ -352,6 +338,18 @@ def _stop_cleanly_on_sigterm():
         raise Terminated()
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _end_interrupted(exc):
+    """Ctrl-C (130) or SIGTERM (143, errors.Terminated, whose handler already stopped the children)."""
+    if isinstance(exc, Terminated):
+        _echo_if_possible("Terminated.")
+        _exit_at_once(143)
+    from .run import stop_children
+
+    stop_children(signal.SIGINT)
+    _echo_if_possible("Interrupted.")
+    _exit_at_once(130)
 
 
 def _exit_at_once(code):

@@ -259,3 +259,32 @@ def test_shell_completion_as_the_readme_installs_it():
         **os.environ, "_SYNC_PROD_TO_DEV_COMPLETE": "bash_complete", "COMP_WORDS": "sync-prod-to-dev --fo",
         "COMP_CWORD": "1"}, timeout=60)
     assert set(options.stdout.split()) == {"plain,--force", "plain,--format"}
+
+
+def test_ctrl_c_and_sigterm_stop_the_program_and_exit_at_once(tmp_path):
+    import signal
+    import time
+
+    code = textwrap.dedent("""
+        import click, sys
+        from dbdeck.cli import pass_app, run_command, _with_global_options
+
+        @click.command("wait-long")
+        @pass_app
+        def wait_long(app):
+            app.runner.run(["sleep", "60"], timeout=120)
+
+        sys.exit(run_command(_with_global_options(wait_long), sys.argv[1:], prog_name="wait-long"))
+    """)
+    for signum, expected, said in ((signal.SIGINT, 130, "Interrupted."), (signal.SIGTERM, 143, "Terminated.")):
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and subprocess.run(["pgrep", "-P", str(process.pid)],
+                                                             capture_output=True).returncode != 0:
+            time.sleep(0.05)
+        started = time.monotonic()
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == expected and said in err and "Traceback" not in err, err
+        assert time.monotonic() - started < 10  # not the 60 s of the program, nor sh's timer
