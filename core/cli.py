@@ -285,7 +285,10 @@ def _say_error(line):
 
 def _run_mapping_errors(command, args, prog_name):
     try:
-        command.main(args=args, prog_name=prog_name, standalone_mode=False)
+        try:
+            command.main(args=args, prog_name=prog_name, standalone_mode=False)
+        finally:
+            _hold_sigterm()
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
@@ -338,6 +341,14 @@ def _stop_cleanly_on_sigterm():
         raise Terminated()
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _hold_sigterm():
+    """Once the command's work is over, a SIGTERM has nothing left to stop: it stays pending. Otherwise one
+    arriving while Python shuts down (which puts back the default action) would end a finished run as
+    killed (-15) instead of with its exit status."""
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
 def _end_interrupted(exc):

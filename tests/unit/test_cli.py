@@ -288,3 +288,27 @@ def test_ctrl_c_and_sigterm_stop_the_program_and_exit_at_once(tmp_path):
         _, err = process.communicate(timeout=30)
         assert process.returncode == expected and said in err and "Traceback" not in err, err
         assert time.monotonic() - started < 10  # not the 60 s of the program, nor sh's timer
+
+
+def test_a_sigterm_after_the_work_is_over_keeps_the_exit_status(tmp_path):
+    """Python puts back SIGTERM's default action while it shuts down: a signal then (a supervisor's stop
+    racing the end of a run) must not turn a finished run into a killed one (-15)."""
+    import signal
+
+    code = textwrap.dedent("""
+        import atexit, click, os, signal, sys, time
+        from dbdeck.cli import pass_app, run_command, _with_global_options
+
+        @click.command("finish")
+        @pass_app
+        def finish(app):
+            pass
+
+        # what the interpreter's shutdown does to the handler, then the signal lands
+        atexit.register(lambda: (signal.signal(signal.SIGTERM, signal.SIG_DFL), os.kill(os.getpid(), signal.SIGTERM),
+                                 time.sleep(0.2)))
+        sys.exit(run_command(_with_global_options(finish), sys.argv[1:], prog_name="finish"))
+    """)
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert process.returncode == 0, (process.returncode, process.stderr)
+    assert process.returncode != -signal.SIGTERM
