@@ -69,3 +69,43 @@ def detach(stream=None):
         os.close(devnull)
     except (OSError, ValueError):
         pass
+
+
+def human_bytes(count: float | None) -> str:
+    """The one text form of a size (JSON carries plain bytes): 512 B, 16.0 kB, 1.5 GB (1024-based, as
+    PostgreSQL prints them)."""
+    if count is None:
+        return "?"
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"  # pragma: no cover - the loop always returns
+
+
+def human_duration(seconds: float | None) -> str:
+    """45s, 12m, 3h 05m, 2d 04h: an age or a duration for people."""
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600:02d}h"
+
+
+def render(renderable, width: int | None = None) -> str:
+    """A rich renderable (a table) as plain text: colour only on a terminal and never with NO_COLOR."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    buffer = StringIO()
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    Console(file=buffer, width=width or 200, highlight=False, force_terminal=colour, no_color=not colour,
+            soft_wrap=False).print(renderable)
+    return "\n".join(text.rstrip() for text in buffer.getvalue().splitlines())

@@ -25,6 +25,9 @@ METRIC_HELP = {
     "dbdeck_service_up": "1 while the long-running dbdeck service holds its lock (is alive)",
     "dbdeck_result_last_success_timestamp_seconds": "Unix time the command last finished its work",
     "dbdeck_result_last_duration_seconds": "How long the command's last finished work took",
+    "dbdeck_backup_last_success_timestamp_seconds": "Unix time the last base backup of the pair ended (Barman)",
+    "dbdeck_backup_last_verified_timestamp_seconds": "Unix time a restore of the backups last passed `pitr verify`",
+    "dbdeck_backup_wal_chain_complete": "0 from a failover until a base backup of the new primary exists",
     "dbdeck_status_problems": "Rows of `dbdeck status` that are failing, stale, dead or down",
 }
 

@@ -8,7 +8,10 @@ def register_commands(cli):
     from .commands import (auto_failover, check_replication, promote_replica, rebuild_replica, setup_master,
                            switchover)
 
-    for command in (check_replication, setup_master, promote_replica, rebuild_replica, switchover, auto_failover):
+    from .pitr_commands import pitr, rotate_replication_password
+
+    for command in (check_replication, setup_master, promote_replica, rebuild_replica, switchover, auto_failover,
+                    pitr, rotate_replication_password):
         cli.add_command(command)
 
 
@@ -23,13 +26,74 @@ def config_section():
 
 
 @hookimpl
+def scheduled_jobs(config):
+    backup = config.section("replication").backup if config.given("replication") else None
+    enabled = backup is not None
+    backup = backup or _default_backup()
+    return [
+        {"name": "pitr-maintain", "command": ["pitr", "maintain"], "every": "1m", "enabled": enabled,
+         "description": "Barman's WAL receiver, archiving and retention (barman cron); follow the primary"},
+        {"name": "pitr-backup", "command": ["pitr", "create"], "cron": backup.schedule, "enabled": enabled,
+         "description": "a base backup of the primary (Barman)"},
+        {"name": "pitr-verify", "command": ["pitr", "verify"], "cron": backup.verify_schedule, "enabled": enabled,
+         "description": "restore the latest backup and a point in time into a throwaway cluster and check it"},
+    ]
+
+
+def _default_backup():
+    from .model import Backup
+
+    return Backup()
+
+
+@hookimpl
 def status_report(app):
     from dbdeck.status import service_items
 
     items = service_items(app, "auto-failover")
     if app.config.given("replication"):
         items.insert(0, _verdict(app))
+        if app.config.section("replication").backup is not None:
+            items[1:1] = _backup_items(app)
     return items
+
+
+def _backup_items(app):
+    """Last base backup, WAL chain, last verified restore: from dbdeck's record beside Barman's files."""
+    from dbdeck.errors import DbdeckError
+    from dbdeck.status import Item, epoch
+
+    from .backup import backup_problems
+    from .barman import Barman
+    from .commands import _pair
+
+    try:
+        barman = Barman(_pair(app))
+    except DbdeckError as exc:
+        return [Item(kind="backup", name="pitr", state="failing", detail=str(exc).splitlines()[0])]
+    state = barman.state.read()
+    last = state.get("last_backup") or {}
+    chain = state.get("chain") or {}
+    verified = state.get("last_verify") or {}
+    problems = backup_problems(barman)
+    stale = [p for p in problems if "base backup" in p and "hole" not in p]
+    hole = [p for p in problems if "hole" in p]
+    verify_problems = [p for p in problems if "verif" in p]
+    labels = {"server": barman.name}
+    return [
+        Item(kind="backup", name="pitr-backup", state="stale" if stale else "ok",
+             detail=stale[0] if stale else f"base backup {last.get('id')}", last=last.get("end"), labels=labels,
+             metrics={"dbdeck_backup_last_success_timestamp_seconds": epoch(last.get("end"))},
+             data={"backup": last}),
+        Item(kind="backup", name="pitr-wal", state="failing" if hole else "ok",
+             detail=hole[0] if hole else f"streaming from {(state.get('server') or {}).get('primary', '?')}",
+             labels=labels, metrics={"dbdeck_backup_wal_chain_complete": 0 if hole else 1}, data={"chain": chain}),
+        Item(kind="backup", name="pitr-verify", state="stale" if verify_problems else "ok",
+             detail=verify_problems[0] if verify_problems else verified.get("summary", ""), last=verified.get("at"),
+             labels=labels,
+             metrics={"dbdeck_backup_last_verified_timestamp_seconds": epoch(verified.get("last_success"))},
+             data={"verify": verified}),
+    ]
 
 
 def _verdict(app):

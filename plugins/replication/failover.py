@@ -210,6 +210,9 @@ class Monitor:
         self.primary, self.failed = standby, 0
         self._state("promoted", f"FAILOVER: {standby.name} is the primary (was {old.name})", logging.WARNING,
                     "critical")
+        from .backup import after_role_change
+
+        after_role_change(self.pair, standby)
         if self.rejoin:
             try:
                 how = rejoin(self.pair, old, standby)

@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from dbdeck.config import EndpointConfig, Section
 
@@ -25,12 +25,9 @@ def parse_size(value):
 
 
 def format_size(value):
-    if value is None:
-        return "?"
-    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("kB", 1024)):
-        if abs(value) >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{int(value)} B"
+    from dbdeck.output import human_bytes
+
+    return human_bytes(value)
 
 
 class NodeConfig(Section):
@@ -92,6 +89,59 @@ class AutoFailover(Section):
 
 
 
+class VerifyCheck(Section):
+    """A query run in the restored copy; the restore fails verification when it returns fewer rows or a
+    smaller first value than `min` (e.g. SELECT count(*) FROM orders with min: 1)."""
+
+    database: str = "postgres"
+    query: str
+    min: float = 1
+
+
+class Backup(Section):
+    """Physical backups and point-in-time recovery of the pair's primary, by Barman in streaming mode
+    (pg_basebackup through `backup_method = postgres`, pg_receivewal through a replication slot)."""
+
+    # Barman's own files: its configuration (rendered by dbdeck), catalogue, base backups and WAL
+    home: Path | None = None            # default <state_dir>/barman
+    server: str = "pair"                # the Barman server name
+    os_user: str | None = None          # default: barman (Debian's package user) when dbdeck runs as root
+    slot: str = "barman"
+    retention_policy: str = "RECOVERY WINDOW OF 7 DAYS"
+    minimum_redundancy: NonNegativeInt = 1
+    bindir: Path | None = None          # PostgreSQL client programs matching the server's major version
+    schedule: str = "0 3 * * *"         # the base backup job (cron expression)
+    verify_schedule: str = "30 4 * * 0"  # the weekly restore verification
+    max_age_hours: PositiveFloat = 26   # dbdeck status: the last backup is stale after this
+    verify_max_age_days: PositiveFloat = 8
+    restore_dir: Path | None = None     # throwaway clusters of `pitr verify`; default <home>/verify
+    checks: list[VerifyCheck] = []
+    amcheck: bool = True
+
+    @field_validator("server", "slot")
+    @classmethod
+    def _plain_name(cls, value):
+        if not re.fullmatch(r"[a-z0-9_]{1,63}", value):
+            raise ValueError("use lower-case letters, digits and underscores")
+        return value
+
+    @field_validator("retention_policy")
+    @classmethod
+    def _retention(cls, value):
+        if not re.fullmatch(r"(?i)(REDUNDANCY \d+|RECOVERY WINDOW OF \d+ (DAYS?|WEEKS?|MONTHS?))", value.strip()):
+            raise ValueError("expected Barman's 'RECOVERY WINDOW OF 7 DAYS' or 'REDUNDANCY 3'")
+        return value.strip().upper()
+
+    @field_validator("schedule", "verify_schedule")
+    @classmethod
+    def _cron(cls, value):
+        from croniter import croniter
+
+        if not croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a cron expression (minute hour day month weekday)")
+        return value
+
+
 class Replication(Section):
     """A PostgreSQL primary + hot standby pair (seed 004's conecta-postgres / conecta-postgres-replica)."""
 
@@ -115,6 +165,7 @@ class Replication(Section):
     # 'FIRST 1 (*)' makes every commit wait for the standby: a failover then loses no acknowledged commit,
     # at the price of commit latency and of writes blocking while no standby is connected
     synchronous_standby_names: str | None = None
+    backup: Backup | None = None
 
     @field_validator("warn_lag_bytes", "crit_lag_bytes", "switchover_max_lag_bytes", mode="before")
     @classmethod

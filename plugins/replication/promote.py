@@ -77,6 +77,9 @@ def promote_replica(pair, node_name=None, force=False, update_connections=False)
         pair.say(f"{standby.name} is the primary now and accepts writes")
         pair.app.notify(Event("failover.promoted", f"{standby.name} promoted to primary", severity="warning",
                               details={"node": standby.name, "forced": bool(live)}))
+        from .backup import after_role_change
+
+        after_role_change(pair, standby)
 
     old = next((n for n in old_primaries), None)
     changes = connection_changes(pair, old, standby)

@@ -202,10 +202,10 @@ def _covers(address, netmask, network):
     return rule.version == network.version and network.subnet_of(rule)
 
 
-def ensure_slot(pair, conn, where):
-    """The physical replication slot on the primary behind conn, created when missing.
-    Returns whether a standby streams through it right now."""
-    slot = pair.settings.slot
+def ensure_slot(pair, conn, where, slot=None):
+    """The physical replication slot (the standby's, or `slot`) on the node behind conn, created when
+    missing. Returns whether a standby streams through it right now."""
+    slot = slot or pair.settings.slot
     row = conn.execute("SELECT slot_type, active FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
     if row:
         if row[0] != "physical":

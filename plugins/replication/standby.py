@@ -115,8 +115,15 @@ def follow(pair, node, primary, directory=None):
 
 
 def ensure_slot(pair, primary):
+    """The standby's slot on `primary` (a standby about to be promoted, too: reserved from its last
+    restartpoint, it keeps the WAL from before the fork), and Barman's when backups are set up, so Barman's
+    receiver continues from where it was and the WAL archive has no hole."""
+    from .backup import reserve_for_backups
+
     with primary.connect() as conn, primary.endpoint.driver_errors("slot"):
-        return ensure_slot_on_connection(pair, conn, primary.name)
+        in_use = ensure_slot_on_connection(pair, conn, primary.name)
+        reserve_for_backups(pair, conn, primary.name)
+        return in_use
 
 
 def stop_node(pair, node, mode="fast"):

@@ -125,6 +125,9 @@ def switchover(pair, max_lag_bytes, timeout):
     pair.say(f"switchover done: {standby.name} is the primary, {primary.name} streams from it")
     pair.app.notify(Event("switchover.done", f"switchover: {standby.name} primary, {primary.name} standby",
                           details={"primary": standby.name, "standby": primary.name}))
+    from .backup import after_role_change
+
+    after_role_change(pair, standby)
     return primary, standby
 
 

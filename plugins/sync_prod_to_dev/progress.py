@@ -5,12 +5,7 @@ import threading
 import time
 
 
-def human_bytes(count):
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(count) < 1024 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TB"
+from dbdeck.output import human_bytes  # noqa: F401 - the one size format; re-exported for this plugin
 
 
 class Progress:

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import yaml
 
-from ..conftest import BIN, COMPOSE_DIR, CONTAINER_PREFIX, _docker_ready, new_password, wait_for
+from ..conftest import BIN, COMPOSE_DIR, CONTAINER_PREFIX, _docker_ready, new_password, require, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -178,3 +178,46 @@ def test_container_pair_auto_failover_fences_and_rejoins(conecta):
     code, report = _check(run)
     assert code == 0 and report["primary"] == "conecta-postgres", report
     assert sql("CONECTA_REPLICA_PORT", "SELECT pg_is_in_recovery(), count(*) FROM contatos") == [(True, 700)]
+
+
+def test_container_pair_backups_survive_a_failover_and_restore_into_a_stopped_container(conecta):
+    """Barman on the host streams from the seed's containers (nothing installed in them). After kill -9 of
+    the primary and promote-replica, Barman follows the new primary; a moment after the failover, before any
+    new base backup, restores into the old primary's stopped container through its volume."""
+    import time
+
+    run, sql, answers, app_env, env = conecta
+    require("barman", "barman")
+    config_path = app_env.parent / "dbdeck.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["replication"]["backup"] = {"home": str(app_env.parent / "barman")}
+    config_path.write_text(yaml.safe_dump(config))
+    code, report = _check(run)
+    assert code == 0 and report["primary"] == "conecta-postgres", report
+    try:
+        setup = run("dbdeck", "pitr", "setup")
+        assert setup.returncode == 0, setup.stdout + setup.stderr
+        sql("CONECTA_PRIMARY_PORT", "INSERT INTO contatos SELECT generate_series(701, 800)")
+        subprocess.run(["docker", "kill", PRIMARY], check=True, capture_output=True)
+        promoted = run("promote-replica")
+        assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+        assert "backups follow the new primary" in promoted.stdout, promoted.stdout
+        sql("CONECTA_REPLICA_PORT", "INSERT INTO contatos SELECT generate_series(801, 900)")
+        time.sleep(1.2)
+        moment = sql("CONECTA_REPLICA_PORT", "SELECT clock_timestamp()")[0][0].isoformat()
+        time.sleep(1.2)
+        sql("CONECTA_REPLICA_PORT", "INSERT INTO contatos SELECT generate_series(901, 1000)")
+
+        restored = run("dbdeck", "pitr", "restore", "--to-time", moment, "--target", "conecta-postgres", "--yes")
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        subprocess.run(["docker", "start", PRIMARY], check=True, capture_output=True)
+        assert wait_for(lambda: answers("CONECTA_PRIMARY_PORT"), timeout=60)
+        assert wait_for(lambda: sql("CONECTA_PRIMARY_PORT", "SELECT pg_is_in_recovery()") == [(False,)], timeout=60)
+        assert sql("CONECTA_PRIMARY_PORT", "SELECT count(*), max(id) FROM contatos") == [(900, 900)], \
+            "rows up to the moment after the failover: the WAL chain crossed the timeline switch"
+        subprocess.run(["docker", "stop", "-t", "10", PRIMARY], check=True, capture_output=True)
+        maintained = run("dbdeck", "pitr", "maintain", "--format", "json")
+        assert maintained.returncode == 0, maintained.stdout + maintained.stderr
+        assert not any("hole" in p for p in json.loads(maintained.stdout)["problems"])
+    finally:
+        subprocess.run(["pkill", "-f", f"directory={app_env.parent / 'barman'}"], check=False)

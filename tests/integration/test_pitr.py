@@ -1,0 +1,312 @@
+"""Backups and point-in-time recovery with Barman (Debian's package) on a pair built the README's way
+(stock PostgreSQL + setup-master + rebuild-replica), and the replication password's rotation.
+
+Every restore is started and its rows counted: a restore that only exits 0 proves nothing."""
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+from ..conftest import require, wait_for
+from .test_failover import _safe
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def pitr_pair(local_pair):
+    require("barman", "barman")
+    pair = local_pair
+    config = yaml.safe_load(pair.config.read_text())
+    config["replication"]["backup"] = {
+        "home": str(pair.base / "barman"),
+        "retention_policy": "RECOVERY WINDOW OF 7 DAYS",
+        "checks": [{"database": "postgres", "query": "SELECT count(*) FROM keep", "min": 100}],
+    }
+    pair.config.write_text(yaml.safe_dump(config))
+    pair.barman_home = pair.base / "barman"
+    yield pair
+    subprocess.run(["pkill", "-f", f"directory={pair.barman_home}"], check=False)
+
+
+def _dbdeck(pair, *args, timeout=300):
+    return pair.run("dbdeck", *args, timeout=timeout)
+
+
+def _json(result):
+    assert result.stdout.strip(), result.stderr
+    return json.loads(result.stdout)
+
+
+def _now(pair, port):
+    return pair.sql(port, "SELECT clock_timestamp()")[0][0].isoformat()
+
+
+class Restored:
+    """A restored data directory started on its own port, as the restore's closing line says."""
+
+    def __init__(self, pair, directory):
+        from dbdeck.plugins.sandbox.servers import free_port
+
+        self.pair, self.directory, self.port = pair, Path(directory), free_port()
+        self.socket_dir = Path(f"{directory}.run")
+
+    def __enter__(self):
+        self.socket_dir.mkdir(mode=0o700)
+        shutil.chown(self.socket_dir, "postgres")
+        pg_ctl = Path(self.pair.primary.server.bindir) / "pg_ctl"
+        started = subprocess.run(["runuser", "-u", "postgres", "--", str(pg_ctl), "-D", str(self.directory), "-l",
+                                  f"{self.socket_dir}/log", "-o", f"-p {self.port} -k {self.socket_dir}", "-w",
+                                  "start"], capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stdout + started.stderr + (self.socket_dir / "log").read_text()
+        assert wait_for(lambda: _safe(lambda: not self.sql("SELECT pg_is_in_recovery()")[0][0]), timeout=60), \
+            (self.socket_dir / "log").read_text()
+        return self
+
+    def sql(self, statement):
+        return self.pair.sql(self.port, statement)
+
+    def __exit__(self, *exc):
+        pg_ctl = Path(self.pair.primary.server.bindir) / "pg_ctl"
+        subprocess.run(["runuser", "-u", "postgres", "--", str(pg_ctl), "-D", str(self.directory), "-m", "immediate",
+                        "stop"], capture_output=True, timeout=60)
+
+
+def _tables(restored):
+    return {r[0] for r in restored.sql("SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = "
+                                       "'public'::regnamespace")}
+
+
+def test_backup_restore_to_a_time_verify_and_bad_input(pitr_pair):
+    pair = pitr_pair
+    dry = _dbdeck(pair, "pitr", "setup", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "GRANT EXECUTE ON FUNCTION pg_backup_start" in dry.stdout + dry.stderr
+    assert not pair.barman_home.exists(), "a dry run writes nothing"
+    assert pair.sql(pair.alpha_port, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'barman'") == [(0,)]
+
+    setup = _dbdeck(pair, "pitr", "setup", "--format", "json")
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    report = _json(setup)
+    assert report["ok"] and report["checks"]["receive_wal_running"]["ok"], report
+    assert oct((pair.barman_home / "pgpass").stat().st_mode & 0o777) == "0o600"
+    password = pair.password_file.read_text().strip()
+    for path in pair.barman_home.glob("barman.d/*.conf"):
+        assert password not in path.read_text()
+    again = _dbdeck(pair, "pitr", "setup", "--format", "json")  # idempotent: no second first backup
+    assert again.returncode == 0, again.stdout + again.stderr
+    listed = _json(_dbdeck(pair, "pitr", "list", "--format", "json"))
+    assert len(listed["backups"]) == 1 and listed["backups"][0]["status"] == "DONE"
+    assert isinstance(listed["backups"][0]["size_bytes"], int) and listed["backups"][0]["size_bytes"] > 1_000_000
+    text = _dbdeck(pair, "pitr", "list")
+    assert "BACKUP" in text.stdout and "SIZE" in text.stdout and " MB" in text.stdout, text.stdout
+
+    pair.sql(pair.alpha_port, "CREATE TABLE keep (id int PRIMARY KEY); INSERT INTO keep SELECT generate_series(1, 100)")
+    pair.sql(pair.alpha_port, "CREATE TABLE dropped (id int); INSERT INTO dropped VALUES (1)")
+    time.sleep(1.2)
+    moment = _now(pair, pair.alpha_port)
+    time.sleep(1.2)
+    pair.sql(pair.alpha_port, "INSERT INTO keep SELECT generate_series(101, 150)")
+    pair.sql(pair.alpha_port, "DROP TABLE dropped")
+
+    target = pair.base / "restored"
+    dry = _dbdeck(pair, "pitr", "restore", "--to-time", moment, "--target", target, "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "barman" in dry.stdout and "recover" in dry.stdout and not target.exists()
+
+    restored = _dbdeck(pair, "pitr", "restore", "--to-time", moment, "--target", target, "--format", "json")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert _json(restored)["target"] == str(target)
+    with Restored(pair, target) as copy:
+        assert copy.sql("SELECT count(*), max(id) FROM keep") == [(100, 100)], "rows up to T, none after"
+        assert "dropped" in _tables(copy), "the DROP after T is not replayed"
+        assert copy.sql("SHOW synchronous_standby_names") == [("",)]
+
+    # bad input: refused, nothing changed
+    before = sorted(p.name for p in pair.base.iterdir())
+    early = _dbdeck(pair, "pitr", "restore", "--to-time", "2001-01-01T00:00:00+00:00", "--target",
+                    pair.base / "never")
+    assert early.returncode != 0 and "before the oldest restorable moment" in early.stderr, early.stderr
+    future = _dbdeck(pair, "pitr", "restore", "--to-time", "2999-01-01T00:00:00+00:00", "--target",
+                     pair.base / "never")
+    assert future.returncode != 0 and "in the future" in future.stderr, future.stderr
+    in_use = _dbdeck(pair, "pitr", "restore", "--latest", "--target", target)
+    assert in_use.returncode != 0 and "is not empty" in in_use.stderr, in_use.stderr
+    running = _dbdeck(pair, "pitr", "restore", "--latest", "--target", "beta")
+    assert running.returncode != 0 and "beta is running" in running.stderr, running.stderr
+    neither = _dbdeck(pair, "pitr", "restore", "--target", pair.base / "never")
+    assert neither.returncode == 2 and "exactly one of --to-time" in neither.stderr, neither.stderr
+    assert sorted(p.name for p in pair.base.iterdir()) == before
+    assert pair.sql(pair.alpha_port, "SELECT count(*) FROM keep") == [(150,)]
+
+    # into a stopped node, through its driver: its files are kept aside inside its data directory
+    pair.standby_server.stop()
+    beta_before = sorted(p.name for p in pair.standby_server.datadir.iterdir())
+    into_node = _dbdeck(pair, "pitr", "restore", "--latest", "--target", "beta", "--yes", "--format", "json")
+    assert into_node.returncode == 0, into_node.stdout + into_node.stderr
+    kept = _json(into_node)["kept_aside"]
+    assert sorted(p.name for p in (pair.standby_server.datadir / kept).iterdir()) == beta_before
+    assert not (pair.standby_server.datadir / "standby.signal").exists()
+    pair.standby_server.start()
+    assert wait_for(lambda: _safe(lambda: pair.sql(pair.beta_port, "SELECT NOT pg_is_in_recovery()")[0][0]),
+                    timeout=60)
+    assert pair.sql(pair.beta_port, "SELECT count(*) FROM keep") == [(150,)], "--latest: every row"
+    assert "dropped" not in {r[0] for r in pair.sql(pair.beta_port, "SELECT relname FROM pg_class")}
+    pair.standby_server.stop()  # one primary again: beta was a restored, stand-alone copy
+    primary = _dbdeck(pair, "pitr", "restore", "--latest", "--target", "alpha", "--yes")
+    assert primary.returncode != 0 and "alpha is running" in primary.stderr, primary.stderr
+
+    verified = _dbdeck(pair, "pitr", "verify", "--format", "json", timeout=600)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    result = _json(verified)
+    assert [s.get("label") for s in result["steps"][1:]] == ["latest", "point in time"], result
+    assert result["steps"][1]["checks"][0]["value"] == 150
+    assert not list((pair.barman_home / "verify").iterdir()), "throwaway clusters are removed"
+    status = _json(pair.run("dbdeck", "status", "--format", "json"))
+    rows = {row["name"]: row for row in status if row["kind"] == "backup"}
+    assert rows["pitr-verify"]["state"] == "ok" and rows["pitr-backup"]["state"] == "ok", rows
+    assert rows["pitr-verify"]["metrics"]["dbdeck_backup_last_verified_timestamp_seconds"] > time.time() - 600
+    check = _dbdeck(pair, "pitr", "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    # the primary lost: refused over it unless told, then restored with what Barman received last
+    pair.sql(pair.alpha_port, "INSERT INTO keep VALUES (151)")
+    pair.primary.server.stop(mode="immediate")
+    alpha_before = sorted(p.name for p in Path(pair.primary.server.datadir).iterdir())
+    refused = _dbdeck(pair, "pitr", "restore", "--latest", "--target", "alpha", "--yes")
+    assert refused.returncode != 0 and "alpha is the primary" in refused.stderr, refused.stderr
+    assert sorted(p.name for p in Path(pair.primary.server.datadir).iterdir()) == alpha_before
+    allowed = _dbdeck(pair, "pitr", "restore", "--latest", "--target", "alpha", "--allow-primary", "--yes")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "unfinished WAL segment" in allowed.stdout, allowed.stdout
+    pair.primary.server.start()
+    assert wait_for(lambda: _safe(lambda: pair.sql(pair.alpha_port, "SELECT NOT pg_is_in_recovery()")[0][0]),
+                    timeout=60)
+    assert pair.sql(pair.alpha_port, "SELECT count(*) FROM keep") == [(151,)], "nothing Barman received is lost"
+    maintained = _dbdeck(pair, "pitr", "maintain", "--format", "json")
+    assert maintained.returncode == 0, maintained.stdout + maintained.stderr
+    assert not [p for p in _json(maintained)["problems"] if "hole" in p], maintained.stdout
+    assert len(_json(_dbdeck(pair, "pitr", "list", "--format", "json"))["backups"]) == 2
+
+    # a damaged backup file fails verification, in one line, and the status says so
+    backup_id = _json(_dbdeck(pair, "pitr", "list", "--format", "json"))["backups"][0]["backup_id"]
+    relation = pair.sql(pair.alpha_port, "SELECT pg_relation_filepath('keep')")[0][0]
+    damaged = pair.barman_home / "data" / "pair" / "base" / backup_id / "data" / relation
+    assert damaged.exists(), "the newest backup was taken after keep existed"
+    with open(damaged, "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\xff" * 64)
+    failed = _dbdeck(pair, "pitr", "verify", timeout=600)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "does not match its manifest" in failed.stderr, failed.stderr
+    assert "Traceback" not in failed.stderr
+    status = _json(pair.run("dbdeck", "status", "--format", "json"))
+    rows = {row["name"]: row for row in status if row["kind"] == "backup"}
+    assert rows["pitr-verify"]["state"] == "stale" and "failed" in rows["pitr-verify"]["detail"], rows
+
+
+def test_backups_follow_a_switchover_and_restore_past_it(pitr_pair):
+    pair = pitr_pair
+    assert _dbdeck(pair, "pitr", "setup").returncode == 0
+    pair.sql(pair.alpha_port, "CREATE TABLE keep (id int PRIMARY KEY); INSERT INTO keep SELECT generate_series(1, 10)")
+    switched = pair.run("switchover", "--yes")
+    assert switched.returncode == 0, switched.stdout + switched.stderr
+    assert "backups follow the new primary" in switched.stdout + switched.stderr
+    status = _json(pair.run("dbdeck", "status", "--format", "json"))
+    wal = next(r for r in status if r["name"] == "pitr-wal")
+    assert wal["state"] == "failing" and "hole" in wal["detail"], wal
+    assert wal["metrics"]["dbdeck_backup_wal_chain_complete"] == 0
+
+    pair.sql(pair.beta_port, "INSERT INTO keep SELECT generate_series(11, 20)")
+    time.sleep(1.2)
+    moment = _now(pair, pair.beta_port)
+    time.sleep(1.2)
+    pair.sql(pair.beta_port, "INSERT INTO keep SELECT generate_series(21, 30)")
+    maintained = _dbdeck(pair, "pitr", "maintain", "--format", "json")
+    assert maintained.returncode == 0, maintained.stdout + maintained.stderr
+    assert not [p for p in _json(maintained)["problems"] if "hole" in p]
+    listed = _json(_dbdeck(pair, "pitr", "list", "--format", "json"))
+    assert len(listed["backups"]) == 2 and listed["backups"][0]["timeline"] == 2, listed
+    assert "127.0.0.1" in (pair.barman_home / "barman.d" / "pair.conf").read_text()
+    assert f"port={pair.beta_port}" in (pair.barman_home / "barman.d" / "pair.conf").read_text()
+
+    # a point after the failover but before the new base backup: the WAL chain across the switch restores it
+    target = pair.base / "after-switch"
+    restored = _dbdeck(pair, "pitr", "restore", "--to-time", moment, "--target", target)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    with Restored(pair, target) as copy:
+        assert copy.sql("SELECT count(*) FROM keep") == [(20,)]
+
+
+def test_rotate_the_replication_password_under_a_writer(pitr_pair):
+    pair = pitr_pair
+    assert _dbdeck(pair, "pitr", "setup").returncode == 0
+    pair.sql(pair.alpha_port, "CREATE TABLE acks (id int PRIMARY KEY)")
+    old = pair.password_file.read_text().strip()
+    dry = pair.run("rotate-replication-password", "--dry-run")
+    assert dry.returncode == 0 and pair.password_file.read_text().strip() == old, dry.stdout + dry.stderr
+
+    written, stop = [], threading.Event()
+
+    def writer():
+        with psycopg.connect(host="127.0.0.1", port=pair.alpha_port, user="postgres", password=pair.primary.password,
+                             dbname="postgres", autocommit=True) as conn:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                conn.execute("INSERT INTO acks VALUES (%s)", (n,))
+                written.append(n)
+                time.sleep(0.005)
+
+    gaps, watching = [], threading.Event()
+
+    def watch():
+        down_since = None
+        while not watching.is_set():
+            streaming = _safe(lambda: pair.sql(pair.alpha_port, "SELECT count(*) FROM pg_stat_replication WHERE "
+                                                                "application_name = 'beta' AND state = 'streaming'"))
+            if streaming == [(1,)]:
+                if down_since is not None:
+                    gaps.append(time.monotonic() - down_since)
+                down_since = None
+            elif down_since is None:
+                down_since = time.monotonic()
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=writer, daemon=True), threading.Thread(target=watch, daemon=True)]
+    for thread in threads:
+        thread.start()
+    rotated = pair.run("rotate-replication-password", "--format", "json")
+    time.sleep(0.5)
+    stop.set()
+    watching.set()
+    for thread in threads:
+        thread.join(10)
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    new = pair.password_file.read_text().strip()
+    assert new != old and oct(pair.password_file.stat().st_mode & 0o777) == "0o600"
+    assert _json(rotated)["streaming"] == ["beta"] and _json(rotated)["barman"] is True
+    for text in (rotated.stdout, rotated.stderr, *(p.read_text() for p in pair.log_dir.glob("*.log"))):
+        assert new not in text and old not in text
+    assert new not in pair.primary.server.log_path.read_text()
+    assert max(gaps, default=0) < 10, gaps  # one reconnect, not an outage
+    assert written, "the writer wrote"
+    lsn = pair.sql(pair.alpha_port, "SELECT pg_current_wal_lsn()::text")[0][0]
+    assert wait_for(lambda: _safe(lambda: pair.sql(pair.beta_port,
+                                                   f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'")[0][0]), timeout=30)
+    assert pair.sql(pair.beta_port, "SELECT count(*) FROM acks") == [(len(written),)], "nothing lost"
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(host="127.0.0.1", port=pair.alpha_port, user="replicator", password=old, dbname="postgres")
+    psycopg.connect(host="127.0.0.1", port=pair.alpha_port, user="replicator", password=new, dbname="postgres").close()
+    assert new in (pair.barman_home / "pgpass").read_text()
+    check = _dbdeck(pair, "pitr", "check", "--format", "json")
+    assert _json(check)["checks"]["receive_wal_running"]["ok"], check.stdout
+    assert os.environ.get("PGPASSWORD") != new
