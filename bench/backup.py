@@ -82,7 +82,7 @@ def main():
             conn.execute("CREATE DATABASE app")
         with connect(database="app") as conn:
             conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, customer int, note text, at timestamptz)")
-            conn.execute("INSERT INTO orders SELECT g, g % 1000, md5(g::text) || md5((g * 7)::text), now() "
+            conn.execute("INSERT INTO orders SELECT g, g %% 1000, md5(g::text) || md5((g * 7)::text), now() "
                          "FROM generate_series(1, %s) g", (ROWS,))
             conn.execute("CREATE TABLE ticks (id serial PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())")
             size = conn.execute("SELECT pg_database_size('app')").fetchone()[0]
@@ -134,13 +134,15 @@ def main():
         restored = PostgresServer(target, port, Runner(), socket_dir=run_dir)
         restored.configure({"port": port, "unix_socket_directories": f"'{run_dir}'"})
         restored.start(timeout=3600)
+        deadline = time.monotonic() + 3600
         while True:
             try:
                 with connect(port=port) as conn:
                     if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
                         break
             except psycopg.OperationalError:
-                pass
+                if not restored.is_running() or time.monotonic() > deadline:
+                    raise SystemExit("the restored copy did not start: " + restored.log_path.read_text()[-2000:])
             time.sleep(0.2)
         barman_seconds = time.monotonic() - started
         servers.append(restored)
@@ -163,7 +165,8 @@ def main():
                 server.stop(mode="immediate")
             except Exception:  # noqa: BLE001 - cleaning up what may not have started
                 pass
-        shutil.rmtree(base, ignore_errors=True)
+        if not os.environ.get("DBDECK_BENCH_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

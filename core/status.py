@@ -28,6 +28,7 @@ METRIC_HELP = {
     "dbdeck_backup_last_success_timestamp_seconds": "Unix time the last base backup of the pair ended (Barman)",
     "dbdeck_backup_last_verified_timestamp_seconds": "Unix time a restore of the backups last passed `pitr verify`",
     "dbdeck_backup_wal_chain_complete": "0 from a failover until a base backup of the new primary exists",
+    "dbdeck_backup_wal_streaming": "1 when Barman's WAL receiver streamed from the primary at its last check",
     "dbdeck_status_problems": "Rows of `dbdeck status` that are failing, stale, dead or down",
 }
 

@@ -77,7 +77,8 @@ def _backup_items(app):
     verified = state.get("last_verify") or {}
     problems = backup_problems(barman)
     stale = [p for p in problems if "base backup" in p and "hole" not in p]
-    hole = [p for p in problems if "hole" in p]
+    hole = [p for p in problems if "hole" in p or "receiver" in p]
+    receiver = state.get("receiver") or {}
     verify_problems = [p for p in problems if "verif" in p]
     labels = {"server": barman.name}
     return [
@@ -87,7 +88,9 @@ def _backup_items(app):
              data={"backup": last}),
         Item(kind="backup", name="pitr-wal", state="failing" if hole else "ok",
              detail=hole[0] if hole else f"streaming from {(state.get('server') or {}).get('primary', '?')}",
-             labels=labels, metrics={"dbdeck_backup_wal_chain_complete": 0 if hole else 1}, data={"chain": chain}),
+             labels=labels, metrics={"dbdeck_backup_wal_chain_complete": 0 if any("hole" in p for p in hole) else 1,
+                                     "dbdeck_backup_wal_streaming": 1 if receiver.get("streaming") else 0},
+             data={"chain": chain, "receiver": receiver}),
         Item(kind="backup", name="pitr-verify", state="stale" if verify_problems else "ok",
              detail=verify_problems[0] if verify_problems else verified.get("summary", ""), last=verified.get("at"),
              labels=labels,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import re
 import shutil
 import socket
 import tempfile
@@ -94,6 +95,7 @@ def switch_wal_and_wait(pair, barman, primary):
         # a commit record stamped now: recovery to a time stops at the first commit after it, and without
         # one (an idle database) PostgreSQL ends recovery with "before configured recovery target was reached"
         conn.execute("SELECT pg_current_xact_id()")
+        conn.commit()  # before the switch: the commit record must be in the segment that gets archived
         segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
         # an idle server does not switch: then the segment before is complete already
         conn.execute("SELECT pg_switch_wal()")
@@ -265,6 +267,12 @@ def backup_problems(barman):
     elif now - epoch(last) > settings.max_age_hours * 3600:
         problems.append(f"the last base backup ended {output.human_duration(now - epoch(last))} ago "
                         f"(max_age_hours {settings.max_age_hours:g})")
+    receiver = state.get("receiver") or {}
+    if receiver.get("checked") and not receiver.get("streaming"):
+        problems.append(f"Barman's WAL receiver was not streaming at {receiver['checked']} (`dbdeck pitr check`)")
+    elif receiver.get("checked") and now - epoch(receiver["checked"]) > 15 * 60:
+        problems.append(f"Barman's WAL receiver was last checked at {receiver['checked']}: is the pitr-maintain job "
+                        f"installed (`dbdeck schedule install`)?")
     chain = state.get("chain") or {}
     if chain.get("pending_since"):
         problems.append(f"WAL chain has a hole since {chain.get('reason') or 'the failover'} at "
@@ -374,6 +382,8 @@ def restore(pair, target, to_time=None, allow_primary=False, quiet=False):
         _give(workspace, barman.os_user, create=True)
         barman.run("recover", *_recover_options(to_time), barman.name, backup["backup_id"], workspace,
                    timeout=24 * 3600)
+        if to_time is not None:
+            _wal_through_first_commit_after(pair, barman, workspace, to_time)
         if to_time is None and primary is None:
             _add_unfinished_segment(pair, barman, workspace)
         _neutralise(workspace, place)
@@ -446,6 +456,36 @@ def _into_node(pair, node, workspace, stamp):
     finally:
         archive.unlink(missing_ok=True)
     return aside
+
+
+_COMMIT = re.compile(r"desc: (?:COMMIT|ABORT) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+
+
+def _wal_through_first_commit_after(pair, barman, workspace, to_time):
+    """Barman copies WAL up to the first segment *completed* after the target time, assuming it holds a
+    commit after it. When that segment is filled by something else (a bulk load's data pages, CREATE
+    DATABASE copying a template), the commit after the target is in a later segment, and PostgreSQL ends
+    with "recovery ended before configured recovery target was reached". Add segments until one has a
+    commit (or abort) stamped after the target, as pg_waldump reads them."""
+    copied_dir = workspace / "barman_wal"
+    segments = [name for name in barman.wal_files() if re.fullmatch(r"[0-9A-F]{24}", name)]
+    copied = sorted(p.name for p in copied_dir.iterdir() if re.fullmatch(r"[0-9A-F]{24}", p.name)) \
+        if copied_dir.is_dir() else []
+    if not copied:
+        return
+    waldump = _bindir_from_config(barman) / "pg_waldump"
+    for name in [copied[-1], *(n for n in segments if n > copied[-1])]:
+        archived = barman.data / barman.name / "wals" / name[:16] / name
+        if name not in copied:
+            shutil.copyfile(archived, copied_dir / name)
+            _give(copied_dir / name, barman.os_user)
+        dump = pair.runner.run([waldump, "-r", "Transaction", archived], env={"TZ": "UTC"}, check=False,
+                               read_only=True, timeout=300)
+        for stamp in _COMMIT.findall(dump.stdout or ""):
+            if datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc) > to_time:
+                if name != copied[-1]:
+                    pair.say(f"added WAL through {name}: its commit at {stamp} UTC is the first after the target")
+                return
 
 
 def _recover_options(to_time):
@@ -717,6 +757,10 @@ def maintain(pair):
             barman.state.update("chain", pending_since=output.timestamp(), reason="WAL receiver reset")
     if primary is not None and (barman.state.entry("chain").get("pending_since")):
         create(pair, barman)
+    if not pair.runner.dry_run:
+        streaming = primary is not None and _receiver_runs(pair, barman)
+        barman.state.update("receiver", streaming=streaming, checked=output.timestamp(),
+                            primary=primary.name if primary else None)
     return {"server": barman.name, "primary": primary.name if primary else None,
             "problems": backup_problems(barman)}
 

@@ -12,7 +12,7 @@ import time
 
 from psycopg import sql
 
-from dbdeck import secrets
+from dbdeck import faults, secrets
 from dbdeck.errors import DbdeckError, Refused
 from dbdeck.state import write_atomic
 
@@ -81,10 +81,14 @@ def _put_everywhere(pair, primary, standbys, barman, password, which):
         secrets.register(verifier)
         conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(user), sql.Literal(verifier)))
     pair.say(f"{user}: {which} password set on {primary.name} (SCRAM verifier only) and in {password_file(pair)}")
+    if which == "new":
+        faults.point("rotate.role-altered")
     for node in standbys:
         follow(pair, node, primary)
         with node.connect() as conn, node.endpoint.driver_errors("reload"):
             conn.execute("SELECT pg_reload_conf()")
+    if which == "new":
+        faults.point("rotate.standbys-changed")
     if barman is not None:
         barman.write_password(primary, password)
         barman.stop_receiver()

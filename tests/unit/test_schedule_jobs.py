@@ -109,3 +109,15 @@ def test_shell_overrides_are_listed_but_env_file_values_are_not(tmp_path, monkey
     assert "PROD_DB_CONTAINER" in app.config.shell_overrides
     assert "PROD_DB_USER" not in app.config.shell_overrides and app.config.given("sync_prod_to_dev")
     assert os.environ.get("PROD_DB_USER") is None
+
+
+def test_backup_jobs_are_offered_once_replication_backup_is_configured(tmp_path):
+    pair = ("replication:\n  nodes:\n    a: {driver: local, data_dir: /tmp/a}\n"
+            "    b: {driver: local, data_dir: /tmp/b}\n")
+    jobs = all_jobs(app_with(tmp_path, pair))
+    assert {name: jobs[name].enabled for name in ("pitr-maintain", "pitr-backup", "pitr-verify")} == {
+        "pitr-maintain": False, "pitr-backup": False, "pitr-verify": False}
+    jobs = all_jobs(app_with(tmp_path, pair + "  backup:\n    schedule: '15 2 * * *'\n"))
+    assert jobs["pitr-backup"].enabled and jobs["pitr-backup"].cron == "15 2 * * *"
+    assert jobs["pitr-backup"].command == ["pitr", "create"]
+    assert jobs["pitr-maintain"].every == "1m" and jobs["pitr-verify"].cron == "30 4 * * 0"
