@@ -128,7 +128,8 @@ def setup(pair, first_backup=True):
     barman.start_receiver()
     pair.wait_for(lambda: barman.checks().get("receive_wal_running", (False,))[0], "Barman's WAL receiver to start")
     switch_wal_and_wait(pair, barman, primary)
-    barman.state.update("server", primary=primary.name, configured=output.timestamp())
+    first_setup = barman.state.entry("server").get("configured") or output.timestamp()
+    barman.state.update("server", primary=primary.name, configured=first_setup)
     if first_backup and not barman.backups():
         create(pair, barman)
     return report_checks(pair, barman)

@@ -162,13 +162,9 @@ class Barman:
         return {name: (value.get("status") == "OK", value.get("hint", "")) for name, value in server.items()}
 
     def backups(self):
-        """Base backups, oldest first, with times as aware datetimes and sizes in bytes."""
+        """Base backups, oldest first: Barman's JSON rows (end_time_timestamp in epoch seconds, size_bytes)."""
         answer = self.run("list-backups", self.name, as_json=True, read_only=True, timeout=60)
-        rows = []
-        for entry in answer.get(self.name) or []:
-            rows.append(entry)
-        rows.sort(key=lambda e: e["backup_id"])
-        return rows
+        return sorted(answer.get(self.name) or [], key=lambda entry: entry["backup_id"])
 
     def show(self, backup_id):
         answer = self.run("show-backup", self.name, backup_id, as_json=True, read_only=True, timeout=60)

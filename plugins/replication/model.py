@@ -24,6 +24,13 @@ def parse_size(value):
     return int(float(number) * _UNITS[(unit or "").lower()])
 
 
+def plain_name(value):
+    """A slot or Barman server name: it goes into SQL, Barman's ini file and paths unquoted."""
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", value):
+        raise ValueError("use only lower-case letters, digits and underscores (at most 63)")
+    return value
+
+
 def format_size(value):
     from dbdeck.output import human_bytes
 
@@ -121,9 +128,7 @@ class Backup(Section):
     @field_validator("server", "slot")
     @classmethod
     def _plain_name(cls, value):
-        if not re.fullmatch(r"[a-z0-9_]{1,63}", value):
-            raise ValueError("use lower-case letters, digits and underscores")
-        return value
+        return plain_name(value)
 
     @field_validator("retention_policy")
     @classmethod
@@ -183,9 +188,7 @@ class Replication(Section):
     @field_validator("slot")
     @classmethod
     def _slot_name(cls, value):
-        if not re.fullmatch(r"[a-z0-9_]{1,63}", value):
-            raise ValueError("a replication slot name uses only lower-case letters, digits and underscores")
-        return value
+        return plain_name(value)
 
     @field_validator("replication_networks")
     @classmethod
