@@ -58,7 +58,8 @@ class App:
         if self._runner is None:
             from .run import Runner
 
-            self._runner = Runner(dry_run=self.dry_run, echo=click.echo)
+            # with --format json stdout carries only the JSON document: dry-run lines go to stderr
+            self._runner = Runner(dry_run=self.dry_run, echo=lambda line: click.echo(line, err=self.format == "json"))
         return self._runner
 
     def endpoint(self, ref: str | dict | EndpointConfig, key: str = "endpoint") -> Endpoint:

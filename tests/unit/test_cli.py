@@ -312,3 +312,16 @@ def test_a_sigterm_after_the_work_is_over_keeps_the_exit_status(tmp_path):
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert process.returncode == 0, (process.returncode, process.stderr)
     assert process.returncode != -signal.SIGTERM
+
+
+def test_a_dry_run_in_json_keeps_stdout_to_the_one_document(tmp_path):
+    import json
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"dbdeck: {{run_dir: {tmp_path}/run, state_dir: {tmp_path}/state}}\n"
+                      f"scheduler: {{backend: cron, cron_file: {tmp_path}/cron}}\n"
+                      "schedules:\n  hello: {command: [sandbox, status], every: 5m}\n")
+    done = run("--config", str(config), "schedule", "install", "--dry-run", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["dry_run"] is True
+    assert "[dry-run] would write" in done.stderr and not (tmp_path / "cron").exists()
