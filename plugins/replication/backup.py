@@ -747,19 +747,22 @@ def maintain(pair):
         with primary.connect() as conn, primary.endpoint.driver_errors("pitr maintain"):
             _ensure_barman_slot(pair, conn, primary.name)
     barman.start_receiver()
-    if primary is not None and not pair.runner.dry_run and not _receiver_runs(pair, barman):
-        # its last position is not on the server's timeline any more (the primary was restored to an earlier
-        # moment): start from the server's current position; the new base backup below covers the chain
-        pair.say("Barman's WAL receiver cannot continue from its last position: restarting it from the primary's "
-                 "current position", logging.WARNING)
-        barman.run("receive-wal", "--reset", barman.name, check=False, timeout=60)
-        barman.start_receiver()
-        if not barman.state.entry("chain").get("pending_since"):
-            barman.state.update("chain", pending_since=output.timestamp(), reason="WAL receiver reset")
+    streaming = False
+    if primary is not None and not pair.runner.dry_run:
+        streaming = _receiver_runs(pair, barman)
+        if not streaming:
+            # its last position is not on the server's timeline any more (the primary was restored to an
+            # earlier moment): start from the server's current position; the new base backup below covers the chain
+            pair.say("Barman's WAL receiver cannot continue from its last position: restarting it from the "
+                     "primary's current position", logging.WARNING)
+            barman.run("receive-wal", "--reset", barman.name, check=False, timeout=60)
+            barman.start_receiver()
+            if not barman.state.entry("chain").get("pending_since"):
+                barman.state.update("chain", pending_since=output.timestamp(), reason="WAL receiver reset")
+            streaming = _receiver_runs(pair, barman)
     if primary is not None and (barman.state.entry("chain").get("pending_since")):
         create(pair, barman)
     if not pair.runner.dry_run:
-        streaming = primary is not None and _receiver_runs(pair, barman)
         barman.state.update("receiver", streaming=streaming, checked=output.timestamp(),
                             primary=primary.name if primary else None)
     return {"server": barman.name, "primary": primary.name if primary else None,
