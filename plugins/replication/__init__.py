@@ -9,9 +9,10 @@ def register_commands(cli):
                            switchover)
 
     from .pitr_commands import pitr, rotate_replication_password
+    from .routing_commands import haproxy
 
     for command in (check_replication, setup_master, promote_replica, rebuild_replica, switchover, auto_failover,
-                    pitr, rotate_replication_password):
+                    pitr, rotate_replication_password, haproxy):
         cli.add_command(command)
 
 

@@ -80,7 +80,7 @@ def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_l
             return snapshot, evaluate(snapshot, thresholds)[0]
 
         if serve:
-            _serve(serve, snapshot_and_status)
+            _serve(serve, snapshot_and_status, pair, timeout)
             return
         snapshot = pair.probe(timeout)
         status, problems = evaluate(snapshot, thresholds)
@@ -115,7 +115,7 @@ def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_l
     sys.exit(status)
 
 
-def _serve(address, snapshot_and_status):
+def _serve(address, snapshot_and_status, pair, timeout):
     import signal
     import threading
 
@@ -124,6 +124,7 @@ def _serve(address, snapshot_and_status):
     host, _, port = address.rpartition(":")
     if not port.isdigit():
         raise click.BadParameter(f"expected [HOST]:PORT, got {address!r}", param_hint="--serve")
+    health = _health_servers(pair, timeout)
     server = serve(host or "0.0.0.0", int(port), snapshot_and_status)
     click.echo(f"serving replication metrics on http://{host or '0.0.0.0'}:{port}/metrics", err=True)
     stop = threading.Event()
@@ -131,6 +132,19 @@ def _serve(address, snapshot_and_status):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     server.shutdown()
+    if health:
+        health.stop()
+
+
+def _health_servers(pair, timeout):
+    """The per-node /primary, /replica... listeners when nodes have a health_port (else None)."""
+    if not any(node.config.health_port for node in pair.nodes):
+        return None
+    from .health import HealthServers
+
+    health = HealthServers(pair, timeout)
+    click.echo(f"answering health checks: {health.describe()}", err=True)
+    return health
 
 
 def _text_report(snapshot, status, problems, thresholds):
@@ -342,11 +356,14 @@ def auto_failover(app, daemon, interval, failures, no_rejoin):
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
+        health = _health_servers(pair, settings.check_timeout)
         pair.say(f"auto-failover: checking every {monitor.interval:g}s, failover after {monitor.failures_needed} "
                  f"failed checks (timeout {monitor.timeout:g}s each)")
         try:
             monitor.run(stop)
         finally:
+            if health:
+                health.stop()
             pid_file.unlink(missing_ok=True)
             pair.say("auto-failover stopped")
 

@@ -56,6 +56,9 @@ class NodeConfig(Section):
     app_address: str | None = None
     # written to postgresql.auto.conf of a rebuilt data directory (e.g. its own port)
     settings: dict[str, str | int | float | bool] = {}
+    # the port answering /primary, /replica... for this node: dbdeck's health server (native pair) or this
+    # node's Patroni REST API (manager: patroni); HAProxy checks it
+    health_port: int | None = None
 
     @model_validator(mode="after")
     def _driver_needs(self):
@@ -94,6 +97,37 @@ class AutoFailover(Section):
     def _size(cls, value):
         return parse_size(value)
 
+
+
+class Health(Section):
+    """Patroni-compatible health endpoints of the native pair, answered by auto-failover and
+    check-replication --serve on each node's health_port."""
+
+    listen: str = "127.0.0.1"
+    # how HAProxy reaches those ports (the host running auto-failover); default: listen, or 127.0.0.1
+    address: str | None = None
+    # a probe of the nodes is shared by the checks arriving within this many seconds
+    cache_seconds: float = 0.2
+
+
+class HAProxy(Section):
+    """`dbdeck haproxy render`: one write port routed to the node whose /primary answers 200, one read
+    port balanced over the replicas whose /replica?lag= answers 200."""
+
+    bind: str = "127.0.0.1"
+    write_port: int = 5000
+    read_port: int | None = 5001
+    stats_port: int | None = None
+    read_max_lag: int = 16 * 1024**2
+    check_interval_ms: PositiveInt = 500   # with fall 2 / rise 1: a new primary is used within about 0.5 s
+    check_timeout_ms: PositiveInt = 3000
+    config_file: Path = Path("/etc/haproxy/haproxy.cfg")
+    max_connections: PositiveInt = 1000
+
+    @field_validator("read_max_lag", mode="before")
+    @classmethod
+    def _size(cls, value):
+        return parse_size(value)
 
 
 class VerifyCheck(Section):
@@ -150,6 +184,8 @@ class Backup(Section):
 class Replication(Section):
     """A PostgreSQL primary + hot standby pair (seed 004's conecta-postgres / conecta-postgres-replica)."""
 
+    # native: dbdeck's commands and auto-failover manage the pair; patroni: Patroni + etcd do (see patroni:)
+    manager: Literal["native", "patroni"] = "native"
     nodes: dict[str, NodeConfig] = {}
     primary: str | None = None
     replication_user: str = "replicator"
@@ -171,6 +207,8 @@ class Replication(Section):
     # at the price of commit latency and of writes blocking while no standby is connected
     synchronous_standby_names: str | None = None
     backup: Backup | None = None
+    health: Health = Health()
+    haproxy: HAProxy = HAProxy()
 
     @field_validator("warn_lag_bytes", "crit_lag_bytes", "switchover_max_lag_bytes", mode="before")
     @classmethod
@@ -201,6 +239,14 @@ class Replication(Section):
             except ValueError:
                 raise ValueError(f"{network!r} is not an address or CIDR network") from None
         return value
+
+    @model_validator(mode="after")
+    def _health_ports_differ(self):
+        # the native pair's health server answers every node's port on one host
+        ports = [n.health_port for n in self.nodes.values() if n.health_port]
+        if self.manager == "native" and len(ports) != len(set(ports)):
+            raise ValueError("nodes: each health_port must be different (one dbdeck process answers them all)")
+        return self
 
     @model_validator(mode="after")
     def _primary_is_a_node(self):

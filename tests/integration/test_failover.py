@@ -20,14 +20,15 @@ pytestmark = pytest.mark.integration
 class Writer(threading.Thread):
     """Inserts ids one by one into whichever node accepts writes; remembers those acknowledged."""
 
-    def __init__(self, pair, pause=0.01):
+    def __init__(self, pair, pause=0.01, ports=None):
         super().__init__(daemon=True)
-        self.pair, self.pause = pair, pause
+        self.pair, self.pause, self.ports = pair, pause, ports
         self.acknowledged, self.stop = [], threading.Event()
         self.next_id = 1
+        self.acknowledged_at = []
 
     def run(self):
-        ports = [self.pair.alpha_port, self.pair.beta_port]
+        ports = self.ports or [self.pair.alpha_port, self.pair.beta_port]
         while not self.stop.is_set():
             for port in ports:
                 try:
@@ -38,6 +39,7 @@ class Writer(threading.Thread):
                         while not self.stop.is_set():
                             conn.execute("INSERT INTO acks VALUES (%s)", (self.next_id,))
                             self.acknowledged.append(self.next_id)
+                            self.acknowledged_at.append(time.monotonic())
                             self.next_id += 1
                             time.sleep(self.pause)
                 except psycopg.Error:

@@ -1,0 +1,76 @@
+"""`dbdeck haproxy render`: the configuration of the stable write endpoint."""
+
+import click
+
+from dbdeck.cli import pass_app
+
+
+def write_file(app, text, output, what, mode=0o644):
+    """Write text to output atomically (a dry run says so instead)."""
+    if app.dry_run:
+        app.runner.say(f"would write {what} to {output} ({len(text.splitlines())} lines)")
+        return
+    from pathlib import Path
+
+    from dbdeck.state import write_atomic
+
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(output, text, mode=mode)
+    click.echo(f"wrote {what} to {output}", err=True)
+
+
+@click.group("haproxy")
+def haproxy():
+    """HAProxy in front of the nodes: one write port that follows the primary, one read port."""
+
+
+@haproxy.command("render")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the configuration to FILE (atomically, once `haproxy -c` accepts it); default: print it.")
+@click.option("--snippet", is_flag=True, help="Only the listen sections, to add to an existing haproxy.cfg.")
+@click.option("--no-check", is_flag=True, help="Do not run `haproxy -c` (for rendering on a host without HAProxy).")
+@pass_app
+def haproxy_render(app, output, snippet, no_check):
+    """Render haproxy.cfg from replication: nodes, health_port and replication.haproxy.
+
+    The write port (replication.haproxy.write_port, default 5000) goes to the node whose /primary
+    answers 200: dbdeck's health checks (auto-failover, on each node's health_port) for a native pair,
+    Patroni's REST API with manager: patroni. Point the applications' DATABASE_URL at it once; after a
+    failover nothing changes on their side. The file is checked with `haproxy -c` before it is written.
+    Then: `systemctl reload haproxy`.
+    """
+    from dbdeck.errors import DbdeckError
+
+    from .commands import _pair
+    from .haproxy import render, validate
+
+    pair = _pair(app)
+    text = render(pair, snippet=snippet, source=app.config.path)
+    if not (no_check or snippet):
+        try:
+            problem = validate(app.runner, text)
+        except FileNotFoundError:
+            raise DbdeckError("haproxy is not installed here, so the configuration cannot be checked: install it "
+                              "(apt-get install haproxy) or pass --no-check") from None
+        if problem:
+            raise DbdeckError(f"haproxy -c rejects the rendered configuration: {problem}")
+    emit_rendered(app, {"haproxy.cfg": text}, output, checked=not (no_check or snippet))
+
+
+def emit_rendered(app, files, output, checked):
+    """Print the rendered files (JSON: one document with their text), or write them under output."""
+    from pathlib import Path
+
+    if output is None:
+        if app.format == "json":
+            app.emit({"files": files, "checked": checked})
+        else:
+            click.echo("\n".join(files.values()), nl=False)
+        return
+    written = []
+    for name, text in files.items():
+        target = Path(output) if len(files) == 1 else Path(output) / name
+        write_file(app, text, target, name)
+        written.append(str(target))
+    if app.format == "json":
+        app.emit({"written": [] if app.dry_run else written, "checked": checked})
