@@ -215,14 +215,16 @@ def status_command(app, output_format, output, serve):
 @pass_app
 def history_command(app, since, kinds):
     """What dbdeck did on this host, oldest first: failovers, switchovers, promotions, rebuilds, deploys,
-    rollbacks, restores, failed syncs (every event that went to the notify hook)."""
+    rollbacks, restores, failed syncs (every event that went to the notify hook); under Patroni also its
+    timeline history (every promotion Patroni made, kind patroni.timeline)."""
     from . import history
 
     try:
         since_ts = history.parse_since(since) if since else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    entries = history.read(app.config, since_ts, kinds)
+    extra = [entry for found in app.plugin_manager.hook.history_entries(app=app) for entry in found or []]
+    entries = history.read(app.config, since_ts, kinds, extra)
     app.emit(entries, lambda: "\n".join(f"{e['at']}  {e['severity']:<8} {e['kind']:<24} {e['message']}"
                                         for e in entries)
              or "no events recorded" + (" in that period" if since else ""))

@@ -34,18 +34,17 @@ def append(config, event):
         os.close(fd)
 
 
-def read(config, since=None, kinds=()):
-    """Entries (oldest first) at or after `since` (epoch seconds) whose kind starts with one of kinds."""
+def read(config, since=None, kinds=(), extra=()):
+    """Entries (oldest first) at or after `since` (epoch seconds) whose kind starts with one of kinds;
+    `extra` entries (from plugins' history_entries hook) are merged in time order."""
     path = path_for(config)
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
-        return []
+        lines = []
     entries = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:
+    for entry in [*(_parse(line) for line in lines), *extra]:
+        if entry is None:
             continue  # a line cut by a full disk must not hide the others
         if since is not None and entry.get("ts", 0) < since:
             continue
@@ -53,6 +52,14 @@ def read(config, since=None, kinds=()):
             continue
         entries.append(entry)
     return sorted(entries, key=lambda e: e.get("ts", 0))
+
+
+def _parse(line):
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 def parse_since(text, now=None):

@@ -59,6 +59,14 @@ def status_report(app):
 
 
 @hookspec
+def history_entries(app):
+    """Return events for `dbdeck history` that this plugin knows from elsewhere than the notify hook (the
+    replication plugin: Patroni's timeline history), as dicts with ``at`` (ISO time), ``ts`` (epoch),
+    ``kind``, ``severity``, ``message`` and ``details``. Must not raise: return what is reachable.
+    """
+
+
+@hookspec
 def notify(event, config):
     """Deliver a ``dbdeck.events.Event`` (failover happened, deploy rolled back, sync failed...).
 

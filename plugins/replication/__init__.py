@@ -9,10 +9,10 @@ def register_commands(cli):
                            switchover)
 
     from .pitr_commands import pitr, rotate_replication_password
-    from .routing_commands import haproxy
+    from .routing_commands import haproxy, patroni
 
     for command in (check_replication, setup_master, promote_replica, rebuild_replica, switchover, auto_failover,
-                    pitr, rotate_replication_password, haproxy):
+                    pitr, rotate_replication_password, haproxy, patroni):
         cli.add_command(command)
 
 
@@ -48,14 +48,32 @@ def _default_backup():
 
 
 @hookimpl
+def history_entries(app):
+    """Patroni's /history: the promotions Patroni made on its own appear beside dbdeck's events."""
+    from dbdeck.errors import DbdeckError
+
+    if not app.config.given("replication") or app.config.section("replication").manager != "patroni":
+        return []
+    from .commands import _pair
+    from .patroni import history
+
+    try:
+        return history(_pair(app))
+    except DbdeckError as exc:
+        return [{"at": "", "ts": 0, "kind": "patroni.unreachable", "severity": "warning",
+                 "message": f"Patroni's history could not be read: {exc}", "details": {}}]
+
+
+@hookimpl
 def status_report(app):
     from dbdeck.status import service_items
 
-    items = service_items(app, "auto-failover")
+    patroni = app.config.given("replication") and app.config.section("replication").manager == "patroni"
+    # under Patroni, Patroni fails over: its members' state replaces the auto-failover service row
+    items = [] if patroni else service_items(app, "auto-failover")
     if app.config.given("replication"):
-        items.insert(0, _verdict(app))
-        if app.config.section("replication").backup is not None:
-            items[1:1] = _backup_items(app)
+        backup = _backup_items(app) if app.config.section("replication").backup is not None else []
+        items[0:0] = _verdict(app) + backup
     return items
 
 
@@ -105,22 +123,25 @@ def _verdict(app):
     from dbdeck.errors import DbdeckError
     from dbdeck.status import Item
 
-    from . import synchronous
-    from .cluster import OK, STATUS_NAMES, WARNING, Thresholds, evaluate
+    from .cluster import OK, STATUS_NAMES, WARNING
     from .commands import _pair
 
     try:
         pair = _pair(app)
-        s = pair.settings
-        thresholds = Thresholds(warn_lag_bytes=s.warn_lag_bytes, crit_lag_bytes=s.crit_lag_bytes,
-                                warn_lag_seconds=s.warn_lag_seconds, crit_lag_seconds=s.crit_lag_seconds,
-                                synchronous_standby_names=synchronous.wanted(pair))
-        snapshot = pair.probe(5)
-        status, problems = evaluate(snapshot, thresholds)
+        snapshot, status, problems, patroni = pair.assess(pair.thresholds(), 5)
     except DbdeckError as exc:
-        return Item(kind="replication", name="pair", state="failing", detail=str(exc).splitlines()[0])
+        return [Item(kind="replication", name="pair", state="failing", detail=str(exc).splitlines()[0])]
     primary = snapshot.primary.name if snapshot.primary else "none"
     detail = f"{STATUS_NAMES[status]}: primary {primary}" + (f"; {problems[0]}" if problems else "")
-    return Item(kind="replication", name="pair", state="ok" if status == OK else
+    item = Item(kind="replication", name="pair", state="ok" if status == OK else
                 "warning" if status == WARNING else "failing", detail=detail,
                 data={"status": STATUS_NAMES[status], "problems": problems, "primary": primary})
+    if not pair.patroni:
+        return [item]
+    members = (patroni or {}).get("members", [])
+    leader = next((m["name"] for m in members if m.get("role") in ("leader", "standby_leader")), None)
+    return [item, Item(kind="replication", name="patroni", state="ok" if leader and all(
+        m.get("state") in ("running", "streaming") for m in members) and patroni and not patroni.get("pause")
+        else "failing", detail="; ".join(f"{m['name']} {m.get('role')} {m.get('state')}" for m in members)
+        or "no Patroni REST API answers", labels={"scope": pair.settings.patroni.scope},
+        data={"cluster": patroni})]

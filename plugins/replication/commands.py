@@ -6,6 +6,7 @@ import sys
 import click
 
 from dbdeck.cli import pass_app
+from dbdeck.errors import UsageError
 
 _UNKNOWN = 3
 
@@ -61,29 +62,22 @@ def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_l
     """
     from dbdeck.errors import DbdeckError
 
-    from . import synchronous
-    from .cluster import STATUS_NAMES, Thresholds, evaluate
+    from .cluster import STATUS_NAMES
 
     output_format = output_format or app.format
     try:
         pair = _pair(app)
-        s = pair.settings
-        thresholds = Thresholds(
-            warn_lag_bytes=warn_lag_bytes if warn_lag_bytes is not None else s.warn_lag_bytes,
-            crit_lag_bytes=crit_lag_bytes if crit_lag_bytes is not None else s.crit_lag_bytes,
-            warn_lag_seconds=warn_lag_seconds if warn_lag_seconds is not None else s.warn_lag_seconds,
-            crit_lag_seconds=crit_lag_seconds if crit_lag_seconds is not None else s.crit_lag_seconds,
-            synchronous_standby_names=synchronous.wanted(pair))
+        thresholds = pair.thresholds(warn_lag_bytes=warn_lag_bytes, crit_lag_bytes=crit_lag_bytes,
+                                     warn_lag_seconds=warn_lag_seconds, crit_lag_seconds=crit_lag_seconds)
 
         def snapshot_and_status():
-            snapshot = pair.probe(timeout)
-            return snapshot, evaluate(snapshot, thresholds)[0]
+            snapshot, status, _, _ = pair.assess(thresholds, timeout)
+            return snapshot, status
 
         if serve:
             _serve(serve, snapshot_and_status, pair, timeout)
             return
-        snapshot = pair.probe(timeout)
-        status, problems = evaluate(snapshot, thresholds)
+        snapshot, status, problems, patroni = pair.assess(thresholds, timeout)
     except DbdeckError as exc:
         from dbdeck import secrets
 
@@ -102,10 +96,13 @@ def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_l
         from dbdeck import secrets
 
         document = {"status": STATUS_NAMES[status], "exit_code": status, "problems": problems,
-                    "primary": snapshot.primary.name if snapshot.primary else None, **snapshot.as_dict()}
+                    "primary": snapshot.primary.name if snapshot.primary else None,
+                    "manager": pair.settings.manager, **snapshot.as_dict()}
+        if pair.patroni:
+            document["patroni"] = patroni
         report = secrets.mask(json.dumps(document, indent=2, default=str)) + "\n"
     else:
-        report = _text_report(snapshot, status, problems, thresholds) + "\n"
+        report = _text_report(snapshot, status, problems, thresholds, patroni) + "\n"
     if output:
         from dbdeck.state import write_atomic
 
@@ -147,7 +144,7 @@ def _health_servers(pair, timeout):
     return health
 
 
-def _text_report(snapshot, status, problems, thresholds):
+def _text_report(snapshot, status, problems, thresholds, patroni=None):
     from .cluster import STATUS_NAMES
     from .model import format_size
 
@@ -186,6 +183,9 @@ def _text_report(snapshot, status, problems, thresholds):
                          f"retains {format_size(slot['retained_bytes'])}, wal_status {slot['wal_status']}, "
                          "safe_wal_size " + (format_size(slot['safe_wal_size'])
                                              if slot['safe_wal_size'] is not None else 'unlimited'))
+    for member in (patroni or {}).get("members", []):
+        lines.append(f"  patroni {member['name']}: {member.get('role')} {member.get('state')}, timeline "
+                     f"{member.get('timeline', '?')}" + (f", lag {member['lag']}" if "lag" in member else ""))
     lines.extend(f"  ! {p}" for p in problems[1:])
     return "\n".join(lines)
 
@@ -206,12 +206,27 @@ def setup_master(app, node, apply_settings):
     from .setup import setup_master as run
 
     pair = _pair(app)
+    _native_only(pair, "setup-master", "Patroni creates the replication and rewind roles, slots and pg_hba from "
+                                       "its configuration (dbdeck patroni render)")
     with pair.operator_lock():
         checks, restart = run(pair, node, apply_settings)
     if app.format == "json":
         app.emit({"settings": [vars(c) for c in checks], "restart_needed": restart})
     if restart:
         sys.exit(1)
+
+
+def _native_only(pair, command, why):
+    from dbdeck.errors import UsageError
+
+    if pair.patroni:
+        raise UsageError(f"{command} manages a native pair; replication.manager is patroni: {why}")
+
+
+def _notify(app, kind, message):
+    from dbdeck.events import Event
+
+    app.notify(Event(kind, message, severity="warning"))
 
 
 def _confirm(app, yes, question):
@@ -242,7 +257,15 @@ def promote_replica(app, node, force, update_connections, yes):
     pair = _pair(app)
     with pair.operator_lock():
         with pair.run_log("failover"):
-            run(pair, node, force, update_connections)
+            if pair.patroni:
+                from .patroni import failover
+
+                promoted = failover(pair, node, force)
+                if not app.dry_run:
+                    _notify(app, "failover.promoted",
+                            f"Patroni failed over to {promoted} (promote-replica)")
+            else:
+                run(pair, node, force, update_connections)
 
 
 @click.command("rebuild-replica")
@@ -265,7 +288,16 @@ def rebuild_replica(app, node, rejoin, yes):
     pair = _pair(app)
     with pair.operator_lock():
         with pair.run_log("rebuild-replica"):
-            if rejoin:
+            if pair.patroni:
+                if rejoin:
+                    raise UsageError("under Patroni a node rejoins by itself (use_pg_rewind); rebuild-replica "
+                                     "without --rejoin asks Patroni to reinitialize it")
+                from .patroni import reinitialize
+
+                rebuilt = reinitialize(pair, node)
+                if not app.dry_run:
+                    _notify(app, "rebuild.done", f"Patroni reinitialized {rebuilt} (rebuild-replica)")
+            elif rejoin:
                 from .standby import rejoin as rejoin_node
 
                 target, primary = choose_target(pair, pair.probe(), node)
@@ -279,9 +311,12 @@ def rebuild_replica(app, node, rejoin, yes):
               help="Refuse when the standby is further behind (default replication.switchover_max_lag_bytes).")
 @click.option("--timeout", type=click.IntRange(min=1), metavar="S",
               help="Seconds to wait for the standby to replay the shutdown checkpoint (default 30).")
+@click.option("--candidate", metavar="NAME",
+              help="The node to become primary (default: the standby; under Patroni the synchronous or least "
+                   "lagging replica).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask on a terminal (runs without one never ask).")
 @pass_app
-def switchover(app, max_lag, timeout, yes):
+def switchover(app, max_lag, timeout, candidate, yes):
     """Planned role swap with zero data loss (seed's switchover.sh); run it again to swap back.
 
     Pre-checks (standby streaming, lag, slot, pg_rewind prerequisites), blocks new writes, checkpoints and
@@ -294,10 +329,22 @@ def switchover(app, max_lag, timeout, yes):
 
     _confirm(app, yes, "Swap the roles of primary and standby (writes pause for a few seconds)?")
     pair = _pair(app)
+    max_lag = max_lag if max_lag is not None else pair.settings.switchover_max_lag_bytes
     with pair.operator_lock():
         with pair.run_log("switchover"):
-            run(pair, max_lag if max_lag is not None else pair.settings.switchover_max_lag_bytes,
-                timeout or pair.settings.switchover_timeout)
+            if pair.patroni:
+                from .patroni import switchover as patroni_switchover
+
+                leader = patroni_switchover(pair, candidate, max_lag)
+                if not app.dry_run:
+                    _notify(app, "switchover.done", f"Patroni switched over to {leader}")
+                return
+            if candidate is not None:
+                pair.node(candidate)
+                current = pair.probe(3).primary
+                if current is not None and current.name == candidate:
+                    raise UsageError(f"--candidate {candidate}: that node is the primary already")
+            run(pair, max_lag, timeout or pair.settings.switchover_timeout)
 
 
 @click.command("auto-failover")
@@ -325,6 +372,8 @@ def auto_failover(app, daemon, interval, failures, no_rejoin):
     import threading
 
     pair = _pair(app)
+    _native_only(pair, "auto-failover", "Patroni fails over by itself, and a second manager would fight it; "
+                                        "`dbdeck status` and check-replication show Patroni's state")
     settings = pair.settings.auto_failover
     run_dir = app.config.core.run_dir
     from dbdeck.lock import default_run_dir

@@ -31,6 +31,13 @@ def plain_name(value):
     return value
 
 
+def role_name(value):
+    """A role that also goes into pg_hba.conf and conninfo strings, where quoting rules differ: kept plain."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", value):
+        raise ValueError(f"{value!r}: use letters, digits and underscores (starting with a letter)")
+    return value
+
+
 def format_size(value):
     from dbdeck.output import human_bytes
 
@@ -130,6 +137,54 @@ class HAProxy(Section):
         return parse_size(value)
 
 
+class Patroni(Section):
+    """manager: patroni: the nodes run Patroni with etcd; dbdeck renders their configuration and drives
+    them through Patroni's REST API (each node's health_port is its restapi port)."""
+
+    scope: str = "dbdeck"
+    namespace: str = "/service/"
+    etcd_hosts: list[str] = []                 # host:port of etcd's client URLs
+    config_dir: Path = Path("/etc/patroni")    # `patroni render` writes <node>.yml, env.conf, haproxy.cfg here
+    ttl: PositiveInt = 30
+    loop_wait: PositiveInt = 10
+    retry_timeout: PositiveInt = 10
+    maximum_lag_on_failover: int = 1024**2
+    superuser: str = "postgres"
+    superuser_password_file: Path | None = None   # default: the nodes' endpoint password
+    rewind_user: str = "rewind"
+    rewind_password_file: Path | None = None      # default <state_dir>/replication/rewind.password (generated)
+    rest_user: str = "dbdeck"
+    rest_password_file: Path | None = None        # default <state_dir>/replication/patroni-rest.password
+    client_networks: list[str] = []               # pg_hba for applications (through HAProxy: its address)
+    parameters: dict[str, str | int | float | bool] = {}   # PostgreSQL settings of every node
+    request_timeout: PositiveFloat = 10
+
+    @field_validator("maximum_lag_on_failover", mode="before")
+    @classmethod
+    def _size(cls, value):
+        return parse_size(value)
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, value):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", value):
+            raise ValueError("use letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("superuser", "rewind_user", "rest_user")
+    @classmethod
+    def _role_name(cls, value):
+        return role_name(value)
+
+    @field_validator("etcd_hosts")
+    @classmethod
+    def _hosts(cls, value):
+        for host in value:
+            if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", host):
+                raise ValueError(f"{host!r}: expected host:port of an etcd client URL")
+        return value
+
+
 class VerifyCheck(Section):
     """A query run in the restored copy; the restore fails verification when it returns fewer rows or a
     smaller first value than `min` (e.g. SELECT count(*) FROM orders with min: 1)."""
@@ -207,6 +262,7 @@ class Replication(Section):
     # at the price of commit latency and of writes blocking while no standby is connected
     synchronous_standby_names: str | None = None
     backup: Backup | None = None
+    patroni: Patroni | None = None
     health: Health = Health()
     haproxy: HAProxy = HAProxy()
 
@@ -218,10 +274,7 @@ class Replication(Section):
     @field_validator("replication_user")
     @classmethod
     def _role_name(cls, value):
-        # it also goes into pg_hba.conf and primary_conninfo, where quoting rules differ: keep it plain
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", value):
-            raise ValueError(f"{value!r}: use letters, digits and underscores (starting with a letter)")
-        return value
+        return role_name(value)
 
     @field_validator("slot")
     @classmethod
@@ -239,6 +292,18 @@ class Replication(Section):
             except ValueError:
                 raise ValueError(f"{network!r} is not an address or CIDR network") from None
         return value
+
+    @model_validator(mode="after")
+    def _patroni_needs(self):
+        if self.manager != "patroni":
+            return self
+        if self.patroni is None or not self.patroni.etcd_hosts:
+            raise ValueError("manager: patroni needs patroni: {etcd_hosts: [HOST:PORT, ...]}")
+        missing = [name for name, node in self.nodes.items() if not node.health_port]
+        if missing:
+            raise ValueError(f"manager: patroni: nodes {', '.join(missing)} need health_port: the port of "
+                             f"their Patroni REST API (e.g. 8008)")
+        return self
 
     @model_validator(mode="after")
     def _health_ports_differ(self):

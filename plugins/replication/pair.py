@@ -38,6 +38,43 @@ class Pair:
     def probe(self, timeout=5):
         return probe(self.nodes, timeout)
 
+    @property
+    def patroni(self):
+        return self.settings.manager == "patroni"
+
+    def thresholds(self, **given):
+        """check-replication's limits: the command line's where given, else the configuration's."""
+        from . import synchronous
+        from .cluster import Thresholds
+
+        s = self.settings
+        configured = {"warn_lag_bytes": s.warn_lag_bytes, "crit_lag_bytes": s.crit_lag_bytes,
+                      "warn_lag_seconds": s.warn_lag_seconds, "crit_lag_seconds": s.crit_lag_seconds}
+        values = {key: given[key] if given.get(key) is not None else value for key, value in configured.items()}
+        # under Patroni, synchronous_mode names the standby itself: its problems() checks that instead
+        return Thresholds(**values, synchronous_standby_names=None if self.patroni else synchronous.wanted(self))
+
+    def assess(self, thresholds, timeout=5):
+        """(snapshot, status, problems, Patroni's /cluster or None): the same verdicts from SQL for both
+        managers, plus what Patroni itself reports as wrong."""
+        from .cluster import CRITICAL, evaluate
+
+        snapshot = self.probe(timeout)
+        status, problems = evaluate(snapshot, thresholds)
+        if not self.patroni:
+            return snapshot, status, problems, None
+        from .patroni import PatroniAPI, problems as patroni_problems
+
+        try:
+            cluster = PatroniAPI(self).cluster(timeout=timeout)
+            found = patroni_problems(cluster, self)
+        except DbdeckError as exc:
+            cluster, found = None, [(CRITICAL, str(exc))]
+        ranked = sorted(found, key=lambda p: -p[0])
+        status = max([status, *(level for level, _ in found)])
+        worst = [text for level, text in ranked if level >= status]
+        return snapshot, status, worst + problems + [text for level, text in ranked if level < status], cluster
+
     @contextlib.contextmanager
     def operator_lock(self):
         """The replication lock for an operator's command. A dry run changes nothing and takes none.

@@ -74,3 +74,57 @@ def emit_rendered(app, files, output, checked):
         written.append(str(target))
     if app.format == "json":
         app.emit({"written": [] if app.dry_run else written, "checked": checked})
+
+
+@click.group("patroni")
+def patroni():
+    """Patroni + etcd clusters (replication.manager: patroni)."""
+
+
+@patroni.command("render")
+@click.option("--output", "-o", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write the files here (default: replication.patroni.config_dir, /etc/patroni).")
+@click.option("--no-check", is_flag=True, help="Do not run `patroni --validate-config` and `haproxy -c`.")
+@pass_app
+def patroni_render(app, output, no_check):
+    """Render Patroni's node configurations from dbdeck's YAML: the same file drives a native pair and a
+    Patroni cluster.
+
+    Writes <node>.yml for each node (etcd3, use_pg_rewind, replication slots, pg_hba from
+    replication_networks, the superuser, replication and rewind roles without their passwords), env.conf
+    with those passwords and the REST API's (mode 0600, for patroni@.service's EnvironmentFile; missing
+    rewind and REST passwords are generated into 0600 files under the state directory) and haproxy.cfg
+    checking Patroni's REST API. Each node file passes `patroni --validate-config` and haproxy.cfg
+    `haproxy -c` before anything is written. On node N: copy N.yml and env.conf to /etc/patroni, then
+    `systemctl start patroni@N`.
+    """
+    from pathlib import Path
+
+    from dbdeck.errors import DbdeckError, UsageError
+
+    from .commands import _pair
+    from .haproxy import validate as validate_haproxy
+    from .patroni import render, validate
+
+    pair = _pair(app)
+    if pair.settings.manager != "patroni":
+        raise UsageError("replication.manager is native: set manager: patroni and a patroni: section first "
+                         "(see README, 'From a native pair to Patroni')")
+    files = render(pair, source=app.config.path)
+    if not no_check:
+        try:
+            problems = validate(app.runner, files)
+            haproxy_problem = validate_haproxy(app.runner, files["haproxy.cfg"])
+        except FileNotFoundError as exc:
+            raise DbdeckError(f"{exc} is not installed here, so the files cannot be checked: install it or pass "
+                              f"--no-check") from None
+        if haproxy_problem:
+            problems.append(f"haproxy.cfg: {haproxy_problem}")
+        if problems:
+            raise DbdeckError("the rendered files do not pass their checkers: " + " | ".join(problems))
+    directory = Path(output or pair.settings.patroni.config_dir)
+    for name, text in files.items():
+        write_file(app, text, directory / name, name, mode=0o600 if name == "env.conf" else 0o644)
+    if app.format == "json":
+        app.emit({"written": [] if app.dry_run else [str(directory / name) for name in files],
+                  "checked": not no_check})

@@ -43,22 +43,43 @@ def password_file(pair):
 
 
 def read_password(pair, required=True):
-    path = password_file(pair)
+    return read_secret(password_file(pair), "replication password", required,
+                       "run setup-master first (it generates one) or set replication.replication_password_file")
+
+
+def read_secret(path, what, required=True, hint=""):
+    """A secret kept alone in a file (the first line), registered so that it is masked everywhere."""
     try:
-        value = path.read_text().strip()
+        value = Path(path).read_text().strip()
     except FileNotFoundError:
         if required:
-            raise DbdeckError(f"no replication password in {path}: run setup-master first (it generates one) "
-                              f"or set replication.replication_password_file") from None
+            raise DbdeckError(f"no {what} in {path}" + (f": {hint}" if hint else "")) from None
         return None
     except OSError as exc:
-        raise DbdeckError(f"cannot read the replication password file {path}: {exc.strerror}") from None
+        raise DbdeckError(f"cannot read the {what} file {path}: {exc.strerror}") from None
     if not value:
-        raise DbdeckError(f"the replication password file {path} is empty")
-    if path.stat().st_mode & 0o077:
+        raise DbdeckError(f"the {what} file {path} is empty")
+    if Path(path).stat().st_mode & 0o077:
         logging.getLogger("dbdeck.replication").warning(
-            "%s is readable by other users (mode %o); chmod 600 it", path, path.stat().st_mode & 0o777)
+            "%s is readable by other users (mode %o); chmod 600 it", path, Path(path).stat().st_mode & 0o777)
     secrets.register(value)
+    return value
+
+
+def ensure_secret(pair, path, what):
+    """The secret in path, generated (token_urlsafe, mode 0600) when the file does not exist yet; a dry
+    run only says so and returns a placeholder."""
+    value = read_secret(path, what, required=False)
+    if value is not None:
+        return value
+    value = token.token_urlsafe(24)
+    secrets.register(value)
+    if pair.runner.dry_run:
+        pair.say(f"would generate the {what} and store it in {path} (mode 0600)")
+        return value
+    os.makedirs(Path(path).parent, mode=0o700, exist_ok=True)
+    write_atomic(path, value + "\n", mode=0o600)
+    pair.say(f"generated the {what}: stored in {path} (mode 0600)")
     return value
 
 
@@ -97,18 +118,8 @@ def setup_master(pair, primary_name=None, apply_settings=False):
     pair.say(f"setting up {name} ({node.endpoint.describe()}) as the replication primary")
     user = settings.replication_user
 
-    password = read_password(pair, required=False)
-    generated = password is None
-    if generated:
-        password = token.token_urlsafe(24)
-        secrets.register(password)
-        path = password_file(pair)
-        if pair.runner.dry_run:
-            pair.say(f"would generate the {user} password and store it in {path} (mode 0600)")
-        else:
-            os.makedirs(path.parent, mode=0o700, exist_ok=True)
-            write_atomic(path, password + "\n", mode=0o600)
-            pair.say(f"generated the {user} password: stored in {path} (mode 0600)")
+    generated = read_password(pair, required=False) is None
+    password = ensure_secret(pair, password_file(pair), f"{user} password")
 
     with node.connect() as conn, node.endpoint.driver_errors("setup-master"):
         _ensure_role(pair, conn, user, password, generated)
