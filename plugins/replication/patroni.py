@@ -146,6 +146,17 @@ def _running_replicas(cluster, max_lag=None):
                                            m["lag"] if isinstance(m.get("lag"), int) else 1 << 62))
 
 
+def _refuse_asynchronous(pair, cluster, candidate):
+    """synchronous_mode: Patroni promotes only the synchronous standby (it alone has every commit), and a
+    request naming another one fails with a bare 'Failover failed'; say why before asking."""
+    if not pair.settings.synchronous_standby_names:
+        return
+    synchronous = [m["name"] for m in cluster.get("members", []) if m.get("role") == "sync_standby"]
+    if synchronous and candidate not in synchronous:
+        raise Refused(f"{candidate} is not the synchronous standby ({', '.join(synchronous)}): with synchronous "
+                      f"replication Patroni promotes only that one, which has every acknowledged commit")
+
+
 def switchover(pair, candidate=None, max_lag=None):
     """POST /switchover to the leader; returns once the candidate accepts writes."""
     api = PatroniAPI(pair)
@@ -164,6 +175,7 @@ def switchover(pair, candidate=None, max_lag=None):
     elif not replicas:
         raise Refused("no running replica can take over: " + _describe(cluster))
     target = candidate or replicas[0]["name"]
+    _refuse_asynchronous(pair, cluster, target)
     pair.say(f"pre-checks passed: leader {leader}, candidate {target} ({_describe(cluster)})")
     if pair.runner.dry_run:
         pair.say(f"plan: POST /switchover {{leader: {leader}, candidate: {target}}} to {leader}'s REST API, then "
@@ -191,6 +203,7 @@ def failover(pair, candidate=None, force=False):
     if target is None:
         raise Refused("no running replica to promote: " + _describe(cluster))
     pair.node(target)
+    _refuse_asynchronous(pair, cluster, target)
     if pair.runner.dry_run:
         pair.say(f"plan: POST /failover {{candidate: {target}}}, then wait until {target} accepts writes")
         return target

@@ -133,8 +133,12 @@ def test_writes_follow_the_primary_through_haproxy_across_kill_9_and_switchover(
 
 
 def test_render_refuses_nodes_without_a_health_port_and_a_config_haproxy_rejects(workdir):
+    import tempfile
+    from pathlib import Path
+
     from ..conftest import BIN
 
+    workdir = Path(tempfile.mkdtemp(prefix="haproxy-", dir=workdir))
     config = workdir / "dbdeck.yaml"
     node = lambda port, **extra: {"endpoint": {"host": "127.0.0.1", "port": port, "user": "postgres"},  # noqa: E731
                                   "data_dir": str(workdir / str(port)), **extra}
