@@ -64,9 +64,13 @@ def _listen(name, bind, port, uri, rows, settings, balance):
              "    option httpchk",
              f"    http-check send meth GET uri {uri}",
              "    http-check expect status 200",
-             # fall 2: one lost check is not a failover; rise 1: the new primary is used at its first 200
+             # a refused connection is retried after a 1 s turn-around: the client is better off retrying
+             # at once (its next attempt reaches the new primary as soon as a check finds it)
+             "    retries 0",
+             # fall 2: one lost check is not a failover; rise 1: the new primary is used at its first 200;
+             # a connection the server refuses marks it down at once, without waiting for the checks
              f"    default-server inter {interval}ms fastinter {max(100, interval // 2)}ms downinter {interval}ms "
-             f"rise 1 fall 2 on-marked-down shutdown-sessions"]
+             f"rise 1 fall 2 on-marked-down shutdown-sessions observe layer4 error-limit 1 on-error mark-down"]
     lines += [f"    server {node} {address} check addr {check_host} port {check_port}"
               for node, address, check_host, check_port in rows]
     return "\n".join(lines)

@@ -158,6 +158,8 @@ class Patroni(Section):
     client_networks: list[str] = []               # pg_hba for applications (through HAProxy: its address)
     parameters: dict[str, str | int | float | bool] = {}   # PostgreSQL settings of every node
     request_timeout: PositiveFloat = 10
+    # where Patroni writes its pgpass (for pg_basebackup and pg_rewind): postgresql-common's runtime directory
+    pgpass_dir: Path = Path("/run/postgresql")
 
     @field_validator("maximum_lag_on_failover", mode="before")
     @classmethod

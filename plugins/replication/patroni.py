@@ -327,6 +327,9 @@ def node_config(pair, node):
                                          **patroni.parameters}}}
     if settings.synchronous_standby_names:
         dcs["synchronous_mode"] = True  # Patroni then manages synchronous_standby_names itself
+    if settings.backup is not None:
+        # Barman streams through its own slot: permanent, so Patroni keeps it on whichever node leads
+        dcs["slots"] = {settings.backup.slot: {"type": "physical"}}
     return {
         "scope": patroni.scope,
         "namespace": patroni.namespace,
@@ -340,7 +343,7 @@ def node_config(pair, node):
             "connect_address": f"{host}:{port}",
             "data_dir": str(node.config.data_dir),
             "bin_dir": str(_host_bindir(node.config.bindir)),
-            "pgpass": str(Path(node.config.data_dir).parent / f".pgpass.patroni-{node.name}"),
+            "pgpass": str(patroni.pgpass_dir / f"patroni-{patroni.scope}-{node.name}.pgpass"),
             "authentication": {"superuser": {"username": patroni.superuser},
                                "replication": {"username": settings.replication_user},
                                "rewind": {"username": patroni.rewind_user}},
@@ -398,6 +401,9 @@ def render(pair, source=None):
     return files
 
 
+_HOST_STATE = ("is already in use", "is not reachable")
+
+
 def validate(runner, files):
     """`patroni --validate-config` on every node file; returns the problems (empty when all pass)."""
     import os
@@ -416,10 +422,94 @@ def validate(runner, files):
             path.write_text(text)
             result = runner.run([program, "--validate-config", str(path)], read_only=True, check=False)
             if not result.ok:
-                # the validator also probes this host's ports: meaningless where dbdeck renders (a management
-                # host, or a cluster already running), so only the configuration's own problems count
+                # the validator also probes this host's ports and etcd: meaningless where dbdeck renders (a
+                # management host, a cluster already running), so only the configuration's own problems count
                 lines = [line.strip() for line in (result.stdout + "\n" + result.stderr).splitlines()
-                         if line.strip() and "is already in use" not in line]
+                         if line.strip() and not any(state in line for state in _HOST_STATE)]
                 if lines:
                     found.append(f"{name}: " + "; ".join(lines[:5]))
     return found
+
+
+# --- from a native pair --------------------------------------------------------------------------
+
+# set by dbdeck's native commands with ALTER SYSTEM; postgresql.auto.conf would override Patroni's values
+MANAGED_BY_PATRONI = ("synchronous_standby_names", "primary_conninfo", "primary_slot_name", "port",
+                      "listen_addresses")
+# what pg_rewind needs from a non-superuser source role (Patroni's documentation)
+_REWIND_GRANTS = ("pg_catalog.pg_ls_dir(text, boolean, boolean)", "pg_catalog.pg_stat_file(text, boolean)",
+                  "pg_catalog.pg_read_binary_file(text)",
+                  "pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)")
+
+
+def etcd_problem(pair):
+    """None when one of the etcd hosts answers /health with health true, else why not."""
+    reasons = []
+    for host in pair.settings.patroni.etcd_hosts:
+        try:
+            with urllib.request.urlopen(f"http://{host}/health", timeout=5) as response:
+                if json.loads(response.read()).get("health") in ("true", True):
+                    return None
+                reasons.append(f"{host}: unhealthy")
+        except (OSError, ValueError) as exc:
+            reasons.append(f"{host}: {getattr(exc, 'reason', exc)}")
+    return "etcd does not answer (" + "; ".join(reasons) + ")"
+
+
+def ready_to_migrate(pair):
+    """The snapshot of a pair that can be handed over to Patroni; raises Refused saying why not."""
+    holder = pair.app.lock("auto-failover").holder()
+    if holder:
+        raise Refused(f"auto-failover is running (pid {holder.get('pid')}): stop it first (it would fail over "
+                      f"while the nodes stop), e.g. systemctl stop dbdeck-auto-failover")
+    snapshot = pair.probe(5)
+    down = [n.name for n in snapshot.nodes if not n.reachable]
+    if down or len(snapshot.primaries) != 1:
+        raise Refused("migrate needs the pair running with one primary: "
+                      + ", ".join(f"{n.name} {n.role}" for n in snapshot.nodes))
+    lagging = [s.name for s in snapshot.standbys if s.state != "streaming"]
+    if lagging:
+        raise Refused(f"{', '.join(lagging)} not streaming: rebuild-replica first, so no standby is left behind")
+    problem = etcd_problem(pair)
+    if problem:
+        raise Refused(f"{problem}: start etcd first (Patroni cannot elect a leader without it)")
+    return snapshot
+
+
+def migrate(pair, snapshot):
+    """Hand a running native pair over to Patroni, keeping its data: the roles Patroni needs on the
+    primary, no ALTER SYSTEM values that would override Patroni's, then a clean stop of the primary (its
+    standbys receive the shutdown checkpoint) and of the standbys. Patroni then starts them, the primary's
+    node first; it drops the native slot once inactive and keeps one slot per member instead."""
+    from psycopg import sql
+
+    from .setup import ensure_role, ensure_secret
+    from .standby import stop_node
+
+    primary = pair.node(snapshot.primary.name)
+    patroni = pair.settings.patroni
+    rewind_password = ensure_secret(pair, rewind_password_file(pair), f"{patroni.rewind_user} password")
+    pair.say(f"preparing {primary.name} for Patroni: role {patroni.rewind_user} for pg_rewind")
+    with primary.connect() as conn, primary.endpoint.driver_errors("patroni migrate"):
+        ensure_role(pair, conn, patroni.rewind_user, rewind_password, generated=False, replication=False)
+        for function in _REWIND_GRANTS:
+            statement = f"GRANT EXECUTE ON FUNCTION {function} TO {patroni.rewind_user}"
+            if pair.runner.dry_run:
+                pair.say(f"would execute: {statement}")
+            else:
+                conn.execute(sql.SQL(statement.replace(patroni.rewind_user, "{}")).format(
+                    sql.Identifier(patroni.rewind_user)))
+    for node in pair.nodes:
+        pair.say(f"{node.name}: ALTER SYSTEM RESET {', '.join(MANAGED_BY_PATRONI)} (Patroni sets them)")
+        if pair.runner.dry_run:
+            continue
+        with node.connect() as conn, node.endpoint.driver_errors("ALTER SYSTEM RESET"):
+            conn.autocommit = True
+            for name in MANAGED_BY_PATRONI:
+                conn.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
+    pair.say(f"stopping {primary.name} (fast: its standbys receive the shutdown checkpoint), then the standbys")
+    stop_node(pair, primary, "fast")
+    for node in pair.nodes:
+        if node.name != primary.name:
+            stop_node(pair, node, "fast")
+    return primary.name

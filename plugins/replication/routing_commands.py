@@ -98,18 +98,30 @@ def patroni_render(app, output, no_check):
     `haproxy -c` before anything is written. On node N: copy N.yml and env.conf to /etc/patroni, then
     `systemctl start patroni@N`.
     """
-    from pathlib import Path
+    write_patroni_files(app, _patroni_pair(app), output, no_check)
 
-    from dbdeck.errors import DbdeckError, UsageError
+
+def _patroni_pair(app):
+    from dbdeck.errors import UsageError
 
     from .commands import _pair
-    from .haproxy import validate as validate_haproxy
-    from .patroni import render, validate
 
     pair = _pair(app)
     if pair.settings.manager != "patroni":
         raise UsageError("replication.manager is native: set manager: patroni and a patroni: section first "
                          "(see README, 'From a native pair to Patroni')")
+    return pair
+
+
+def write_patroni_files(app, pair, output, no_check):
+    """Render, check with Patroni's and HAProxy's own checkers, then write (nothing written on a failure)."""
+    from pathlib import Path
+
+    from dbdeck.errors import DbdeckError
+
+    from .haproxy import validate as validate_haproxy
+    from .patroni import render, validate
+
     files = render(pair, source=app.config.path)
     if not no_check:
         try:
@@ -128,3 +140,39 @@ def patroni_render(app, output, no_check):
     if app.format == "json":
         app.emit({"written": [] if app.dry_run else [str(directory / name) for name in files],
                   "checked": not no_check})
+
+
+@patroni.command("migrate")
+@click.option("--output", "-o", type=click.Path(file_okay=False), metavar="DIR",
+              help="Where the Patroni files go (default: replication.patroni.config_dir).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask on a terminal (runs without one never ask).")
+@pass_app
+def patroni_migrate(app, output, yes):
+    """Hand the running native pair over to Patroni, keeping its data (the same nodes, the same YAML with
+    manager: patroni). --dry-run shows every step and changes nothing.
+
+    Checks the pair (one primary, every standby streaming, auto-failover stopped, etcd answering), writes
+    the Patroni files as `patroni render` does, creates the rewind role on the primary, resets the settings
+    Patroni manages (ALTER SYSTEM RESET synchronous_standby_names, primary_conninfo, ...), then stops the
+    primary cleanly and the standbys. Writes are refused from then until Patroni runs:
+    start patroni@<primary> first, then the others (README, 'From a native pair to Patroni').
+    """
+    from .commands import _confirm
+
+    pair = _patroni_pair(app)
+    _confirm(app, yes, "Stop the pair and hand it over to Patroni (writes stop until Patroni starts it)?")
+    with pair.operator_lock():
+        with pair.run_log("patroni-migrate"):
+            from .patroni import migrate, ready_to_migrate
+
+            snapshot = ready_to_migrate(pair)
+            write_patroni_files(app, pair, output, no_check=False)
+            primary = migrate(pair, snapshot)
+    directory = output or pair.settings.patroni.config_dir
+    steps = [f"start Patroni on {primary} first: systemctl start patroni@{primary}",
+             *(f"then on {n.name}: systemctl start patroni@{n.name}" for n in pair.nodes if n.name != primary),
+             "check: check-replication (manager patroni); reload HAProxy with haproxy.cfg from " + str(directory)]
+    if app.format == "json":
+        app.emit({"primary": primary, "files": str(directory), "next": steps, "dry_run": app.dry_run})
+    else:
+        click.echo("next:\n" + "\n".join(f"  {step}" for step in steps))

@@ -122,7 +122,7 @@ def setup_master(pair, primary_name=None, apply_settings=False):
     password = ensure_secret(pair, password_file(pair), f"{user} password")
 
     with node.connect() as conn, node.endpoint.driver_errors("setup-master"):
-        _ensure_role(pair, conn, user, password, generated)
+        ensure_role(pair, conn, user, password, generated)
         _ensure_hba(pair, node, conn, user)
         ensure_slot(pair, conn, name)
         _ensure_synchronous(pair, conn, settings.synchronous_standby_names)
@@ -136,18 +136,21 @@ def setup_master(pair, primary_name=None, apply_settings=False):
     return checks, restart
 
 
-def _ensure_role(pair, conn, user, password, generated):
+def ensure_role(pair, conn, user, password, generated, replication=True):
+    """The role exists, can log in (with REPLICATION for the replication role) and has this password,
+    set as a SCRAM verifier computed here: the password itself never reaches the server's log."""
+    attributes = "LOGIN REPLICATION" if replication else "LOGIN"
     row = conn.execute("SELECT rolcanlogin, rolreplication, rolpassword FROM pg_authid WHERE rolname = %s",
                        (user,)).fetchone()
-    if row and row[0] and row[1] and row[2] and scram_matches(row[2], password):
-        pair.say(f"role {user}: present, LOGIN REPLICATION, password matches")
+    if row and row[0] and (row[1] or not replication) and row[2] and scram_matches(row[2], password):
+        pair.say(f"role {user}: present, {attributes}, password matches")
         return
     verifier = conn.pgconn.encrypt_password(password.encode(), user.encode(), b"scram-sha-256").decode()
     secrets.register(verifier)
     verb = "ALTER" if row else "CREATE"
-    statement = sql.SQL(verb + " ROLE {} WITH LOGIN REPLICATION PASSWORD {}").format(sql.Identifier(user),
-                                                                                     sql.Literal(verifier))
-    shown = f"{verb} ROLE {user} WITH LOGIN REPLICATION PASSWORD '***'"
+    statement = sql.SQL(verb + f" ROLE {{}} WITH {attributes} PASSWORD {{}}").format(sql.Identifier(user),
+                                                                                   sql.Literal(verifier))
+    shown = f"{verb} ROLE {user} WITH {attributes} PASSWORD '***'"
     if pair.runner.dry_run:
         pair.say(f"would execute: {shown}")
         return

@@ -31,6 +31,37 @@ def _wait(check, timeout, what):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def start_etcd(base, client_port, peer_port):
+    """A single etcd member on loopback (etcd-server's service is never started)."""
+    log = open(Path(base) / "etcd.log", "w")
+    process = subprocess.Popen(
+        ["etcd", "--name", "e1", "--data-dir", str(Path(base) / "etcd"),
+         "--listen-client-urls", f"http://127.0.0.1:{client_port}",
+         "--advertise-client-urls", f"http://127.0.0.1:{client_port}",
+         "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+         "--initial-cluster", f"e1=http://127.0.0.1:{peer_port}"], stdout=log, stderr=subprocess.STDOUT)
+
+    def healthy():
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{client_port}/health", timeout=2) as response:
+            return json.loads(response.read()).get("health") == "true"
+
+    _wait(healthy, 30, "etcd")
+    return process
+
+
+def start_patroni(directory, name, log_path):
+    """patroni@<name>.service: ExecStart=/usr/bin/patroni /etc/patroni/<name>.yml as User=postgres, with
+    EnvironmentFile=/etc/patroni/env.conf (here: `directory`)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/var/lib/postgresql", "LANG": "C.UTF-8",
+           **dotenv_values(Path(directory) / "env.conf")}
+    return subprocess.Popen(["/usr/bin/patroni", str(Path(directory) / f"{name}.yml")], env=env, user="postgres",
+                            group="postgres", extra_groups=[], cwd="/", stdout=open(log_path, "a"),
+                            stderr=subprocess.STDOUT)
+
+
 class PatroniCluster:
     def __init__(self, base, password, names=("n1", "n2", "n3"), patroni=None, synchronous=True):
         self.base, self.password, self.names = Path(base), password, list(names)
@@ -73,22 +104,7 @@ class PatroniCluster:
 
     # --- processes -----------------------------------------------------------------------------------
     def start_etcd(self):
-        log = open(self.base / "etcd.log", "w")
-        self.etcd = subprocess.Popen(
-            ["etcd", "--name", "e1", "--data-dir", str(self.base / "etcd"),
-             "--listen-client-urls", f"http://127.0.0.1:{self.etcd_port}",
-             "--advertise-client-urls", f"http://127.0.0.1:{self.etcd_port}",
-             "--listen-peer-urls", f"http://127.0.0.1:{self.etcd_peer}",
-             "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.etcd_peer}",
-             "--initial-cluster", f"e1=http://127.0.0.1:{self.etcd_peer}"], stdout=log, stderr=subprocess.STDOUT)
-
-        def healthy():
-            import urllib.request
-
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.etcd_port}/health", timeout=2) as response:
-                return json.loads(response.read()).get("health") == "true"
-
-        _wait(healthy, 30, "etcd")
+        self.etcd = start_etcd(self.base, self.etcd_port, self.etcd_peer)
 
     def render(self, *args):
         result = self.run("patroni", "render", "--output", self.out, *args)
@@ -96,14 +112,7 @@ class PatroniCluster:
         return result
 
     def start(self, name):
-        """patroni@<name>.service: ExecStart=/usr/bin/patroni /etc/patroni/<name>.yml as User=postgres, with
-        EnvironmentFile=/etc/patroni/env.conf."""
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/var/lib/postgresql", "LANG": "C.UTF-8",
-               **dotenv_values(self.out / "env.conf")}
-        log = open(self.base / f"patroni-{name}.log", "a")
-        self.processes[name] = subprocess.Popen(["/usr/bin/patroni", str(self.out / f"{name}.yml")], env=env,
-                                                user="postgres", group="postgres", extra_groups=[], cwd="/",
-                                                stdout=log, stderr=subprocess.STDOUT)
+        self.processes[name] = start_patroni(self.out, name, self.base / f"patroni-{name}.log")
 
     def start_all(self):
         for name in self.names:

@@ -180,3 +180,93 @@ def test_patroni_commands_refuse_clearly(cluster):
     history = cluster.run("--format", "json", "history")
     assert history.returncode == 0
     assert [e["kind"] for e in json.loads(history.stdout)] == ["patroni.unreachable"], history.stdout
+
+
+def test_native_pair_migrates_to_patroni_keeping_its_data(local_pair):
+    """The README's migration: the same YAML with manager: patroni, `dbdeck patroni migrate`, then Patroni
+    started on the primary's node first."""
+    import yaml
+
+    from dbdeck.plugins.sandbox.servers import free_port
+
+    from .patroni_cluster import start_etcd, start_patroni
+
+    pair = local_pair
+    pair.sql(pair.alpha_port, "CREATE TABLE kept AS SELECT generate_series(1, 1000) AS id")
+    # nodes on their own addresses, as on two hosts (Patroni refuses 127.0.0.1 as a connect address)
+    for port, server in ((pair.alpha_port, pair.primary.server), (pair.beta_port, pair.standby_server)):
+        pair.sql(port, "ALTER SYSTEM SET listen_addresses = '*'")
+    pair.standby_server.stop()
+    pair.primary.server.stop()
+    pair.primary.server.start()
+    pair.standby_server.start()
+    assert wait_for(lambda: pair.check()[0] == 0, timeout=60), pair.check()[1]
+
+    config = yaml.safe_load(pair.config.read_text())
+    replication = config["replication"]
+    hosts = {"alpha": "127.0.0.2", "beta": "127.0.0.3"}
+    for name, node in replication["nodes"].items():
+        node["endpoint"]["host"] = hosts[name]
+        node["health_port"] = free_port()
+    etcd_port, etcd_peer = free_port(), free_port()
+    out = pair.base / "patroni"
+    replication.update(manager="patroni", replication_networks=["127.0.0.0/8"],
+                       patroni={"etcd_hosts": [f"127.0.0.1:{etcd_port}"], "config_dir": str(out), **TUNED})
+    pair.config.write_text(yaml.safe_dump(config))
+
+    no_etcd = pair.run("dbdeck", "patroni", "migrate")
+    assert no_etcd.returncode == 1 and "etcd does not answer" in no_etcd.stderr, no_etcd.stderr
+    assert pair.sql(pair.alpha_port, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'replica_slot'") \
+        == [(1,)]
+    etcd = start_etcd(pair.base, etcd_port, etcd_peer)
+    processes = []
+    try:
+        dry = pair.run("dbdeck", "--dry-run", "patroni", "migrate")
+        assert dry.returncode == 0 and "ALTER SYSTEM RESET" in dry.stdout, dry.stdout + dry.stderr
+        assert not out.exists(), "a dry run wrote files"
+        assert pair.sql(pair.alpha_port, "SELECT pg_is_in_recovery()") == [(False,)], "a dry run stopped alpha"
+        assert pair.sql(pair.beta_port, "SELECT pg_is_in_recovery()") == [(True,)], "a dry run stopped beta"
+        migrated = pair.run("dbdeck", "patroni", "migrate")
+        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+        assert "start Patroni on alpha first" in migrated.stdout
+        assert not pair.primary.server.is_running() and not pair.standby_server.is_running()
+        processes.append(start_patroni(out, "alpha", pair.base / "patroni-alpha.log"))
+        assert wait_for(lambda: _safe_check(pair) == "alpha", timeout=60), \
+            (pair.base / "patroni-alpha.log").read_text()[-3000:]
+        processes.append(start_patroni(out, "beta", pair.base / "patroni-beta.log"))
+        assert wait_for(lambda: pair.check()[0] == 0, timeout=90), \
+            (pair.check()[1], (pair.base / "patroni-beta.log").read_text()[-3000:])
+        code, report, _ = pair.check()
+        assert report["manager"] == "patroni" and report["primary"] == "alpha"
+        assert [s["state"] for s in report["standbys"]] == ["streaming"]
+        slots = {slot["slot_name"] for slot in report["nodes"][0]["slots"]}
+        assert "replica_slot" not in slots and "beta" in slots
+        assert _sql_at("127.0.0.3", pair, pair.beta_port, "SELECT count(*) FROM kept") == [(1000,)]
+        # and it runs as a Patroni cluster: a switchover through Patroni, then pg_rewind's role is there
+        switched = pair.run("dbdeck", "switchover", "--yes")
+        assert switched.returncode == 0, switched.stdout + switched.stderr
+        assert pair.check()[1]["primary"] == "beta"
+        assert _sql_at("127.0.0.3", pair, pair.beta_port,
+                       "SELECT count(*) FROM pg_roles WHERE rolname = 'rewind'") == [(1,)]
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
+        etcd.terminate()
+        etcd.wait(timeout=20)
+
+
+def _sql_at(host, pair, port, statement):
+    import psycopg
+
+    with psycopg.connect(host=host, port=port, user="postgres", password=pair.primary.password, dbname="postgres",
+                         connect_timeout=5, autocommit=True) as conn:
+        return conn.execute(statement).fetchall()
+
+
+def _safe_check(pair):
+    try:
+        return pair.check()[1]["primary"]
+    except Exception:
+        return None
