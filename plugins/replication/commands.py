@@ -46,7 +46,9 @@ class NagiosCommand(click.Command):
 @click.option("--warn-lag-seconds", type=click.FloatRange(min=0), metavar="S", help="WARNING over this replay delay.")
 @click.option("--crit-lag-seconds", type=click.FloatRange(min=0), metavar="S",
               help="CRITICAL over this replay delay (default 30, or replication.crit_lag_seconds).")
-@click.option("--serve", metavar="[HOST]:PORT", help="Serve /metrics (Prometheus) until stopped, probing per scrape.")
+@click.option("--serve", metavar="[HOST]:PORT",
+              help="Serve /metrics (Prometheus) until stopped, probing per scrape; nodes with a health_port also "
+                   "get /primary, /replica... there (HAProxy's checks, as auto-failover answers them).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5, show_default=True,
               help="Seconds to wait for each node.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), metavar="FILE",
@@ -121,7 +123,14 @@ def _serve(address, snapshot_and_status, pair, timeout):
     host, _, port = address.rpartition(":")
     if not port.isdigit():
         raise click.BadParameter(f"expected [HOST]:PORT, got {address!r}", param_hint="--serve")
-    health = _health_servers(pair, timeout)
+    from dbdeck.errors import DbdeckError
+
+    try:
+        health = _health_servers(pair, timeout)
+    except DbdeckError as exc:
+        # auto-failover on this host answers them already; the metrics are still worth serving
+        click.echo(f"not answering health checks: {exc} (auto-failover running here answers them)", err=True)
+        health = None
     server = serve(host or "0.0.0.0", int(port), snapshot_and_status)
     click.echo(f"serving replication metrics on http://{host or '0.0.0.0'}:{port}/metrics", err=True)
     stop = threading.Event()

@@ -14,7 +14,7 @@ import yaml
 
 from dbdeck.plugins.sandbox.servers import free_port
 
-from ..conftest import wait_for
+from ..conftest import BIN, wait_for
 from .test_failover import SplitBrainWatch, Writer, _ids, _postmaster_pid, _safe, _start_monitor, _stop_monitor
 
 pytestmark = pytest.mark.integration
@@ -75,9 +75,31 @@ def test_writes_follow_the_primary_through_haproxy_across_kill_9_and_switchover(
     assert subprocess.run(["/usr/sbin/haproxy", "-c", "-f", str(cfg)], capture_output=True).returncode == 0
 
     pair.sql(pair.alpha_port, "CREATE TABLE acks (id int PRIMARY KEY)")
+    # check-replication --serve answers the same checks (for a host without auto-failover)
+    metrics_port = free_port()
+    exporter = subprocess.Popen([str(BIN / "check-replication"), "--config", str(pair.config), "--serve",
+                                 f"127.0.0.1:{metrics_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        assert wait_for(lambda: _safe(lambda: health(health_ports["alpha"], "/primary")[0] == 200), timeout=20)
+        assert health(health_ports["beta"], "/replica")[0] == 200
+    finally:
+        exporter.send_signal(signal.SIGTERM)
+        assert exporter.wait(timeout=30) == 0, exporter.stderr.read()
     monitor = _start_monitor(pair)
     haproxy = _start_haproxy(pair, cfg)
     writer = watch = None
+    # beside auto-failover, the exporter serves its metrics and leaves the health ports to the monitor
+    exporter = subprocess.Popen([str(BIN / "check-replication"), "--config", str(pair.config), "--serve",
+                                 f"127.0.0.1:{metrics_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        assert wait_for(lambda: _safe(lambda: b"pg_up" in urllib.request.urlopen(
+            f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()), timeout=20)
+    finally:
+        exporter.send_signal(signal.SIGTERM)
+        exporter.wait(timeout=30)
+    assert "not answering health checks" in exporter.stderr.read()
     try:
         assert health(health_ports["alpha"], "/primary")[0] == 200
         code, body = health(health_ports["beta"], "/primary")
