@@ -165,8 +165,13 @@ def rotate_replication_password(app, yes):
     """
     from .rotate import rotate
 
-    _confirm(app, yes, "Rotate the replication password (standbys reconnect once)?")
+    from .commands import _native_only
+
     pair = _pair(app)
+    _native_only(pair, "rotate-replication-password",
+                 "Patroni owns the replication role: change PATRONI_REPLICATION_PASSWORD in env.conf on every "
+                 "node, ALTER ROLE on the leader, then restart Patroni node by node")
+    _confirm(app, yes, "Rotate the replication password (standbys reconnect once)?")
     with pair.operator_lock():
         with pair.run_log("rotate-replication-password"):
             result = rotate(pair)

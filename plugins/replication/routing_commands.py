@@ -54,26 +54,14 @@ def haproxy_render(app, output, snippet, no_check):
                               "(apt-get install haproxy) or pass --no-check") from None
         if problem:
             raise DbdeckError(f"haproxy -c rejects the rendered configuration: {problem}")
-    emit_rendered(app, {"haproxy.cfg": text}, output, checked=not (no_check or snippet))
-
-
-def emit_rendered(app, files, output, checked):
-    """Print the rendered files (JSON: one document with their text), or write them under output."""
-    from pathlib import Path
-
-    if output is None:
-        if app.format == "json":
-            app.emit({"files": files, "checked": checked})
-        else:
-            click.echo("\n".join(files.values()), nl=False)
-        return
-    written = []
-    for name, text in files.items():
-        target = Path(output) if len(files) == 1 else Path(output) / name
-        write_file(app, text, target, name)
-        written.append(str(target))
+    checked = not (no_check or snippet)
+    if output:
+        write_file(app, text, output, "haproxy.cfg")
     if app.format == "json":
-        app.emit({"written": [] if app.dry_run else written, "checked": checked})
+        app.emit({"files": {} if output else {"haproxy.cfg": text},
+                  "written": [output] if output and not app.dry_run else [], "checked": checked})
+    elif not output:
+        click.echo(text, nl=False)
 
 
 @click.group("patroni")

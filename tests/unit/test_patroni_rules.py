@@ -76,6 +76,8 @@ def test_render_dry_run_and_json(tmp_path):
 def test_native_commands_refuse_under_patroni_and_render_refuses_a_native_pair(tmp_path):
     refused = _dbdeck(_config(tmp_path), "auto-failover")
     assert refused.returncode == 2 and "Patroni fails over by itself" in refused.stderr
+    rotation = _dbdeck(_config(tmp_path), "rotate-replication-password", "--yes")
+    assert rotation.returncode == 2 and "Patroni owns the replication role" in rotation.stderr
     path = _config(tmp_path, manager="native")
     config = yaml.safe_load(path.read_text())
     config["replication"]["nodes"]["pg2"]["health_port"] = 8009  # one dbdeck answers both: two ports
