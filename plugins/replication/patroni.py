@@ -462,6 +462,13 @@ def ready_to_migrate(pair):
     if holder:
         raise Refused(f"auto-failover is running (pid {holder.get('pid')}): stop it first (it would fail over "
                       f"while the nodes stop), e.g. systemctl stop dbdeck-auto-failover")
+    try:
+        cluster = PatroniAPI(pair).cluster(timeout=3)
+    except DbdeckError:
+        cluster = None  # no REST API answers: Patroni does not run yet, as expected
+    if cluster is not None:
+        raise Refused(f"Patroni already manages these nodes ({_describe(cluster)}): nothing to migrate; stopping "
+                      f"its PostgreSQL servers by hand would only make Patroni restart them")
     snapshot = pair.probe(5)
     down = [n.name for n in snapshot.nodes if not n.reachable]
     if down or len(snapshot.primaries) != 1:

@@ -238,6 +238,9 @@ def test_native_pair_migrates_to_patroni_keeping_its_data(local_pair):
             (pair.check()[1], (pair.base / "patroni-beta.log").read_text()[-3000:])
         code, report, _ = pair.check()
         assert report["manager"] == "patroni" and report["primary"] == "alpha"
+        again = pair.run("dbdeck", "patroni", "migrate")
+        assert again.returncode == 1 and "Patroni already manages these nodes" in again.stderr, again.stderr
+        assert pair.check()[0] == 0
         assert [s["state"] for s in report["standbys"]] == ["streaming"]
         slots = {slot["slot_name"] for slot in report["nodes"][0]["slots"]}
         assert "replica_slot" not in slots and "beta" in slots
