@@ -73,6 +73,9 @@ def test_patroni_cluster_from_render_through_switchover_failover_node_loss_and_r
     text = cluster.run("check-replication")
     assert text.returncode == 0 and text.stdout.startswith(f"REPLICATION OK - primary {leader}, 2 standby streaming |")
     assert "patroni n1:" in text.stdout
+    metrics = cluster.run("check-replication", "--format", "prometheus")
+    assert metrics.returncode == 0 and "pg_replication_check_status 0.0" in metrics.stdout, metrics.stdout
+    assert metrics.stdout.count("pg_up{") == 3 and "pg_replication_connected_standbys 2.0" in metrics.stdout
     status = cluster.run("--format", "json", "status")
     rows = {row["name"]: row for row in json.loads(status.stdout)}
     assert rows["pair"]["state"] == "ok" and rows["patroni"]["state"] == "ok" and "auto-failover" not in rows
