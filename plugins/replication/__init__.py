@@ -138,10 +138,12 @@ def _verdict(app):
                 data={"status": STATUS_NAMES[status], "problems": problems, "primary": primary})
     if not pair.patroni:
         return [item]
+    from .patroni import RUNNING, leader_of
+
     members = (patroni or {}).get("members", [])
-    leader = next((m["name"] for m in members if m.get("role") in ("leader", "standby_leader")), None)
-    return [item, Item(kind="replication", name="patroni", state="ok" if leader and all(
-        m.get("state") in ("running", "streaming") for m in members) and patroni and not patroni.get("pause")
-        else "failing", detail="; ".join(f"{m['name']} {m.get('role')} {m.get('state')}" for m in members)
+    healthy = patroni and leader_of(patroni) and not patroni.get("pause") and all(
+        m.get("state") in RUNNING for m in members)
+    return [item, Item(kind="replication", name="patroni", state="ok" if healthy else "failing",
+        detail="; ".join(f"{m['name']} {m.get('role')} {m.get('state')}" for m in members)
         or "no Patroni REST API answers", labels={"scope": pair.settings.patroni.scope},
         data={"cluster": patroni})]

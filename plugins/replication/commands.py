@@ -226,8 +226,6 @@ def setup_master(app, node, apply_settings):
 
 
 def _native_only(pair, command, why):
-    from dbdeck.errors import UsageError
-
     if pair.patroni:
         raise UsageError(f"{command} manages a native pair; replication.manager is patroni: {why}")
 
