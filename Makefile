@@ -2,6 +2,9 @@
 SHELL := /bin/bash
 PYTHON := .venv/bin/python
 PYTEST_ARGS ?=
+# Tests run side by side (pytest-xdist); every server, port and container name is private to its worker, and
+# tests that share state or a machine-wide resource carry an xdist_group (see tests/conftest.py).
+TEST_WORKERS ?= 3
 
 .PHONY: demo test lint bench bootstrap unit clean
 
@@ -18,7 +21,7 @@ lint: bootstrap
 
 # pytest exits 5 when it collected nothing: that must fail, never pass quietly.
 test: bootstrap lint
-	@$(PYTHON) -m pytest $(PYTEST_ARGS); status=$$?; \
+	@$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$status
 
 unit: bootstrap

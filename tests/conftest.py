@@ -4,6 +4,9 @@ A component that is missing fails the test with the command that installs it: no
 silently skipped. `make test` runs scripts/bootstrap first, which installs all of them.
 """
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import secrets as token
 import shutil
@@ -21,7 +24,38 @@ from dbdeck.run import Runner
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin"
 COMPOSE_DIR = Path(__file__).parent / "integration" / "compose"
-CONTAINER_PREFIX = os.environ.get("DBDECK_TEST_CONTAINER_PREFIX", "")
+
+
+def _worker_index():
+    """0 for a plain run, N for pytest-xdist's worker gwN."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+
+
+# Everything this suite creates that the machine shares (TCP ports, Docker container, image and compose
+# project names) is made private to this checkout and this worker, so the suite runs beside a running
+# `make demo` sandbox, beside another checkout's suite, and in parallel workers.
+CHECKOUT_TAG = hashlib.sha1(str(ROOT).encode()).hexdigest()[:5]
+WORKER_INDEX = _worker_index()
+# (set here, not inherited: xdist workers start with the controller's environment)
+CONTAINER_PREFIX = f"t{CHECKOUT_TAG}w{WORKER_INDEX}-"
+os.environ["DBDECK_TEST_CONTAINER_PREFIX"] = CONTAINER_PREFIX
+# 20000-31999 lies below the kernel's ephemeral ports (32768-60999): no outgoing connection takes one.
+# Each checkout gets one of six blocks of 2000 ports, each worker 400 of its block.
+_PORT_BLOCK = 20000 + int(CHECKOUT_TAG, 16) % 6 * 2000 + WORKER_INDEX % 5 * 400
+os.environ["DBDECK_PORT_RANGE"] = f"{_PORT_BLOCK}-{_PORT_BLOCK + 399}"
+
+
+@contextlib.contextmanager
+def machine_wide(resource):
+    """Held while a test uses what only one test on this machine can use at a time (root's crontab and the
+    cron daemon): other workers and other checkouts' suites wait for it."""
+    with open(Path(tempfile.gettempdir()) / f"dbdeck-tests-{resource}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def require(program, package):
@@ -65,14 +99,45 @@ class StartedPostgres:
         return endpoint(name, self.port, self.password, database, runner=runner, **extra)
 
 
+_initdb_template: list[Path] = []   # this process's stopped, just-initdb'd cluster
+
+
+def _cluster_from_template(server):
+    """server's data directory as initdb would leave it, copied from one initdb per test process: a copy
+    is several times faster than initdb, and the result is the same stock cluster."""
+    from dbdeck.plugins.sandbox.servers import PostgresServer, give_to
+
+    if not _initdb_template:
+        root = Path(tempfile.mkdtemp(prefix="dbdeck-initdb-"))
+        os.chmod(root, 0o755)
+        template = PostgresServer(root / "data", 1, Runner(), socket_dir=root / "run")
+        template.initdb(new_password())
+        _initdb_template.append(template.datadir)
+    server.datadir.parent.mkdir(parents=True, exist_ok=True)
+    give_to(server.socket_dir, server.os_user, 0o700)
+    subprocess.run(["cp", "-a", "--no-target-directory", str(_initdb_template[0]), str(server.datadir)], check=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_initdb_template():
+    yield
+    for datadir in _initdb_template:
+        shutil.rmtree(datadir.parent, ignore_errors=True)
+
+
 def _start_postgres(workdir, name, settings=None, stock=False):
+    from psycopg import sql
+
     from dbdeck.plugins.sandbox.servers import PostgresServer, free_port
 
     require("pg_ctl", "postgresql")
     password = new_password()
     server = PostgresServer(workdir / name, free_port(), Runner(), socket_dir=workdir / f"{name}.run")
-    server.init(password, settings, stock=stock)
+    _cluster_from_template(server)
+    server.configure(server.initial_settings(settings, stock))
     server.start()
+    server.psql(sql.SQL("ALTER ROLE {} PASSWORD {};").format(
+        sql.Identifier(server.superuser), sql.Literal(password)).as_string(None) + "\n")
     return StartedPostgres(server, password)
 
 
@@ -177,7 +242,11 @@ def crm_containers(docker_services_ready):
 @pytest.fixture(scope="session")
 def docker_services_ready(request):
     _docker_ready()
-    os.environ.setdefault("DBDECK_TEST_CONTAINER_PREFIX", CONTAINER_PREFIX)
+    # what an interrupted earlier run of this checkout's worker left (its names are this worker's alone)
+    leftovers = subprocess.run(["docker", "ps", "-aq", "--filter", f"name=^/{CONTAINER_PREFIX}"],
+                               capture_output=True, text=True).stdout.split()
+    if leftovers:
+        subprocess.run(["docker", "rm", "-f", *leftovers], capture_output=True)
     return request.getfixturevalue("docker_services")
 
 
@@ -255,3 +324,16 @@ def wait_for(check, timeout=10.0, pause=0.1):
             return True
         time.sleep(pause)
     return False
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Under --dist loadgroup, a test marked xdist_group must carry its group in its node id, which is how
+    xdist keeps a group on one worker. A pytest/xdist pair that drops it (pytest 9.2, xdist issue 1386)
+    would split module-scoped servers across workers and fail at random: stop at once instead."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        pytest.exit(f"pytest-xdist did not group {len(lost)} test(s) marked xdist_group (e.g. {lost[0]}): this "
+                    "pytest and pytest-xdist do not work together; install the versions setup.cfg names", returncode=3)

@@ -99,6 +99,10 @@ def switch_wal_and_wait(pair, barman, primary):
         segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
         # an idle server does not switch: then the segment before is complete already
         conn.execute("SELECT pg_switch_wal()")
+        # pg_receivewal closes a segment once WAL of the next one arrives: on an idle server that is only at
+        # its next status interval (10 s). A commit puts a record in the next segment now.
+        conn.execute("SELECT pg_current_xact_id()")
+        conn.commit()
 
     def archived():
         barman.archive_now()

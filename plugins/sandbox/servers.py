@@ -6,6 +6,7 @@ All programs run through dbdeck's Runner.
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -19,10 +20,50 @@ from dbdeck.run import Runner
 _SOCKET_PATH_MAX = 100
 
 
-def free_port():
+PORT_RANGE_VARIABLE = "DBDECK_PORT_RANGE"
+_handed_out: set[int] = set()
+
+
+def _port_range():
+    """DBDECK_PORT_RANGE=FIRST-LAST, or None: the kernel's choice of an ephemeral port."""
+    value = os.environ.get(PORT_RANGE_VARIABLE, "").strip()
+    if not value:
+        return None
+    try:
+        first, last = (int(part) for part in value.split("-"))
+    except ValueError:
+        raise DbdeckError(f"{PORT_RANGE_VARIABLE}={value!r}: expected FIRST-LAST, e.g. 21000-21399") from None
+    if not 1024 <= first <= last <= 65535:
+        raise DbdeckError(f"{PORT_RANGE_VARIABLE}={value!r}: expected 1024 <= FIRST <= LAST <= 65535")
+    return first, last
+
+
+def _bindable(port):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1. With DBDECK_PORT_RANGE set (parallel test workers each get their own),
+    one from that range that this process has not handed out before, so that two servers being set up side
+    by side never get the same port."""
+    bounds = _port_range()
+    if bounds is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    first, last = bounds
+    candidates = [port for port in range(first, last + 1) if port not in _handed_out]
+    random.shuffle(candidates)
+    for port in candidates:
+        if _bindable(port):
+            _handed_out.add(port)
+            return port
+    raise DbdeckError(f"no free port left in {PORT_RANGE_VARIABLE}={first}-{last}")
 
 
 def os_user_for(name):
@@ -106,6 +147,11 @@ class PostgresServer:
 
         stock=True keeps PostgreSQL's defaults except where it listens (what a user's server has): the
         replication tests build pairs from that plus only what the README tells users to set."""
+        self.initdb(password)
+        self.configure(self.initial_settings(settings, stock))
+
+    def initdb(self, password):
+        """The cluster as initdb leaves it, with nothing configured yet."""
         self.datadir.parent.mkdir(parents=True, exist_ok=True)
         give_to(self.datadir, self.os_user, 0o700)
         give_to(self.socket_dir, self.os_user, 0o700)
@@ -122,17 +168,19 @@ class PostgresServer:
                        "--no-sync"], timeout=120)
         finally:
             pwfile.unlink(missing_ok=True)
+
+    def initial_settings(self, settings=None, stock=False):
+        """Where the server listens, plus (unless stock) what the sandbox tunes for a quick demo."""
         where = {"listen_addresses": "'127.0.0.1'", "port": self.port,
                  "unix_socket_directories": f"'{self.socket_dir}'"}
         if stock:
-            self.configure({**where, **(settings or {})})
-            return
+            return {**where, **(settings or {})}
         base = {
             **where, "wal_level": "replica", "max_wal_senders": 10, "max_replication_slots": 10, "hot_standby": "on",
             "wal_log_hints": "on", "wal_keep_size": "'64MB'", "fsync": "off", "synchronous_commit": "on",
             "shared_buffers": "'64MB'", "max_connections": 50,
         }
-        self.configure({**base, **(settings or {})})
+        return {**base, **(settings or {})}
 
     def configure(self, settings):
         """Append settings to postgresql.conf (later lines win)."""

@@ -3,6 +3,7 @@ commands under test (a fresh primary, `setup-master`, then `rebuild-replica` fro
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,7 +13,7 @@ import yaml
 
 from dbdeck.run import Runner
 
-from ..conftest import BIN, _start_postgres
+from ..conftest import BIN, StartedPostgres, _start_postgres, wait_for
 
 
 class LocalPair:
@@ -78,14 +79,15 @@ def write_pair_config(path, base, primary, standby_port, password_file, log_dir,
     path.write_text(yaml.safe_dump(config))
 
 
-@pytest.fixture
-def local_pair(workdir, request):
+def _pair_base(workdir, request):
+    return workdir / f"rp{os.getpid() % 1000}{request.node.name[-12:].replace('[', '').replace(']', '')}"
+
+
+def build_readme_pair(base):
     """alpha = a fresh primary with PostgreSQL's defaults; beta = its standby, built the README's way:
     setup-master --apply-settings, a restart of the primary, setup-master, rebuild-replica."""
     from dbdeck.plugins.sandbox.servers import PostgresServer, free_port, give_to
 
-    name = f"rp{os.getpid() % 1000}{request.node.name[-12:].replace('[', '').replace(']', '')}"
-    base = workdir / name
     give_to(base, None, 0o755)
     primary = _start_postgres(base, "alpha", stock=True)
     standby_port = free_port()
@@ -113,9 +115,80 @@ def local_pair(workdir, request):
     assert pair.sql(primary.port, "SHOW wal_keep_size") == [("0",)], "the pair must run with the stock default"
     rebuild = pair.run("rebuild-replica")
     assert rebuild.returncode == 0, rebuild.stdout + rebuild.stderr
+    return pair
+
+
+def _destroy(pair):
+    pair.standby_server.destroy()
+    pair.primary.server.destroy()
+    shutil.rmtree(pair.base, ignore_errors=True)
+
+
+@pytest.fixture
+def readme_pair(workdir, request):
+    """A pair built the README's way for this test alone: for tests about that set-up itself."""
+    pair = build_readme_pair(_pair_base(workdir, request))
     yield pair
-    standby_server.destroy()
-    primary.server.destroy()
-    shutil.rmtree(base, ignore_errors=True)
+    _destroy(pair)
 
 
+@pytest.fixture(scope="session")
+def readme_pair_template(workdir):
+    """One README-built pair per test worker, stopped cleanly (the primary first, so the standby has its
+    shutdown checkpoint): local_pair copies it instead of building a pair for every test."""
+    pair = build_readme_pair(workdir / "pair-template")
+    streaming = pair.sql(pair.alpha_port, "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
+    assert streaming == [(1,)], "the template's standby must stream before it is stopped"
+    pair.primary.server.stop()
+    pair.standby_server.stop()
+    yield pair
+    _destroy(pair)
+
+
+_PORT_LINE = re.compile(r"^(\s*port\s*=\s*)'?(\d+)'?", re.M)
+_CONNINFO_PORT = re.compile(r"\bport=(\d+)")
+
+
+def copy_pair(template, base):
+    """A private, running copy of the template pair under base: same clusters, new ports and paths."""
+    from dbdeck.plugins.sandbox.servers import PostgresServer, free_port
+
+    subprocess.run(["cp", "-a", str(template.base), str(base)], check=True)
+    ports = {template.alpha_port: free_port(), template.beta_port: free_port()}
+    old_base, new_base = str(template.base), str(base)
+
+    def rewrite(path):
+        text = path.read_text().replace(old_base, new_base)
+        text = _PORT_LINE.sub(lambda m: f"{m.group(1)}{ports.get(int(m.group(2)), m.group(2))}", text)
+        text = _CONNINFO_PORT.sub(lambda m: f"port={ports.get(int(m.group(1)), m.group(1))}", text)
+        path.write_text(text)
+
+    for node in ("alpha", "beta"):
+        for name in ("postgresql.conf", "postgresql.auto.conf", "dbdeck-node.conf"):
+            if (base / node / name).exists():
+                rewrite(base / node / name)
+    for path in (base / "state").rglob("*"):
+        if path.is_file():
+            rewrite(path)
+    primary_server = PostgresServer(base / "alpha", ports[template.alpha_port], Runner(),
+                                    socket_dir=base / "alpha.run")
+    primary = StartedPostgres(primary_server, template.primary.password)
+    standby_server = PostgresServer(base / "beta", ports[template.beta_port], Runner(), socket_dir=base / "beta.run")
+    pair = LocalPair(base, primary, standby_server, base / "dbdeck.yaml", base / "logs",
+                     base / "secrets" / "replicator")
+    write_pair_config(pair.config, base, primary, standby_server.port, pair.password_file, pair.log_dir)
+    primary_server.start()
+    standby_server.start()
+    streaming = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
+    assert wait_for(lambda: pair.sql(pair.alpha_port, streaming) == [(1,)], timeout=60), \
+        "the copied standby does not stream: " + standby_server.log_path.read_text()[-2000:]
+    return pair
+
+
+@pytest.fixture
+def local_pair(workdir, request, readme_pair_template):
+    """alpha = a primary with PostgreSQL's defaults; beta = its streaming standby, built the README's way
+    (see build_readme_pair) once per worker and copied for each test, so every test has its own pair."""
+    pair = copy_pair(readme_pair_template, _pair_base(workdir, request))
+    yield pair
+    _destroy(pair)

@@ -17,7 +17,8 @@ import yaml
 
 from tests.conftest import CONTAINER_PREFIX, require
 
-pytestmark = pytest.mark.integration
+# its tests share module-scoped servers and build on each other's state: one worker runs them all, in order
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_deploy")]
 
 APP = Path(__file__).parent / "deploy_app"
 DATABASE = "deployapp"
@@ -35,7 +36,8 @@ class World:
 
         self.root, self.run_bin, self.name, self.sshd = root, dbdeck_bin, name, sshd
         self.source = root / "source"
-        self.path = root / "server" / "deploy-backend"
+        # compose names its project after this directory: prefixed, so no other worker or checkout shares it
+        self.path = root / "server" / f"{CONTAINER_PREFIX}deploy-backend"
         self.hooks = root / "hooks"
         shutil.copytree(APP, self.source)
         self.hooks.mkdir()
@@ -459,7 +461,7 @@ def test_the_built_image_is_the_one_compose_names(tmp_path, sshd, app_database, 
     if not compose_names_it:
         compose = world.source / "docker-compose.yml"
         compose.write_text(compose.read_text().replace("    image: ${APP_IMAGE}\n", ""))
-        world.image = "deploy-backend_backend"  # docker-compose v1: <project>_<service>, project = the directory
+        world.image = f"{world.path.name}_backend"  # docker-compose v1: <project>_<service>, project = the directory
     try:
         for version in ("n1", "n2"):
             result = world.deploy(version)

@@ -15,7 +15,8 @@ from ..conftest import new_password, wait_for
 from .patroni_cluster import TUNED, PatroniCluster
 from .test_failover import Writer
 
-pytestmark = pytest.mark.integration
+# one Patroni cluster at a time: three nodes and etcd on fixed loopback addresses, and most of a core
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("patroni")]
 
 
 class _ProxyPair:

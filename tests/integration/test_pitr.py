@@ -85,6 +85,7 @@ def _tables(restored):
                                        "'public'::regnamespace")}
 
 
+@pytest.mark.timeout(600)  # the longest test: a Barman set-up, three restores and two verifications
 def test_backup_restore_to_a_time_verify_and_bad_input(pitr_pair):
     pair = pitr_pair
     dry = _dbdeck(pair, "pitr", "setup", "--dry-run")

@@ -29,8 +29,8 @@ def _secret_free(pair, *texts):
         assert password not in log.read_text()
 
 
-def test_setup_master_and_rebuild_build_a_streaming_pair(local_pair):
-    pair = local_pair
+def test_setup_master_and_rebuild_build_a_streaming_pair(readme_pair):
+    pair = readme_pair
     mode = stat.S_IMODE(pair.password_file.stat().st_mode)
     assert mode == 0o600
     roles = pair.sql(pair.alpha_port, "SELECT rolreplication, rolcanlogin FROM pg_roles WHERE rolname = 'replicator'")

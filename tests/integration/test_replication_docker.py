@@ -13,7 +13,8 @@ import yaml
 
 from ..conftest import BIN, COMPOSE_DIR, CONTAINER_PREFIX, _docker_ready, new_password, require, wait_for
 
-pytestmark = pytest.mark.integration
+# its tests share module-scoped servers and build on each other's state: one worker runs them all, in order
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_replication_docker")]
 
 PRIMARY = f"{CONTAINER_PREFIX}conecta-postgres"
 REPLICA = f"{CONTAINER_PREFIX}conecta-postgres-replica"

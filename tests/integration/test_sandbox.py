@@ -5,6 +5,8 @@ import stat
 import pytest
 import yaml
 
+from ..conftest import CONTAINER_PREFIX
+
 pytestmark = pytest.mark.integration
 
 
@@ -99,24 +101,25 @@ def test_sandbox_with_the_seeds_containers_serves_the_seeds_own_way(dbdeck_bin, 
     import subprocess
 
     box = workdir / "sandbox-containers"
-    env = {"DBDECK_SANDBOX_CONTAINER_PREFIX": "sbx-"}
+    prefix = f"sbx{CONTAINER_PREFIX}"
+    env = {"DBDECK_SANDBOX_CONTAINER_PREFIX": prefix}
     up = dbdeck_bin("sandbox", "up", "--dir", box, "--only", "dev", "--with-containers", env=env, timeout=300)
     assert up.returncode == 0, up.stderr
     try:
         status = json.loads(dbdeck_bin("sandbox", "status", "--dir", box, "--format", "json").stdout)
         containers = {s["name"]: s for s in status["servers"] if s["kind"] == "container"}
-        assert containers["prod-container"]["host"] == "sbx-crm-postgres" and containers["prod-container"]["running"]
+        assert containers["prod-container"]["host"] == f"{prefix}crm-postgres" and containers["prod-container"]["running"]
         seed_way = box / "seed-way.yaml"
         seed_way.write_text(f"dbdeck:\n  run_dir: {box}/run\n  state_dir: {box}/seed-state\n")
         done = dbdeck_bin("--config", seed_way, "sync-prod-to-dev", env={
-            "PROD_DB_CONTAINER": "sbx-crm-postgres", "DEV_DB_CONTAINER": "sbx-crm-postgres-dev"}, timeout=300)
+            "PROD_DB_CONTAINER": f"{prefix}crm-postgres", "DEV_DB_CONTAINER": f"{prefix}crm-postgres-dev"}, timeout=300)
         assert done.returncode == 0, done.stderr
-        rows = subprocess.run(["docker", "exec", "sbx-crm-postgres-dev", "psql", "-U", "postgres", "-d",
+        rows = subprocess.run(["docker", "exec", f"{prefix}crm-postgres-dev", "psql", "-U", "postgres", "-d",
                                "crm_development", "-Atc", "SELECT count(*) FROM contacts"],
                               capture_output=True, text=True, check=True).stdout.strip()
         assert rows == "1500"
     finally:
         down = dbdeck_bin("sandbox", "down", "--dir", box)
     assert down.returncode == 0
-    gone = subprocess.run(["docker", "inspect", "sbx-crm-postgres"], capture_output=True)
+    gone = subprocess.run(["docker", "inspect", f"{prefix}crm-postgres"], capture_output=True)
     assert gone.returncode != 0

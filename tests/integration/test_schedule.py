@@ -3,13 +3,18 @@ import os
 import pwd
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
-CRON_USER = "dbdeck-crontest"
+from ..conftest import CHECKOUT_TAG, WORKER_INDEX, wait_for
+
+# its tests share module-scoped servers and build on each other's state: one worker runs them all, in order
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_schedule")]
+# its own user per checkout and worker: the suites beside it rewrite theirs
+CRON_USER = f"dbdeck-cron-{CHECKOUT_TAG}{WORKER_INDEX}"
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +204,15 @@ def test_foreground_scheduler(tmp_path):
                                     "  failing:\n    command: [sh, -c, 'exit 3']\n    every: 0.4s\n")
     scheduler = subprocess.Popen([str(Path(__file__).parents[2] / "bin" / "dbdeck"), "--config", str(config),
                                   "schedule", "run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.5)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(scheduler.stderr), daemon=True)
+    reader.start()
+
+    def seen_enough():  # what a busy machine takes longer to reach: two failures and one skipped run
+        text = "".join(lines)
+        return text.count("job failing: FAILED with exit 3") >= 2 and "skipping this run" in text
+
+    assert wait_for(seen_enough, timeout=30, pause=0.05), "".join(lines)
     slow_lock = JobLock("schedule-slow", tmp_path / "run")
     deadline = time.monotonic() + 15
     while slow_lock.holder() is None and time.monotonic() < deadline:
@@ -208,7 +221,8 @@ def test_foreground_scheduler(tmp_path):
     signalled_at = time.time()
     scheduler.send_signal(signal.SIGTERM)
     assert scheduler.wait(timeout=20) == 0
-    log = scheduler.stderr.read()
+    reader.join(timeout=10)
+    log = "".join(lines)
     assert "job slow: started" in log
     assert "still going" in log and "skipping this run" in log
     assert log.count("job failing: FAILED with exit 3") >= 2

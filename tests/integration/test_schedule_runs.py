@@ -11,9 +11,10 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import BIN, _start_postgres, wait_for
+from tests.conftest import BIN, _start_postgres, machine_wide, wait_for
 
-pytestmark = pytest.mark.integration
+# its tests share module-scoped servers and build on each other's state: one worker runs them all, in order
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_schedule_runs")]
 
 CRON_ENVIRONMENT = {"HOME": "/root", "LOGNAME": "root", "SHELL": "/bin/sh", "PATH": "/usr/bin:/bin"}
 SYSTEMD_ENVIRONMENT = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin", "LANG": "C.UTF-8",
@@ -135,12 +136,13 @@ def root_crontab():
     """Root's crontab, restored afterwards (the seed's setup-sync-cron writes the user's own crontab)."""
     if os.geteuid() != 0:
         pytest.fail("this test installs into root's crontab and runs cron: it needs root", pytrace=False)
-    before = subprocess.run(["crontab", "-l"], capture_output=True, text=True)
-    yield
-    if before.returncode == 0:
-        subprocess.run(["crontab", "-"], input=before.stdout, text=True, check=True)
-    else:
-        subprocess.run(["crontab", "-r"], capture_output=True)
+    with machine_wide("root-crontab"):
+        before = subprocess.run(["crontab", "-l"], capture_output=True, text=True)
+        yield
+        if before.returncode == 0:
+            subprocess.run(["crontab", "-"], input=before.stdout, text=True, check=True)
+        else:
+            subprocess.run(["crontab", "-r"], capture_output=True)
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from psycopg.conninfo import make_conninfo
 
 from tests.conftest import BIN, _start_postgres, new_password
 
-pytestmark = pytest.mark.integration
+# its tests share module-scoped servers and build on each other's state: one worker runs them all, in order
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_sync_databases")]
 
 PERFIS = ("CREATE TABLE perfis (id int PRIMARY KEY, nome text, email text, "
           "updated_at timestamptz NOT NULL DEFAULT now())")

@@ -8,7 +8,8 @@ import pytest
 
 from tests.conftest import BIN, _start_postgres, wait_for
 
-pytestmark = pytest.mark.integration
+# its tests share module-scoped servers and build on each other's state: one worker runs them all, in order
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_sync_prod_to_dev")]
 
 SCHEMA = """
 CREATE TABLE customers (id serial PRIMARY KEY, email text NOT NULL UNIQUE, note text);
