@@ -125,6 +125,10 @@ def _serve(address, snapshot_and_status, pair, timeout):
         raise click.BadParameter(f"expected [HOST]:PORT, got {address!r}", param_hint="--serve")
     from dbdeck.errors import DbdeckError
 
+    # before the first listener answers: from then on a SIGTERM is a clean stop (exit 0), not an interrupted run
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     try:
         health = _health_servers(pair, timeout)
     except DbdeckError as exc:
@@ -133,9 +137,6 @@ def _serve(address, snapshot_and_status, pair, timeout):
         health = None
     server = serve(host or "0.0.0.0", int(port), snapshot_and_status)
     click.echo(f"serving replication metrics on http://{host or '0.0.0.0'}:{port}/metrics", err=True)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     server.shutdown()
     if health:

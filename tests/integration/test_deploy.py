@@ -17,8 +17,9 @@ import yaml
 
 from tests.conftest import CONTAINER_PREFIX, require
 
-# its tests share module-scoped servers and build on each other's state: one worker runs them all, in order
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_deploy")]
+pytestmark = pytest.mark.integration
+# the tests of one module-scoped server build on each other's state: one worker runs them, in order
+ON_WORLD, ON_STAGING, ON_SEED = (pytest.mark.xdist_group(f"deploy-{name}") for name in ("world", "staging", "seed"))
 
 APP = Path(__file__).parent / "deploy_app"
 DATABASE = "deployapp"
@@ -151,6 +152,7 @@ def _out(result):
     return result.stdout + result.stderr
 
 
+@ON_WORLD
 def test_dry_run_prints_every_remote_command_and_changes_nothing(world):
     before = sorted(p.relative_to(world.path) for p in world.path.rglob("*"))
     sshd_log = world.sshd.key.parent / "sshd.log"
@@ -178,6 +180,7 @@ def test_dry_run_prints_every_remote_command_and_changes_nothing(world):
     assert "docker compose" not in _out(exact)
 
 
+@ON_WORLD
 def test_first_deploy_says_rollback_is_impossible_then_serves(world):
     (world.hooks / "pre-deploy").write_text(f"#!/bin/sh\nenv | grep ^DBDECK_DEPLOY_ | sort > {world.root}/pre.env\n")
     (world.hooks / "post-deploy").write_text(f"#!/bin/sh\nenv | grep ^DBDECK_DEPLOY_ | sort > {world.root}/post.env\n")
@@ -195,6 +198,7 @@ def test_first_deploy_says_rollback_is_impossible_then_serves(world):
     assert "DBDECK_DEPLOY_OUTCOME=starting" in (world.root / "pre.env").read_text()
 
 
+@ON_WORLD
 def test_second_deploy_serves_v2_keeps_v1_and_never_sends_env(world):
     subprocess.run(["git", "init", "-q", "-b", "main", str(world.source)], check=True)
     subprocess.run(["git", "-C", str(world.source), "remote", "add", "origin", "https://token@git.example/x"],
@@ -220,6 +224,7 @@ def test_second_deploy_serves_v2_keeps_v1_and_never_sends_env(world):
     assert data["lock"] is None
 
 
+@ON_WORLD
 def test_failing_migration_rolls_back_to_v2(world):
     (world.hooks / "post-rollback").write_text(
         f"#!/bin/sh\nenv | grep ^DBDECK_DEPLOY_ | sort > {world.root}/rollback.env\n")
@@ -243,6 +248,7 @@ def test_failing_migration_rolls_back_to_v2(world):
     assert "DBDECK_DEPLOY_OUTCOME=rolled_back" in hook_env
 
 
+@ON_WORLD
 def test_never_healthy_rolls_back_and_shows_the_logs(world):
     result = world.deploy("v4", unhealthy=True)
     out = _out(result)
@@ -255,6 +261,7 @@ def test_never_healthy_rolls_back_and_shows_the_logs(world):
     assert world.state()["current"] == "v2"
 
 
+@ON_WORLD
 def test_lock_refuses_a_second_deploy_until_released(world):
     taken = world.run("lock", "acquire", "--env", "production", "--message", "db maintenance")
     assert taken.returncode == 0, _out(taken)
@@ -270,6 +277,7 @@ def test_lock_refuses_a_second_deploy_until_released(world):
     assert world.serving() == "v2"
 
 
+@ON_WORLD
 def test_concurrent_deploy_is_refused_at_once(world):
     gate = world.root / "gate"
     (world.hooks / "pre-deploy").write_text(f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.1; done\n")
@@ -293,6 +301,7 @@ def test_concurrent_deploy_is_refused_at_once(world):
     assert world.serving() == "v5"
 
 
+@ON_WORLD
 def test_old_versions_are_pruned_to_three_and_rollback_command(world):
     for version in ("v6", "v7"):
         result = world.deploy(version)
@@ -316,6 +325,7 @@ def test_old_versions_are_pruned_to_three_and_rollback_command(world):
     assert world.serving() == "v5" and world.state()["current"] == "v5"
 
 
+@ON_WORLD
 def test_backup_retention_keeps_exactly_five(world):
     backups = world.path / "backups"
     for day in range(1, 7):
@@ -331,6 +341,7 @@ def test_backup_retention_keeps_exactly_five(world):
         sorted(kept, reverse=True)
 
 
+@ON_WORLD
 def test_backup_restore_round_trip(world, app_database):
     made = world.run("create", "--env", "production", command="backup")
     assert made.returncode == 0, _out(made)
@@ -348,6 +359,7 @@ def test_backup_restore_round_trip(world, app_database):
     assert any(b.startswith("pre-restore-") for b in world.backups())
 
 
+@ON_WORLD
 def test_failed_backup_stops_production_before_anything_changes(world, tmp_path):
     config = yaml.safe_load(world.config.read_text())
     config["deploy"]["environments"]["production"]["database"]["container"] = "no-such-container"
@@ -361,6 +373,7 @@ def test_failed_backup_stops_production_before_anything_changes(world, tmp_path)
     assert not (world.path / ".dbdeck" / "deploy.lock").exists()
 
 
+@ON_WORLD
 def test_unreachable_server_and_bad_input_are_clear_errors(world, tmp_path):
     from dbdeck.plugins.sandbox.servers import free_port
 
@@ -389,6 +402,7 @@ def staging(tmp_path_factory, sshd, app_database, dbdeck_bin_module):
     made.remove()
 
 
+@ON_STAGING
 def test_staging_rsyncs_with_delete_on_this_machine_and_does_not_roll_back(staging):
     (staging.source / "obsolete.txt").write_text("old\n")
     (staging.path / "uploads").mkdir()
@@ -409,6 +423,7 @@ def test_staging_rsyncs_with_delete_on_this_machine_and_does_not_roll_back(stagi
     assert staging.state()["current"] == "s2"
 
 
+@ON_WORLD
 def test_production_rsync_keeps_files_created_on_the_server(world):
     (world.path / "uploads").mkdir(exist_ok=True)
     (world.path / "uploads" / "invoice.pdf").write_text("user upload\n")
@@ -431,6 +446,7 @@ def seed_server(tmp_path_factory, sshd, app_database, dbdeck_bin_module):
     made.remove()
 
 
+@ON_SEED
 def test_an_image_deployed_by_the_seed_scripts_is_adopted_for_rollback(seed_server):
     deadline = time.monotonic() + 30
     while seed_server.serving() != "seed-built" and time.monotonic() < deadline:
