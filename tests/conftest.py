@@ -11,6 +11,7 @@ import os
 import secrets as token
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -335,5 +336,7 @@ def pytest_collection_modifyitems(config, items):
         return
     lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
     if lost:
-        pytest.exit(f"pytest-xdist did not group {len(lost)} test(s) marked xdist_group (e.g. {lost[0]}): this "
-                    "pytest and pytest-xdist do not work together; install the versions setup.cfg names", returncode=3)
+        message = (f"pytest-xdist did not group {len(lost)} test(s) marked xdist_group (e.g. {lost[0]}): this "
+                   "pytest and pytest-xdist do not work together; install the versions setup.cfg names")
+        sys.__stderr__.write(f"\n{message}\n")  # a worker's exit reason alone reaches the terminal as an INTERNALERROR
+        pytest.exit(message, returncode=3)
