@@ -349,8 +349,9 @@ def _hold_sigterm():
     """Once the command's work is over, a SIGTERM has nothing left to stop: it stays pending. Otherwise one
     arriving while Python shuts down (which puts back the default action) would end a finished run as
     killed (-15) instead of with its exit status."""
-    if threading.current_thread() is threading.main_thread():
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    from .run import hold_termination
+
+    hold_termination()
 
 
 def _end_interrupted(exc):

@@ -45,6 +45,14 @@ def stop_children(signum: int = signal.SIGTERM) -> None:
             pass
 
 
+def hold_termination() -> None:
+    """From here on, a SIGTERM waits (pending) until the process ends: the command has passed a point where
+    stopping would leave more to repair than finishing (a swap committed, a run's work done). Only the main
+    thread receives signals, so elsewhere this does nothing."""
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
 def _track(pid):
     with _children_lock:
         _children.add(pid)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from psycopg import sql
 
-from dbdeck import output
+from dbdeck import faults, output
 from dbdeck.endpoints import Endpoint, dbname_argument
 from dbdeck.errors import DbdeckError, Refused
-from dbdeck.run import printable
+from dbdeck.run import hold_termination, printable
 from dbdeck.state import StateFile
 
 from . import quick as probes
@@ -271,11 +271,13 @@ class Clone:
             excluded = self._copy_excluded_tables(staging, dev_exists=self.dev in databases)
             self._copy_prod(staging)
             self._anonymize(staging)
+            self._swap(dev_exists=self.dev in databases)  # until its commit, dev is as it was
         except BaseException:
             self.say(f"copy failed; dropping {self.staging} (dev is untouched)")
             self._drop(self.staging)
             raise
-        self._swap(dev_exists=self.dev in databases)
+        if self.dev in databases:
+            self._drop(self.old)
         seconds = time.monotonic() - started
         size = None
         if not self.runner.dry_run:
@@ -502,6 +504,11 @@ class Clone:
             try:
                 self._terminate_sessions()
                 self.say(f"swapping {self.staging} in as {self.dev}")
+                faults.point("swap.dev-closed")
+                # the commit point: a SIGTERM from here waits for the run's end, moments away (dropping the old
+                # copy, recording the sync); before it, a SIGTERM leaves dev as it was and staging dropped
+                hold_termination()
+                faults.point("swap.committing")
                 self.maintenance.execute(sql.SQL("BEGIN; ALTER DATABASE {dev} RENAME TO {old}; "
                                                  "ALTER DATABASE {staging} RENAME TO {dev}; COMMIT").format(
                     dev=ident(self.dev), old=ident(self.old), staging=ident(self.staging)))
@@ -509,9 +516,9 @@ class Clone:
                 self.maintenance.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true")
                                          .format(ident(self.dev)))
                 raise
-            self._drop(self.old)
         else:
             self.say(f"renaming {self.staging} to {self.dev} (dev did not exist)")
+            hold_termination()
             self.maintenance.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(self.staging),
                                                                                       ident(self.dev)))
 

@@ -247,6 +247,38 @@ def test_sigterm_mid_copy_stops_children_drops_staging_exits_143(clusters, tmp_p
         prod.endpoint("crm_production").execute("DROP TABLE IF EXISTS bulk_term")
 
 
+def test_sigterm_at_the_swap_leaves_dev_old_and_open_before_its_commit_and_new_after_it(clusters, tmp_path):
+    """A SIGTERM at the last step: before the rename commits, dev is as it was, open, and staging is dropped
+    (exit 143); once the commit has begun, the run finishes (dev is the new copy, nothing left over) and
+    exits 0, where stopping halfway would leave dev closed or the old copy behind."""
+    prod, dev = clusters
+    config = write_config(tmp_path, prod, dev)
+    dev_ep = dev.endpoint("crm_development")
+    prod.endpoint("crm_production").execute("CREATE TABLE IF NOT EXISTS swap_probe (id int)")
+    try:
+        before = checksums(dev_ep)
+        stopped = subprocess.run([str(BIN / "sync-prod-to-dev"), "--config", str(config), "--force"],
+                                 capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, "DBDECK_FAILPOINT": "swap.dev-closed:sigterm"})
+        assert stopped.returncode == 143, stopped.stdout + stopped.stderr
+        assert "Terminated." in stopped.stderr and "Traceback" not in stopped.stderr
+        assert "dropping crm_development__dbdeck_staging" in stopped.stdout
+        assert checksums(dev_ep) == before  # and connecting worked: dev was opened again
+        names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
+        assert not any("__dbdeck_" in n for n in names), names
+
+        finished = subprocess.run([str(BIN / "sync-prod-to-dev"), "--config", str(config), "--force"],
+                                  capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, "DBDECK_FAILPOINT": "swap.committing:sigterm"})
+        assert finished.returncode == 0, finished.stdout + finished.stderr
+        assert "sync complete" in finished.stdout and "Terminated." not in finished.stderr
+        assert "swap_probe" in checksums(dev_ep)[0], finished.stdout  # the new copy
+        names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
+        assert not any("__dbdeck_" in n for n in names), names
+    finally:
+        prod.endpoint("crm_production").execute("DROP TABLE IF EXISTS swap_probe")
+
+
 def test_closed_stdout_does_not_stop_the_sync(clusters, tmp_path):
     prod, dev = clusters
     config = write_config(tmp_path, prod, dev)
