@@ -32,7 +32,7 @@ _MAX_YAML_NODES = 20000  # a config is a few hundred; aliases that expand past t
 class Section(BaseModel):
     """Base for every configuration section: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, defer_build=True)
 
 
 @dataclass(frozen=True)
@@ -144,10 +144,13 @@ def default_state_dir():
 class Config:
     """The validated configuration: one model instance per section."""
 
-    def __init__(self, path, sections, endpoints, given=(), shell_overrides=(), sources=None):
+    def __init__(self, path, sections, endpoints, given=(), shell_overrides=(), sources=None, defaults=None):
         self.path = path
         self.sources = dict(sources or {})  # {file: digest} of every file the settings were read from
         self._sections = sections
+        # {name: model} of the sections left to their defaults. Building a section's validator is most of a
+        # command's start-up; a command reads one or two sections, so the rest are never built.
+        self._defaults = dict(defaults or {})
         self.endpoints = endpoints
         self._given = frozenset(given)
         self.shell_overrides = tuple(shell_overrides)
@@ -159,7 +162,7 @@ class Config:
 
     @property
     def core(self):
-        return self._sections["dbdeck"]
+        return self.section("dbdeck")
 
     @property
     def state_dir(self):
@@ -167,10 +170,12 @@ class Config:
         return Path(self.core.state_dir) if self.core.state_dir else default_state_dir()
 
     def section(self, name):
+        if name in self._defaults:
+            self._sections[name] = self._defaults.pop(name).model_validate({})
         return self._sections[name]
 
     def sections(self):
-        return dict(self._sections)
+        return {name: self.section(name) for name in self._sections}
 
     def endpoint_config(self, name):
         if name not in self.endpoints:
@@ -251,10 +256,14 @@ def load(explicit=None, sections=(), environ=None):
             return None
 
     validated = {}
+    defaults = {}
     for name, spec in all_sections.items():
         if spec is None:
             continue
         value = raw.get(name)
+        if value in (None, {}) and name not in given:
+            validated[name], defaults[name] = None, spec.model  # all defaults, which cannot fail: built when read
+            continue
         if value is None:
             value = {}
         if not isinstance(value, dict):
@@ -276,7 +285,7 @@ def load(explicit=None, sections=(), environ=None):
         endpoints[name] = checked(EndpointConfig, value, ("endpoints", name))
     if problems:
         raise ConfigError("\n".join(sorted(dict.fromkeys(problems), key=_line_of)))
-    return Config(path, validated, endpoints, given, shell_overrides, sources)
+    return Config(path, validated, endpoints, given, shell_overrides, sources, defaults)
 
 
 def _line_of(problem):

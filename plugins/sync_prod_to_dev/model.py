@@ -43,7 +43,7 @@ class SyncProdToDev(Section):
     @field_validator("anonymize")
     @classmethod
     def _rules(cls, value):
-        from .anonymize import parse_rules
+        from .rules import parse_rules
 
         parse_rules(value)
         return value

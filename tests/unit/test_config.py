@@ -33,6 +33,31 @@ def test_defaults_apply_when_section_missing(tmp_path):
     assert cfg.section("sync").container == "crm-postgres"
 
 
+def test_a_section_left_to_its_defaults_is_built_only_when_read(tmp_path):
+    class Unread(Section):
+        level: int = 3
+
+    spec = ConfigSection("unread", Unread)
+    cfg = load(write(tmp_path, "sync: {batch_size: 7}\nunread: {}\n"), sections=(SYNC, spec))
+    assert Unread.__pydantic_complete__ is False  # never validated, so its validator was never built
+    assert cfg.section("sync").batch_size == 7
+    assert cfg.section("unread").level == 3 and Unread.__pydantic_complete__ is True
+    assert list(cfg.sections()) == ["dbdeck", "sync", "unread"]  # every section, in the declared order
+
+
+def test_every_shipped_section_is_valid_with_its_defaults_alone(tmp_path):
+    """What makes reading an untouched section later safe: its defaults alone never fail."""
+    from dbdeck.pluginmanager import make_manager
+
+    specs = [s for group in make_manager(load_entry_points=False).hook.config_section()
+             for s in (group if isinstance(group, (list, tuple)) else [group])]
+    assert len(specs) >= 8
+    cfg = config.load(False, specs, environ={})
+    assert set(cfg.sections()) >= {spec.name for spec in specs}
+    for spec in specs:
+        assert isinstance(cfg.section(spec.name), spec.model)
+
+
 def test_search_order_explicit_then_env_then_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "etc").mkdir()
