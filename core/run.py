@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -168,6 +169,12 @@ class Session:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def dbdeck_argv(*command):
+    """How dbdeck starts itself (installed jobs, the scheduler, the daemonised monitor): this interpreter
+    with -P, so the working directory is never searched for code (a `dbdeck/` there would run as root)."""
+    return [sys.executable, "-P", "-m", "dbdeck.launch", *command]
 
 
 def printable(argv, env=None):

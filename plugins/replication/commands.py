@@ -391,7 +391,9 @@ def auto_failover(app, daemon, interval, failures, no_rejoin):
         log_dir = pair.settings.log_dir or app.config.core.log_dir
         log_file = settings.log_file or (log_dir / "auto-failover.log" if log_dir else pid_file.with_suffix(".log"))
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "dbdeck.launch", "auto-failover"]
+        from dbdeck.run import dbdeck_argv as launcher_argv
+
+        argv = launcher_argv("auto-failover")
         if app.config.path:
             argv += ["--config", str(os.path.abspath(app.config.path))]
         argv += [*(["--interval", interval] if interval else []), *(["--failures", failures] if failures else []),

@@ -1,9 +1,9 @@
 """Jobs as configured (plus plugins' defaults), how a job is invoked, and its run state."""
 
-import sys
 from pathlib import Path
 
 from dbdeck.errors import ConfigError, UsageError
+from dbdeck.run import dbdeck_argv as launcher_argv
 from dbdeck.state import StateFile
 
 from .model import TIMING_KEYS, Job
@@ -76,7 +76,7 @@ def config_args(app):
 
 def dbdeck_argv(app, *args):
     """How cron, systemd or the foreground scheduler start dbdeck: this interpreter, absolute paths."""
-    return [sys.executable, "-m", "dbdeck.launch", "dbdeck", *config_args(app), *args]
+    return launcher_argv("dbdeck", *config_args(app), *args)
 
 
 def is_dbdeck_command(job):
@@ -98,7 +98,7 @@ def job_argv(app, job):
     """The program a job runs: a dbdeck command (with the config pinned), or any other program."""
     if not is_dbdeck_command(job):
         return list(job.command)
-    return [sys.executable, "-m", "dbdeck.launch", "dbdeck", *dbdeck_args(app, job)]
+    return launcher_argv("dbdeck", *dbdeck_args(app, job))
 
 
 def state_dir(app):

@@ -74,7 +74,7 @@ def test_dbdeck_commands_run_through_this_interpreter_with_the_config_pinned(tmp
     app = app_with(tmp_path, "")
     jobs = all_jobs(app)
     config = str((tmp_path / "dbdeck.yaml").resolve())
-    assert job_argv(app, jobs["nightly-clone"]) == [sys.executable, "-m", "dbdeck.launch", "dbdeck",
+    assert job_argv(app, jobs["nightly-clone"]) == [sys.executable, "-P", "-m", "dbdeck.launch", "dbdeck",
                                                     "--config", config, "sandbox", "status"]
     assert job_argv(app, jobs["overridden"]) == ["x"]
 
@@ -87,7 +87,7 @@ def test_relative_config_and_env_file_become_absolute(tmp_path, monkeypatch):
     app.config_path = "etc/dbdeck.yaml"
     job = all_jobs(app)["j"]
     assert job.env_file == tmp_path.resolve() / "etc" / "job.env"
-    assert job_argv(app, job)[4:6] == ["--config", str(tmp_path.resolve() / "etc" / "dbdeck.yaml")]
+    assert job_argv(app, job)[5:7] == ["--config", str(tmp_path.resolve() / "etc" / "dbdeck.yaml")]
 
 
 def test_no_config_file_is_pinned_as_no_config(tmp_path, monkeypatch):
@@ -98,7 +98,7 @@ def test_no_config_file_is_pinned_as_no_config(tmp_path, monkeypatch):
     app = App()
     app.config_path = False  # --no-config
     assert app.config.path is None
-    assert job_argv(app, all_jobs(app)["nightly-clone"])[4] == "--no-config"
+    assert job_argv(app, all_jobs(app)["nightly-clone"])[5] == "--no-config"
 
 
 def test_shell_overrides_are_listed_but_env_file_values_are_not(tmp_path, monkeypatch):
