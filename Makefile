@@ -4,7 +4,7 @@ PYTHON := .venv/bin/python
 PYTEST_ARGS ?=
 # Tests run side by side (pytest-xdist); every server, port and container name is private to its worker, and
 # tests that share state or a machine-wide resource carry an xdist_group (see tests/conftest.py).
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 
 .PHONY: demo test lint bench bootstrap unit clean
 

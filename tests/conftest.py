@@ -285,7 +285,11 @@ def sshd(workdir):
     config.write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {authorized}\n"
         f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-        f"StrictModes no\nUsePAM no\nPidFile {base}/sshd.pid\nSubsystem sftp internal-sftp\n")
+        f"StrictModes no\nUsePAM no\nPidFile {base}/sshd.pid\nSubsystem sftp internal-sftp\n"
+        # bash reads ~/.bashrc for a command sent over ssh only as the session's first shell (SHLVL unset);
+        # this machine's root .bashrc runs `pyenv init` (0.16 s of CPU, ~50 processes) for each command the
+        # deploy tests send. What the remote user's shell does at start-up is not what these tests are about.
+        f"SetEnv SHLVL=1\n")
     Path("/run/sshd").mkdir(exist_ok=True)
     known_hosts = base / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{port} {Path(f'{host_key}.pub').read_text()}")
