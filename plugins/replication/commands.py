@@ -7,6 +7,7 @@ import click
 
 from dbdeck.cli import pass_app
 from dbdeck.errors import UsageError
+from dbdeck.run import dbdeck_argv
 
 _UNKNOWN = 3
 
@@ -391,9 +392,7 @@ def auto_failover(app, daemon, interval, failures, no_rejoin):
         log_dir = pair.settings.log_dir or app.config.core.log_dir
         log_file = settings.log_file or (log_dir / "auto-failover.log" if log_dir else pid_file.with_suffix(".log"))
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        from dbdeck.run import dbdeck_argv as launcher_argv
-
-        argv = launcher_argv("auto-failover")
+        argv = dbdeck_argv("auto-failover")
         if app.config.path:
             argv += ["--config", str(os.path.abspath(app.config.path))]
         argv += [*(["--interval", interval] if interval else []), *(["--failures", failures] if failures else []),

@@ -12,7 +12,7 @@ from psycopg import sql
 
 from dbdeck.errors import ConfigError, DbdeckError
 
-from .rules import BUILTIN, parse_rules  # noqa: F401 (parse_rules: the clone reads the rules here)
+from .rules import BUILTIN
 
 
 def _expression(rule, column, options, salt, max_length):

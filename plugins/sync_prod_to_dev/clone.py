@@ -291,8 +291,9 @@ class Clone:
 
     def _anonymize(self, staging):
         from . import anonymize
+        from .rules import BUILTIN, parse_rules
 
-        rules = anonymize.parse_rules(self.settings.anonymize)
+        rules = parse_rules(self.settings.anonymize)
         if not rules:
             return
         salt = self.settings.anonymize_salt.get_secret_value() if self.settings.anonymize_salt else None
@@ -302,7 +303,7 @@ class Clone:
         transformers = {}
         for offered in self.app.plugin_manager.hook.row_transformers():
             for name, function in (offered or {}).items():
-                if name in transformers or name in anonymize.BUILTIN:
+                if name in transformers or name in BUILTIN:
                     raise DbdeckError(f"anonymize: two plugins offer a transformer named {name!r}")
                 transformers[name] = function
         anonymize.apply(staging, rules, salt, transformers, self.say)

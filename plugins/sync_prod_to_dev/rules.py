@@ -1,5 +1,5 @@
-"""The anonymisation rules as the config gives them, checked when the config loads (without a database
-driver: every command validates every section, so this module must stay cheap to import)."""
+"""The anonymisation rules as the config gives them, checked when the config loads. Any command run with a
+config that sets sync_prod_to_dev validates them, so this module imports no database driver."""
 
 from dbdeck.errors import ConfigError
 
