@@ -65,7 +65,7 @@ def _scratch_dir():
         return None
     if room.f_bavail * room.f_frsize < _RAM_SCRATCH_NEEDED:
         return None
-    path = _RAM_SCRATCH / f"dbdeck-tests-{CHECKOUT_TAG}"
+    path = _RAM_SCRATCH / f"dbt-{CHECKOUT_TAG}"  # short: unix socket paths are limited to 107 bytes
     path.mkdir(exist_ok=True)
     os.chmod(path, 0o1777)  # like /tmp: servers and tools that run as other users create files here too
     return path
@@ -364,6 +364,11 @@ def wait_for(check, timeout=10.0, pause=0.1):
     return False
 
 
+# the files holding the suite's one- to two-minute tests (see the durations that `bash .ci/run` prints)
+LONGEST_FILES = {"test_pitr.py", "test_patroni.py", "test_replication_stock.py", "test_replication_docker.py",
+                 "test_deploy.py"}
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """Under --dist loadgroup, a test marked xdist_group must carry its group in its node id, which is how
@@ -371,6 +376,11 @@ def pytest_collection_modifyitems(config, items):
     would split module-scoped servers across workers and fail at random: stop at once instead."""
     if not getattr(config.option, "loadgroup", False):
         return
+    # Longest first (the scheduling rule that packs best): xdist hands out tests in this order, so the
+    # one- to two-minute tests start at once instead of being last to finish, and the quick unit tests
+    # fill the end of the run.
+    items.sort(key=lambda item: 0 if item.path.name in LONGEST_FILES else 1 if "integration" in item.path.parts
+               else 2)
     lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
     if lost:
         message = (f"pytest-xdist did not group {len(lost)} test(s) marked xdist_group (e.g. {lost[0]}): this "

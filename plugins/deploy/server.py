@@ -125,6 +125,8 @@ class Server:
         return quote(*argv, *files)
 
     def _detect_compose(self):
+        """(argv, major version or None until asked): `docker compose version` is cheap, but v1's
+        `docker-compose version` starts a Python program, so for it only its presence is checked here."""
         wanted = self.profile.compose_command
         if self.dry_run and not self.probe_in_dry_run:
             if wanted == "auto":  # a dry run does not connect: say which the real run picks, and how
@@ -137,13 +139,33 @@ class Server:
         if wanted != "auto":
             candidates = [wanted.split()]
         for argv in candidates:
-            result = self.sh(f"{quote(*argv)} version --short 2>/dev/null", check=False, in_app_dir=False,
-                             read_only=True)
-            version = result.stdout.strip().lstrip("v")
-            if result.returncode == 0 and version[:1].isdigit():
-                return argv, int(version.split(".")[0])
+            if argv == ["docker", "compose"]:
+                major = self._compose_version(argv)
+                if major is not None:
+                    return argv, major
+                continue
+            found = self.sh(f"command -v {quote(argv[0])} >/dev/null 2>&1", check=False, in_app_dir=False,
+                            read_only=True)
+            if found.returncode == 0:
+                return argv, None
         raise DbdeckError(f"neither `docker compose` nor `docker-compose` works on {self.target.describe()}; "
                           f"install docker-compose (v1) or the compose plugin (v2)")
+
+    def _compose_version(self, argv):
+        result = self.sh(f"{quote(*argv)} version --short 2>/dev/null", check=False, in_app_dir=False,
+                         read_only=True)
+        version = result.stdout.strip().lstrip("v")
+        return int(version.split(".")[0]) if result.returncode == 0 and version[:1].isdigit() else None
+
+    def _compose_major(self):
+        argv, major = self._compose
+        if major is None:
+            major = self._compose_version(argv)
+            if major is None:
+                raise DbdeckError(f"`{' '.join(argv)} version` fails on {self.target.describe()}; install "
+                                  f"docker-compose (v1) or the compose plugin (v2)")
+            self._compose = argv, major
+        return major
 
     def image(self):
         """The image repository compose builds for the service: `image:` in dbdeck's profile, else what
@@ -160,7 +182,7 @@ class Server:
             project = project or self.profile.compose_project or self.target.path.rstrip("/").rsplit("/", 1)[-1]
             project = re.sub(r"[^a-z0-9_-]", "", project.lower())
             # a guess is not remembered: before the first rsync compose has no file to answer from
-            return f"{project}{'_' if self._compose[1] == 1 else '-'}{self.profile.service}"
+            return f"{project}{'_' if self._compose_major() == 1 else '-'}{self.profile.service}"
         return self._image
 
     def _ask_compose(self):

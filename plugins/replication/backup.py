@@ -105,6 +105,10 @@ def switch_wal_and_wait(pair, barman, primary):
         conn.commit()
 
     def archived():
+        if segment in barman.wal_files():
+            return True
+        if not barman.received(segment):
+            return False  # pg_receivewal still writes it: `barman archive-wal` would have nothing to move
         barman.archive_now()
         return segment in barman.wal_files()
 
@@ -130,7 +134,7 @@ def setup(pair, first_backup=True):
         return {"server": barman.name, "primary": primary.name, "ok": True, "dry_run": True}
     pair.say(f"configuration written under {barman.home} (barman -c {barman.config_file})")
     barman.start_receiver()
-    pair.wait_for(lambda: barman.checks().get("receive_wal_running", (False,))[0], "Barman's WAL receiver to start")
+    pair.wait_for(lambda: _receiver_streams(primary, barman), f"Barman's WAL receiver to stream from {primary.name}")
     switch_wal_and_wait(pair, barman, primary)
     first_setup = barman.state.entry("server").get("configured") or output.timestamp()
     barman.state.update("server", primary=primary.name, configured=first_setup)
@@ -753,7 +757,7 @@ def maintain(pair):
     barman.start_receiver()
     streaming = False
     if primary is not None and not pair.runner.dry_run:
-        streaming = _receiver_runs(pair, barman)
+        streaming = _receiver_runs(pair, barman, primary)
         if not streaming:
             # its last position is not on the server's timeline any more (the primary was restored to an
             # earlier moment): start from the server's current position; the new base backup below covers the chain
@@ -763,7 +767,7 @@ def maintain(pair):
             barman.start_receiver()
             if not barman.state.entry("chain").get("pending_since"):
                 barman.state.update("chain", pending_since=output.timestamp(), reason="WAL receiver reset")
-            streaming = _receiver_runs(pair, barman)
+            streaming = _receiver_runs(pair, barman, primary)
     if primary is not None and (barman.state.entry("chain").get("pending_since")):
         create(pair, barman)
     if not pair.runner.dry_run:
@@ -773,16 +777,28 @@ def maintain(pair):
             "problems": backup_problems(barman)}
 
 
-def _receiver_runs(pair, barman):
+def _receiver_runs(pair, barman, primary):
     """pg_receivewal streams from the primary (checked a few times: it takes a moment to connect)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if barman.checks().get("receive_wal_running", (False,))[0]:
+        if _receiver_streams(primary, barman):
             time.sleep(1)  # one that cannot continue exits at once: look again
-            if barman.checks().get("receive_wal_running", (False,))[0]:
+            if _receiver_streams(primary, barman):
                 return True
-        time.sleep(1)
+        time.sleep(0.5)
     return False
+
+
+def _receiver_streams(primary, barman):
+    """Barman's pg_receivewal holds its replication slot on the primary, i.e. it is connected and streaming.
+    One query: `barman check` is a new process running a dozen checks, too dear to poll."""
+    try:
+        with primary.connect(timeout=3) as conn, primary.endpoint.driver_errors("Barman's slot"):
+            row = conn.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                               (barman.settings.slot,)).fetchone()
+    except DbdeckError:
+        return False
+    return bool(row and row[0])
 
 
 def follow_primary(pair, primary, barman=None):

@@ -189,6 +189,11 @@ class Barman:
         except OSError:
             return []
 
+    def received(self, segment):
+        """pg_receivewal has closed segment: it waits in the streaming directory for `barman archive-wal`."""
+        streaming = self.data / self.name / "streaming"
+        return any(not found.name.endswith(".partial") for found in streaming.glob(f"{segment}*"))
+
     def streaming_partial(self):
         """The segment pg_receivewal is writing (name.partial), or None."""
         found = sorted((self.data / self.name / "streaming").glob("*.partial"))

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,26 @@ class LocalPair:
     def check(self, *args):
         result = self.run("check-replication", "--format", "json", *args)
         return result.returncode, json.loads(result.stdout), result
+
+    def streams(self):
+        """One node accepts writes and the other streams from it: plain SQL, cheap to poll."""
+        for port in (self.alpha_port, self.beta_port):
+            try:
+                state = self.sql(port, "SELECT pg_is_in_recovery(), "
+                                       "(SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming')")
+            except Exception:
+                continue
+            if state == [(False, 1)]:
+                return True
+        return False
+
+    def wait_healthy(self, timeout):
+        """Until check-replication answers OK. Each check is a new dbdeck process, so it is asked only once
+        SQL shows what it needs (a primary with a streaming standby); whatever SQL says, check-replication
+        still decides, within the same time."""
+        deadline = time.monotonic() + timeout
+        wait_for(self.streams, timeout=timeout)
+        return wait_for(lambda: self.check()[0] == 0, timeout=max(deadline - time.monotonic(), 5))
 
     def sql(self, port, statement, database="postgres"):
         import psycopg

@@ -133,7 +133,7 @@ def test_switchover_twice_under_write_load_loses_nothing(local_pair):
     assert first.returncode == 0, first.stdout + first.stderr
     assert _recovery(pair, pair.alpha_port) is True and _recovery(pair, pair.beta_port) is False
     # the new standby's timeline is the one it receives (its last restartpoint's would still be the old one)
-    assert wait_for(lambda: pair.check()[0] == 0, timeout=20), pair.check()[1]
+    assert pair.wait_healthy(timeout=20), pair.check()[1]
     code, report, _ = pair.check()
     assert len({node["timeline"] for node in report["nodes"]}) == 1, report["nodes"]
     time.sleep(0.5)
@@ -181,7 +181,7 @@ def test_kill_9_with_synchronous_replication_fails_over_without_losing_a_commit(
         assert wait_for(lambda: _safe(lambda: _recovery(pair, pair.beta_port) is False), timeout=30), \
             (pair.base / "monitor.log").read_text()
         # the old primary rejoins as a standby on its own (pg_rewind after crash recovery)
-        assert wait_for(lambda: pair.check()[0] == 0, timeout=60), (
+        assert pair.wait_healthy(timeout=60), (
             (pair.base / "monitor.log").read_text() + pair.primary.server.log_path.read_text()[-3000:])
         time.sleep(0.5)
     finally:
@@ -329,7 +329,7 @@ def test_switchover_aborts_and_restarts_the_primary_when_the_standby_cannot_catc
     pair.sql(pair.alpha_port, "CREATE TABLE writable_again (x int)")  # read-only block lifted
     assert pair.sql(pair.alpha_port, "SHOW default_transaction_read_only") == [("off",)]
     pair.sql(pair.beta_port, "SELECT pg_wal_replay_resume()")
-    assert wait_for(lambda: pair.check()[0] == 0, timeout=30)
+    assert pair.wait_healthy(timeout=30)
 
 
 def test_dry_run_monitor_says_what_it_would_do_and_changes_nothing(local_pair):

@@ -127,7 +127,7 @@ def test_writes_follow_the_primary_through_haproxy_across_kill_9_and_switchover(
         assert set(after_kill) <= _ids(pair, pair.beta_port), "writes through HAProxy went elsewhere than beta"
         assert health(health_ports["beta"], "/primary")[0] == 200
         # the old primary rejoins as a standby; the read port then finds it
-        assert wait_for(lambda: pair.check()[0] == 0, timeout=60), (pair.base / "monitor.log").read_text()
+        assert pair.wait_healthy(timeout=60), (pair.base / "monitor.log").read_text()
         assert health(health_ports["alpha"], "/primary")[0] == 503
         assert wait_for(lambda: _safe(lambda: _through(proxy["read_port"], pair, "SELECT pg_is_in_recovery()")
                                       == [(True,)]), timeout=10)

@@ -118,9 +118,10 @@ def test_patroni_cluster_from_render_through_switchover_failover_node_loss_and_r
         # the whole node is lost: Patroni and its postmaster killed; Patroni promotes the synchronous standby
         lost = _leader(cluster)
         cluster.kill_node(lost)
-        assert wait_for(lambda: _safe_leader(cluster) not in (None, lost), timeout=60), \
+        assert wait_for(lambda: _writable_other_than(cluster, lost), timeout=60), \
             (cluster.base / f"patroni-{lost}.log").read_text()[-2000:]
         code, report = cluster.check()
+        assert report["primary"] == _writable_other_than(cluster, lost), report
         assert code == 2 and any(lost in p for p in report["problems"]), report["problems"]
         _keeps_writing(writer)
 
@@ -155,12 +156,15 @@ def _through_ok(cluster):
         return False
 
 
-def _safe_leader(cluster):
-    try:
-        code, report = cluster.check()
-        return report["primary"]
-    except Exception:
-        return None
+def _writable_other_than(cluster, lost):
+    """The node, other than lost, that accepts writes (plain SQL: cheap to poll)."""
+    for name in cluster.names:
+        try:
+            if name != lost and cluster.sql(name, "SELECT NOT pg_is_in_recovery()") == [(True,)]:
+                return name
+        except Exception:
+            continue
+    return None
 
 
 def _keeps_writing(writer):
@@ -204,7 +208,8 @@ def test_native_pair_migrates_to_patroni_keeping_its_data(local_pair):
     pair.primary.server.stop()
     pair.primary.server.start()
     pair.standby_server.start()
-    assert wait_for(lambda: pair.check()[0] == 0, timeout=60), pair.check()[1]
+    assert wait_for(lambda: _streams_to(pair, "127.0.0.1", pair.alpha_port), timeout=60)
+    assert wait_for(lambda: pair.check()[0] == 0, timeout=30), pair.check()[1]
 
     config = yaml.safe_load(pair.config.read_text())
     replication = config["replication"]
@@ -235,10 +240,14 @@ def test_native_pair_migrates_to_patroni_keeping_its_data(local_pair):
         assert "start Patroni on alpha first" in migrated.stdout
         assert not pair.primary.server.is_running() and not pair.standby_server.is_running()
         processes.append(start_patroni(out, "alpha", pair.base / "patroni-alpha.log"))
-        assert wait_for(lambda: _safe_check(pair) == "alpha", timeout=60), \
+        assert wait_for(lambda: _writable(pair, "127.0.0.2", pair.alpha_port), timeout=60), \
+            (pair.base / "patroni-alpha.log").read_text()[-3000:]
+        assert wait_for(lambda: _safe_check(pair) == "alpha", timeout=30), \
             (pair.base / "patroni-alpha.log").read_text()[-3000:]
         processes.append(start_patroni(out, "beta", pair.base / "patroni-beta.log"))
-        assert wait_for(lambda: pair.check()[0] == 0, timeout=90), \
+        assert wait_for(lambda: _streams_to(pair, "127.0.0.2", pair.alpha_port), timeout=90), \
+            (pair.base / "patroni-beta.log").read_text()[-3000:]
+        assert wait_for(lambda: pair.check()[0] == 0, timeout=30), \
             (pair.check()[1], (pair.base / "patroni-beta.log").read_text()[-3000:])
         code, report, _ = pair.check()
         assert report["manager"] == "patroni" and report["primary"] == "alpha"
@@ -270,6 +279,22 @@ def _sql_at(host, pair, port, statement):
     with psycopg.connect(host=host, port=port, user="postgres", password=pair.primary.password, dbname="postgres",
                          connect_timeout=5, autocommit=True) as conn:
         return conn.execute(statement).fetchall()
+
+
+def _writable(pair, host, port):
+    try:
+        return _sql_at(host, pair, port, "SELECT NOT pg_is_in_recovery()") == [(True,)]
+    except Exception:
+        return False
+
+
+def _streams_to(pair, host, port):
+    """A standby streams from the node at host:port (plain SQL: cheap to poll, unlike a dbdeck check)."""
+    try:
+        return _sql_at(host, pair, port, "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'") \
+            == [(1,)]
+    except Exception:
+        return False
 
 
 def _safe_check(pair):

@@ -198,7 +198,7 @@ def test_failed_rebuild_puts_the_old_standby_back(local_pair):
     datadir = Path(pair.standby_server.datadir)
     assert (datadir / "PG_VERSION").exists() and not list(datadir.glob(".dbdeck-*"))
     pair.password_file.write_text(good)
-    assert wait_for(lambda: pair.check()[0] == 0, timeout=30)  # started again on its old data, streaming
+    assert pair.wait_healthy(timeout=30)  # started again on its old data, streaming
 
 
 def test_prometheus_exposition_and_serve(local_pair):

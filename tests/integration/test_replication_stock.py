@@ -105,8 +105,8 @@ def test_synchronous_mode_survives_switchover_failover_and_rejoin_with_no_acknow
         os.kill(_postmaster_pid(pair, pair.standby_server.datadir), signal.SIGKILL)
         assert wait_for(lambda: _safe(lambda: _recovery(pair, pair.alpha_port) is False), timeout=30), \
             (pair.base / "monitor.log").read_text()
-        assert wait_for(lambda: pair.check()[0] == 0 and _safe(lambda: _sync_state(pair, pair.alpha_port)
-                                                               == ["sync"]), timeout=90), \
+        assert wait_for(lambda: _safe(lambda: _sync_state(pair, pair.alpha_port) == ["sync"])
+                        and pair.check()[0] == 0, timeout=90), \
             (pair.base / "monitor.log").read_text()
         assert _synchronous(pair, pair.alpha_port) == "*"
 
@@ -114,8 +114,8 @@ def test_synchronous_mode_survives_switchover_failover_and_rejoin_with_no_acknow
         time.sleep(0.5)
         os.kill(_postmaster_pid(pair, pair.primary.server.datadir), signal.SIGKILL)
         assert wait_for(lambda: _safe(lambda: _recovery(pair, pair.beta_port) is False), timeout=30)
-        assert wait_for(lambda: pair.check()[0] == 0 and _safe(lambda: _sync_state(pair, pair.beta_port)
-                                                               == ["sync"]), timeout=90), \
+        assert wait_for(lambda: _safe(lambda: _sync_state(pair, pair.beta_port) == ["sync"])
+                        and pair.check()[0] == 0, timeout=90), \
             (pair.base / "monitor.log").read_text()
         assert _synchronous(pair, pair.beta_port) == "*"
         time.sleep(0.5)
@@ -180,7 +180,7 @@ def test_killed_at_any_step_of_a_rejoin_the_old_primary_never_comes_back_writabl
     old, new = "alpha", "beta"
     for number, fault in enumerate(faults):
         # a split brain to resolve: the standby is promoted (--force) while the old primary keeps writing
-        assert wait_for(lambda: pair.check()[0] == 0, timeout=30), pair.check()[1]
+        assert pair.wait_healthy(timeout=30), pair.check()[1]
         promoted = pair.run("promote-replica", "--force", "--node", new)
         assert promoted.returncode == 0, (fault, promoted.stdout + promoted.stderr)
         pair.sql(ports[old], f"INSERT INTO acks VALUES ({100000 + number})")  # divergent, thrown away
@@ -241,7 +241,7 @@ def test_operators_are_never_locked_out_by_the_monitor(local_pair):
         for pid in pids:
             _safe(lambda: os.kill(pid, signal.SIGCONT))
     try:
-        assert wait_for(lambda: pair.check()[0] == 0, timeout=30)
+        assert pair.wait_healthy(timeout=30)
         rebuilt = pair.run("rebuild-replica")  # a real one, while the monitor watches
         assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
         assert wait_for(lambda: (pair.base / "monitor.log").read_text().count("monitoring primary alpha") >= 2,

@@ -87,16 +87,27 @@ class FakeTarget(LocalTarget):
 @pytest.mark.parametrize("answers, argv, image", [
     ({"docker compose version": (0, "2.24.6\n")}, "docker compose -f docker-compose.production.yml",
      "deploy-backend-backend"),
-    ({"docker-compose version": (0, "1.29.2\n")}, "docker-compose -f docker-compose.production.yml",
-     "deploy-backend_backend"),
-    ({"docker-compose version": (0, "v2.26.1\n")}, "docker-compose -f docker-compose.production.yml",
-     "deploy-backend-backend"),
+    ({"command -v docker-compose": (0, ""), "docker-compose version": (0, "1.29.2\n")},
+     "docker-compose -f docker-compose.production.yml", "deploy-backend_backend"),
+    ({"command -v docker-compose": (0, ""), "docker-compose version": (0, "v2.26.1\n")},
+     "docker-compose -f docker-compose.production.yml", "deploy-backend-backend"),
 ])
 def test_compose_flavour_and_default_image_name(answers, argv, image):
     profile = model.Deploy().profile("production").model_copy(update={"image": None})
-    server = Server(FakeTarget(answers), profile, "production")
+    target = FakeTarget(answers)
+    server = Server(target, profile, "production")
     assert server.compose() == argv
+    # v1's `docker-compose version` is a Python program's start: asked only for the image name's guess
+    assert not any("docker-compose version" in script for script in target.scripts)
     assert server.image() == image
+
+
+def test_docker_compose_that_does_not_answer_its_version_is_a_clear_error():
+    profile = model.Deploy().profile("production").model_copy(update={"image": None})
+    server = Server(FakeTarget({"command -v docker-compose": (0, "")}), profile, "production")
+    assert server.compose().startswith("docker-compose ")
+    with pytest.raises(DbdeckError, match="docker-compose version` fails"):
+        server.image()
 
 
 def test_no_compose_at_all_is_a_clear_error():
