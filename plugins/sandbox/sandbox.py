@@ -22,7 +22,7 @@ from dbdeck import secrets
 from dbdeck.errors import DbdeckError
 from dbdeck.state import StateFile
 
-from .servers import MariaDBServer, PostgresServer, free_port, traversable_by_others
+from .servers import MariaDBServer, PostgresServer, fits_a_unix_socket, free_port, traversable_by_others
 
 STATE_VERSION = 1
 REPLICATION_USER = "replicator"
@@ -58,6 +58,15 @@ def new_password():
     value = token.token_urlsafe(18)
     secrets.register(value)
     return value
+
+
+def _socket_dir(data_root, name):
+    """<data_root>/<name>.run, or a new directory under /tmp when that path is too long for a unix socket
+    (a deep --dir): state.json records which, and `sandbox down` removes it with the server."""
+    preferred = data_root / f"{name}.run"
+    if fits_a_unix_socket(preferred):
+        return preferred
+    return Path(tempfile.mkdtemp(prefix=f"dbdeck-{name[:12]}-", dir="/tmp"))
 
 
 class Sandbox:
@@ -150,7 +159,7 @@ class Sandbox:
     def _up_postgres(self, name, data_root, state, progress):
         port = free_port()
         progress(f"initdb {name} (PostgreSQL on 127.0.0.1:{port})")
-        server = PostgresServer(data_root / name, port, self.runner, socket_dir=data_root / f"{name}.run")
+        server = PostgresServer(data_root / name, port, self.runner, socket_dir=_socket_dir(data_root, name))
         password = new_password()
         self._write_secret(name, password)
         server.init(password)
@@ -173,7 +182,7 @@ class Sandbox:
         progress(f"pg_basebackup {SECOND_NODE} from {FIRST_NODE} (PostgreSQL on 127.0.0.1:{port})")
         standby = primary.make_standby(data_root / SECOND_NODE, port, REPLICATION_USER,
                                        self.password(REPLICATION_USER), slot=REPLICATION_SLOT,
-                                       socket_dir=data_root / f"{SECOND_NODE}.run")
+                                       socket_dir=_socket_dir(data_root, SECOND_NODE))
         self._write_secret(SECOND_NODE, self.password(FIRST_NODE))
         standby.start()
         state["servers"][SECOND_NODE] = {"kind": "postgresql", "port": port, "datadir": str(standby.datadir),

@@ -119,6 +119,11 @@ def wait_until(check, timeout, what):
         time.sleep(0.1)
 
 
+def fits_a_unix_socket(directory):
+    """Whether PostgreSQL's socket (and its .lock) in directory stays within a unix socket path's limit."""
+    return len(str(directory)) <= _SOCKET_PATH_MAX - 20
+
+
 class PostgresServer:
     """A cluster in its own data directory, managed with initdb/pg_ctl."""
 
@@ -130,7 +135,7 @@ class PostgresServer:
         self.runner = runner or Runner()
         self.os_user = os_user_for("postgres") if os_user == "auto" else os_user
         self.socket_dir = Path(socket_dir) if socket_dir else self.datadir.parent / f"{self.datadir.name}.run"
-        if len(str(self.socket_dir)) > _SOCKET_PATH_MAX - 20:
+        if not fits_a_unix_socket(self.socket_dir):
             raise DbdeckError(f"socket directory path too long for a unix socket: {self.socket_dir}")
         self.superuser = superuser
         self.bindir = postgres_bindir()

@@ -1,6 +1,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import yaml
@@ -80,6 +81,24 @@ def test_sandbox_restarts_stopped_servers(dbdeck_bin, workdir):
         assert dbdeck_bin("sandbox", "status", "--dir", box).returncode == 0
     finally:
         dbdeck_bin("sandbox", "down", "--dir", box)
+
+
+def test_a_deep_sandbox_directory_gets_its_sockets_where_they_fit(dbdeck_bin, workdir):
+    """A unix socket path holds 107 bytes: under a deep --dir the servers' sockets go to a new directory
+    in /tmp, recorded in state.json, and `sandbox down` removes it with the server."""
+    box = workdir / ("deep-" + "d" * 60) / "sandbox"
+    assert len(str(box / "data" / "prod.run" / ".s.PGSQL.65535")) > 107
+    up = dbdeck_bin("sandbox", "up", "--dir", box, "--only", "prod", "--no-sample-data")
+    assert up.returncode == 0, up.stderr
+    try:
+        socket_dir = json.loads((box / "state.json").read_text())["servers"]["prod"]["socket_dir"]
+        assert socket_dir.startswith("/tmp/dbdeck-prod-") and list(Path(socket_dir).glob(".s.PGSQL.*"))
+        assert stat.S_IMODE(os.stat(socket_dir).st_mode) == 0o700
+        status = dbdeck_bin("sandbox", "status", "--dir", box, "--format", "json")
+        assert status.returncode == 0 and json.loads(status.stdout)["servers"][0]["running"], status.stdout
+    finally:
+        down = dbdeck_bin("sandbox", "down", "--dir", box)
+    assert down.returncode == 0 and not box.exists() and not Path(socket_dir).exists()
 
 
 def test_dry_run_starts_and_deletes_nothing(dbdeck_bin, workdir):
