@@ -113,6 +113,15 @@ class EndpointConfig(Section):
             raise ValueError("port must be between 1 and 65535")
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _host_is_one_word(cls, value):
+        # a host name, an address, a list of them (libpq's h1,h2) or a socket directory: never spaces, quotes,
+        # '#' or control characters, which would end a line or start a comment in a file rendered from it
+        if value is not None and not re.fullmatch(r"[^\s#'\"\\]+", value):
+            raise ValueError(f"{value!r} is not a host name, address or socket directory")
+        return value
+
 
 class CoreSettings(Section):
     """The `dbdeck:` section: settings shared by every command."""
@@ -490,8 +499,11 @@ def _validate(model, value, key_path, where):
         return model.model_validate(value)
     except ValidationError as exc:
         problems = []
-        for error in exc.errors():
-            loc = (*key_path, *error["loc"])
+        errors = [(_without_union_tags(error["loc"]), error) for error in exc.errors()]
+        for error_loc, error in errors:
+            if _superseded(error_loc, error, errors):
+                continue
+            loc = (*key_path, *error_loc)
             key = _dotted(loc)
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
@@ -502,6 +514,32 @@ def _validate(model, value, key_path, where):
                 message += f", got {_short(error.get('input'))}"
             problems.append(f"{where.at(loc)}: {key}: {message}")
         raise ConfigError("\n".join(problems)) from None
+
+
+def _without_union_tags(loc):
+    """pydantic names the member of a union that failed (`str`, `function-after[...]`, a model's class name)
+    among the keys; the user's file has no such key."""
+    return tuple(part for part in loc if not (isinstance(part, str) and (
+        part in ("str", "int", "float", "bool", "list", "dict", "none") or part.startswith("function-")
+        or part in _model_names())))
+
+
+def _model_names():
+    names, pending = set(), [BaseModel]
+    while pending:
+        for subclass in pending.pop().__subclasses__():
+            if subclass.__name__ not in names:
+                names.add(subclass.__name__)
+                pending.append(subclass)
+    return names - {"BaseModel"}
+
+
+def _superseded(loc, error, errors):
+    """A union member that failed only on the value's type (`endpoint:` is a NAME or a mapping) says
+    nothing when another member took the value and failed deeper inside it."""
+    return error["type"].endswith("_type") and any(
+        other is not error and len(other_loc) > len(loc) and other_loc[:len(loc)] == loc
+        for other_loc, other in errors)
 
 
 def _fields_at(model, loc):

@@ -7,8 +7,11 @@ sessions still open to the old one, so no client keeps writing into a node that 
 """
 
 import ipaddress
+import re
 
 from dbdeck.errors import ConfigError
+
+from .model import is_host
 
 WRITE, READ = "dbdeck_write", "dbdeck_read"
 
@@ -34,10 +37,20 @@ def _database_address(node):
     if address:
         return address
     host, port = node.endpoint.host, node.endpoint.port or 5432
-    if not host or host.startswith("/"):
+    if not host or not is_host(host):
         raise ConfigError(f"replication.nodes.{node.name}: HAProxy needs a TCP address: set endpoint.host (or "
                           f"app_address: HOST:PORT)")
-    return f"{host}:{port}"
+    return f"{_bracketed(host)}:{port}"
+
+
+def _bracketed(host):
+    """HAProxy reads the last ':' of an address as the port's: an IPv6 address goes in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def comment_safe(text):
+    """text for a one-line comment: control characters (a newline would end the comment) become '?'."""
+    return re.sub(r"[\x00-\x1f\x7f]", "?", str(text))
 
 
 def servers(pair):
@@ -48,7 +61,12 @@ def servers(pair):
                 else "the port auto-failover answers its health checks on")
         raise ConfigError(f"replication.nodes: {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no "
                           f"health_port: set it to {what}, e.g. 8008")
-    return [(n.name, _database_address(n), _check_host(pair, n), n.config.health_port) for n in pair.nodes]
+    rows = [(n.name, _database_address(n), _check_host(pair, n), n.config.health_port) for n in pair.nodes]
+    for name, _, check_host, _ in rows:
+        if not is_host(check_host):
+            raise ConfigError(f"replication.nodes.{name}: HAProxy checks its health port at {check_host!r}, which "
+                              f"is not a host name or address: set endpoint.host to one")
+    return rows
 
 
 def _listen(name, bind, port, uri, rows, settings, balance):
@@ -71,7 +89,7 @@ def _listen(name, bind, port, uri, rows, settings, balance):
              # a connection the server refuses marks it down at once, without waiting for the checks
              f"    default-server inter {interval}ms fastinter {max(100, interval // 2)}ms downinter {interval}ms "
              f"rise 1 fall 2 on-marked-down shutdown-sessions observe layer4 error-limit 1 on-error mark-down"]
-    lines += [f"    server {node} {address} check addr {check_host} port {check_port}"
+    lines += [f"    server {node} {address} check addr {_bracketed(check_host)} port {check_port}"
               for node, address, check_host, check_port in rows]
     return "\n".join(lines)
 
@@ -81,7 +99,8 @@ def render(pair, snippet=False, source=None):
     settings = pair.settings.haproxy
     rows = servers(pair)
     manager = pair.settings.manager
-    header = [f"# Rendered by `dbdeck haproxy render`{f' from {source}' if source else ''} ({manager} manager).",
+    header = [f"# Rendered by `dbdeck haproxy render`{f' from {comment_safe(source)}' if source else ''} "
+              f"({manager} manager).",
               f"# Write port {settings.bind}:{settings.write_port} -> the node whose /primary answers 200"
               + (f"; read port {settings.read_port} -> replicas within {settings.read_max_lag} bytes (/replica?lag=)"
                  if settings.read_port else "") + ".",
@@ -108,16 +127,13 @@ def validate(runner, text):
     haproxy program is missing (the caller decides whether that is fatal)."""
     import os
     import shutil
-    import tempfile
 
     # cron's and sudo-less PATHs often lack /usr/sbin, where Debian puts haproxy
     program = shutil.which("haproxy", path=os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin")
     if program is None:
         raise FileNotFoundError("haproxy")
-    with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="dbdeck-haproxy-") as handle:
-        handle.write(text)
-        handle.flush()
-        result = runner.run([program, "-c", "-f", handle.name], read_only=True, check=False)
+    # read from standard input: checking writes no file anywhere, in a dry run too
+    result = runner.run([program, "-c", "-f", "/dev/stdin"], stdin=text, read_only=True, check=False)
     if result.ok:
         return None
     output = (result.stderr or "") + (result.stdout or "")

@@ -38,6 +38,47 @@ def role_name(value):
     return value
 
 
+# a DNS name or IPv4 address, or an IPv6 address (in brackets where a port follows)
+HOST_PATTERN = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,252})|\[[0-9A-Fa-f:.]+\]"
+
+
+def node_name(value):
+    """A node's name is also a file name (Patroni's <node>.yml), a systemd instance and a server name in
+    haproxy.cfg: no path separators, spaces or comment characters."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", value):
+        raise ValueError(f"node name {value!r}: use letters, digits, '_', '.' and '-' (starting with a letter or "
+                         f"digit, at most 63)")
+    return value
+
+
+def is_host(value):
+    """A DNS name, an IPv4 address, or an IPv6 address (bare or in brackets)."""
+    return bool(re.fullmatch(HOST_PATTERN, value) or re.fullmatch(r"[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*", value))
+
+
+def host_only(value):
+    """An address to bind or connect to, without a port."""
+    if value is not None and not is_host(value):
+        raise ValueError(f"{value!r} is not a host name or IP address")
+    return value
+
+
+def tcp_port(value):
+    if value is not None and not 0 < value < 65536:
+        raise ValueError(f"{value}: a port is between 1 and 65535")
+    return value
+
+
+def host_and_port(value):
+    """HOST:PORT (IPv6 in brackets: [::1]:5432)."""
+    if value is None:
+        return value
+    match = re.fullmatch(rf"({HOST_PATTERN}):(\d{{1,5}})", value)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"{value!r}: expected HOST:PORT (an IPv6 address in brackets: [::1]:5432)")
+    return value
+
+
 def format_size(value):
     from dbdeck.output import human_bytes
 
@@ -66,6 +107,16 @@ class NodeConfig(Section):
     # the port answering /primary, /replica... for this node: dbdeck's health server (native pair) or this
     # node's Patroni REST API (manager: patroni); HAProxy checks it
     health_port: int | None = None
+
+    @field_validator("replication_address", "app_address")
+    @classmethod
+    def _address(cls, value):
+        return host_and_port(value)
+
+    @field_validator("health_port")
+    @classmethod
+    def _port(cls, value):
+        return tcp_port(value)
 
     @model_validator(mode="after")
     def _driver_needs(self):
@@ -116,6 +167,11 @@ class Health(Section):
     # a probe of the nodes is shared by the checks arriving within this many seconds
     cache_seconds: float = 0.2
 
+    @field_validator("listen", "address")
+    @classmethod
+    def _host(cls, value):
+        return host_only(value)
+
 
 class HAProxy(Section):
     """`dbdeck haproxy render`: one write port routed to the node whose /primary answers 200, one read
@@ -135,6 +191,16 @@ class HAProxy(Section):
     @classmethod
     def _size(cls, value):
         return parse_size(value)
+
+    @field_validator("bind")
+    @classmethod
+    def _host(cls, value):
+        return host_only(value)
+
+    @field_validator("write_port", "read_port", "stats_port")
+    @classmethod
+    def _port(cls, value):
+        return tcp_port(value)
 
 
 class Patroni(Section):
@@ -277,6 +343,13 @@ class Replication(Section):
     @classmethod
     def _role_name(cls, value):
         return role_name(value)
+
+    @field_validator("nodes")
+    @classmethod
+    def _node_names(cls, value):
+        for name in value:
+            node_name(name)
+        return value
 
     @field_validator("slot")
     @classmethod

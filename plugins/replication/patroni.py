@@ -9,6 +9,7 @@ take the HTTP status as the verdict: `patronictl switchover` exits 0 even when t
 import base64
 import json
 import logging
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -373,32 +374,46 @@ def _env_value(value):
 
 
 def render(pair, source=None):
-    """{file name: text}: <node>.yml per node, env.conf (the secrets, for systemd's EnvironmentFile) and
-    haproxy.cfg routed by Patroni's REST checks."""
+    """({file name: text}, [(path, secret, what) to store]): <node>.yml per node, env.conf (the secrets, for
+    systemd's EnvironmentFile) and haproxy.cfg routed by Patroni's REST checks. Secrets that do not exist
+    yet are generated but not stored: the caller stores them once the files pass their checks."""
+    from .haproxy import comment_safe
     from .haproxy import render as render_haproxy
-    from .setup import ensure_secret, password_file
+    from .setup import new_secret, password_file, read_secret
 
     patroni = pair.settings.patroni
+    new_secrets = []
+
+    def secret(path, what):
+        value = read_secret(path, what, required=False)
+        if value is None:
+            value = new_secret()
+            new_secrets.append((path, value, what))
+        return value
+
     files = {}
     for node in pair.nodes:
         header = (f"# Patroni node {node.name} of {patroni.scope}, rendered by `dbdeck patroni render`"
-                  f"{f' from {source}' if source else ''}.\n# Passwords are not here: env.conf (mode 0600) "
-                  f"holds them for `systemctl start patroni@{node.name}`.\n")
+                  f"{f' from {comment_safe(source)}' if source else ''}.\n"
+                  f"# Passwords are not here: env.conf (mode 0600) holds them for "
+                  f"`systemctl start patroni@{node.name}`.\n")
         files[f"{node.name}.yml"] = header + yaml.dump(node_config(pair, node), Dumper=_PlainDumper,
                                                        sort_keys=False, default_flow_style=False)
-    replication = ensure_secret(pair, password_file(pair), f"{pair.settings.replication_user} password")
     values = {
         "PATRONI_SUPERUSER_PASSWORD": _superuser_password(pair),
-        "PATRONI_REPLICATION_PASSWORD": replication,
-        "PATRONI_REWIND_PASSWORD": ensure_secret(pair, rewind_password_file(pair),
-                                                 f"{patroni.rewind_user} password"),
+        "PATRONI_REPLICATION_PASSWORD": secret(password_file(pair), f"{pair.settings.replication_user} password"),
+        "PATRONI_REWIND_PASSWORD": secret(rewind_password_file(pair), f"{patroni.rewind_user} password"),
         "PATRONI_RESTAPI_USERNAME": patroni.rest_user,
-        "PATRONI_RESTAPI_PASSWORD": ensure_secret(pair, rest_password_file(pair), "Patroni REST API password"),
+        "PATRONI_RESTAPI_PASSWORD": secret(rest_password_file(pair), "Patroni REST API password"),
     }
+    unsafe = [key for key, value in values.items() if re.search(r"[\x00-\x1f\x7f]", value)]
+    if unsafe:
+        raise UsageError(f"patroni render: {', '.join(unsafe)} holds a control character (a newline?), which "
+                         f"env.conf cannot carry: use a password without one")
     files["env.conf"] = ("# Patroni's secrets (systemd EnvironmentFile of patroni@.service); keep it mode 0600.\n"
                          + "".join(f"{key}={_env_value(value)}\n" for key, value in values.items()))
     files["haproxy.cfg"] = render_haproxy(pair, source=source)
-    return files
+    return files, new_secrets
 
 
 _HOST_STATE = ("is already in use", "is not reachable")

@@ -110,7 +110,9 @@ def write_patroni_files(app, pair, output, no_check):
     from .haproxy import validate as validate_haproxy
     from .patroni import render, validate
 
-    files = render(pair, source=app.config.path)
+    from .setup import store_secret
+
+    files, new_secrets = render(pair, source=app.config.path)
     if not no_check:
         try:
             problems = validate(app.runner, files)
@@ -122,6 +124,8 @@ def write_patroni_files(app, pair, output, no_check):
             problems.append(f"haproxy.cfg: {haproxy_problem}")
         if problems:
             raise DbdeckError("the rendered files do not pass their checkers: " + " | ".join(problems))
+    for path, value, what in new_secrets:  # only now: a render that fails its checks leaves nothing behind
+        store_secret(pair, path, value, what)
     directory = Path(output or pair.settings.patroni.config_dir)
     for name, text in files.items():
         write_file(app, text, directory / name, name, mode=0o600 if name == "env.conf" else 0o644)

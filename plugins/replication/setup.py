@@ -72,15 +72,24 @@ def ensure_secret(pair, path, what):
     value = read_secret(path, what, required=False)
     if value is not None:
         return value
+    value = new_secret()
+    store_secret(pair, path, value, what)
+    return value
+
+
+def new_secret():
     value = token.token_urlsafe(24)
     secrets.register(value)
+    return value
+
+
+def store_secret(pair, path, value, what):
     if pair.runner.dry_run:
         pair.say(f"would generate the {what} and store it in {path} (mode 0600)")
-        return value
+        return
     os.makedirs(Path(path).parent, mode=0o700, exist_ok=True)
     write_atomic(path, value + "\n", mode=0o600)
     pair.say(f"generated the {what}: stored in {path} (mode 0600)")
-    return value
 
 
 def scram_matches(verifier, password):
