@@ -166,8 +166,9 @@ def endpoints_command(app, names):
               help="text (a table), json, or prometheus (the exposition format).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write to FILE (atomically; e.g. node_exporter's textfile directory) instead of stdout.")
-@click.option("--serve", metavar="HOST:PORT", default=None,
-              help="Serve the Prometheus metrics on http://HOST:PORT/metrics until stopped (SIGTERM, Ctrl-C).")
+@click.option("--serve", metavar="[HOST]:PORT", default=None,
+              help="Serve the Prometheus metrics on http://HOST:PORT/metrics until stopped (SIGTERM, Ctrl-C); "
+                   "without HOST on 127.0.0.1 only.")
 @pass_app
 def status_command(app, output_format, output, serve):
     """One view of everything dbdeck runs on this host.
@@ -184,6 +185,12 @@ def status_command(app, output_format, output, serve):
         import signal
         import threading
 
+        from .httpserve import parse_address
+
+        try:
+            parse_address(serve)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--serve") from None
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import output
+from .errors import DbdeckError
 from .state import StateFile
 
 RESULTS_FILE = "results.json"
@@ -204,15 +205,18 @@ def render_prometheus(gather):
 
 
 def serve_prometheus(gather, address, stop):
-    """Serve /metrics on address (HOST:PORT) until stop (a threading.Event) is set."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    """Serve /metrics on address ([HOST]:PORT) until stop (a threading.Event) is set."""
+    from prometheus_client import CollectorRegistry
 
-    host, _, port = address.rpartition(":")
+    from .httpserve import parse_address, serve_metrics
+
     registry = CollectorRegistry()
     registry.register(MetricsCollector(gather))
-    server, thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
+    try:
+        server = serve_metrics(registry, parse_address(address), name="status metrics")
+    except OSError as exc:
+        raise DbdeckError(f"cannot serve metrics on {address}: {exc.strerror}") from None
     try:
         stop.wait()
     finally:
-        server.shutdown()
-        thread.join(5)
+        server.stop()

@@ -48,8 +48,9 @@ class NagiosCommand(click.Command):
 @click.option("--crit-lag-seconds", type=click.FloatRange(min=0), metavar="S",
               help="CRITICAL over this replay delay (default 30, or replication.crit_lag_seconds).")
 @click.option("--serve", metavar="[HOST]:PORT",
-              help="Serve /metrics (Prometheus) until stopped, probing per scrape; nodes with a health_port also "
-                   "get /primary, /replica... there (HAProxy's checks, as auto-failover answers them).")
+              help="Serve /metrics (Prometheus) until stopped (without HOST on 127.0.0.1 only; scrapes within a "
+                   "second share one probe); nodes with a health_port also get /primary, /replica... there "
+                   "(HAProxy's checks, as auto-failover answers them).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5, show_default=True,
               help="Seconds to wait for each node.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), metavar="FILE",
@@ -121,10 +122,13 @@ def _serve(address, snapshot_and_status, pair, timeout):
 
     from .metrics import serve
 
-    host, _, port = address.rpartition(":")
-    if not port.isdigit():
-        raise click.BadParameter(f"expected [HOST]:PORT, got {address!r}", param_hint="--serve")
     from dbdeck.errors import DbdeckError
+    from dbdeck.httpserve import parse_address
+
+    try:
+        host, port = parse_address(address)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--serve") from None
 
     # before the first listener answers: from then on a SIGTERM is a clean stop (exit 0), not an interrupted run
     stop = threading.Event()
@@ -136,10 +140,15 @@ def _serve(address, snapshot_and_status, pair, timeout):
         # auto-failover on this host answers them already; the metrics are still worth serving
         click.echo(f"not answering health checks: {exc} (auto-failover running here answers them)", err=True)
         health = None
-    server = serve(host or "0.0.0.0", int(port), snapshot_and_status)
-    click.echo(f"serving replication metrics on http://{host or '0.0.0.0'}:{port}/metrics", err=True)
+    try:
+        server = serve(host, port, snapshot_and_status)
+    except OSError as exc:
+        if health:
+            health.stop()
+        raise DbdeckError(f"cannot serve metrics on {address}: {exc.strerror}") from None
+    click.echo(f"serving replication metrics on http://{host}:{port}/metrics", err=True)
     stop.wait()
-    server.shutdown()
+    server.stop()
     if health:
         health.stop()
 

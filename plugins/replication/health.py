@@ -15,8 +15,9 @@ import json
 import logging
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+from dbdeck.httpserve import GuardedHTTPServer, QuietHandler
 
 from .cluster import lsn_to_int
 from .model import parse_size
@@ -62,7 +63,8 @@ def answer(path, query, snapshot, name):
     body = {"state": "running" if node.reachable else "unreachable", "role": role, "name": name,
             "server_version": node.version, "timeline": node.timeline}
     if not node.reachable:
-        body["error"] = node.error
+        # whoever asks is not authenticated: the driver's message names the user, host, port and database
+        body["error"] = "PostgreSQL does not answer (the reason is in dbdeck's log)"
     entry = next((s for s in snapshot.standbys if s.name == name), None)
     if role == "primary":
         body["xlog"] = {"location": lsn_to_int(node.current_lsn)}
@@ -113,34 +115,43 @@ def answer(path, query, snapshot, name):
     return result(True, "replica")
 
 
-class SnapshotSource:
-    """Probes the pair for the checks: one probe serves every check arriving within cache_seconds (HAProxy
-    checks each node from each frontend), and concurrent checks wait for the probe in flight."""
+class Shared:
+    """produce()'s result, shared by every caller within `seconds` (HAProxy checks each node from each
+    frontend; many scrapers may scrape at once); concurrent callers wait for the call in flight."""
 
-    def __init__(self, pair, timeout, cache_seconds):
-        self.pair, self.timeout, self.cache_seconds = pair, timeout, cache_seconds
+    def __init__(self, produce, seconds):
+        self.produce, self.seconds = produce, seconds
         self._lock = threading.Lock()
-        self._snapshot, self._taken = None, 0.0
+        self._value, self._taken = None, None
 
     def get(self):
         with self._lock:
-            if self._snapshot is None or time.monotonic() - self._taken > self.cache_seconds:
-                self._snapshot = self.pair.probe(self.timeout)
+            if self._taken is None or time.monotonic() - self._taken > self.seconds:
+                self._value = self.produce()
                 self._taken = time.monotonic()
-            return self._snapshot
+            return self._value
+
+
+class SnapshotSource(Shared):
+    """One probe of the pair serves every health check arriving within cache_seconds."""
+
+    def __init__(self, pair, timeout, cache_seconds):
+        super().__init__(lambda: pair.probe(timeout), cache_seconds)
 
 
 def _handler(name, source):
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         server_version = "dbdeck"
 
         def _respond(self, with_body):
             url = urlsplit(self.path)
-            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            # a blank value (lag=) is a bad value, not a missing one
+            query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
             try:
                 code, body = answer(url.path.rstrip("/") or "/", query, source.get(), name)
             except Exception as exc:  # a probe that failed is an unhealthy node, never a hung check
-                code, body = 503, {"state": "unknown", "name": name, "reason": f"probe failed: {exc}"}
+                log.warning("health %s: probe failed: %s", name, exc)
+                code, body = 503, {"state": "unknown", "name": name, "reason": "probe failed (see dbdeck's log)"}
             payload = (json.dumps(body, default=str) + "\n").encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
@@ -158,9 +169,6 @@ def _handler(name, source):
         def do_OPTIONS(self):  # noqa: N802  (Patroni's HAProxy template checks with OPTIONS)
             self._respond(False)
 
-        def log_message(self, format, *args):  # noqa: A002
-            log.debug("health %s: %s", name, format % args)
-
     return Handler
 
 
@@ -174,11 +182,9 @@ class HealthServers:
         try:
             for node in pair.nodes:
                 if node.config.health_port:
-                    server = ThreadingHTTPServer((settings.listen, node.config.health_port),
-                                                 _handler(node.name, self.source))
-                    server.daemon_threads = True
-                    threading.Thread(target=server.serve_forever, daemon=True,
-                                     name=f"health-{node.name}").start()
+                    server = GuardedHTTPServer((settings.listen, node.config.health_port),
+                                               _handler(node.name, self.source), name=f"health {node.name}")
+                    server.serve_in_thread()
                     self.servers.append((node.name, server))
         except OSError as exc:
             self.stop()
@@ -193,6 +199,5 @@ class HealthServers:
 
     def stop(self):
         for _, server in self.servers:
-            server.shutdown()
-            server.server_close()
+            server.stop()
         self.servers = []

@@ -87,11 +87,15 @@ def exposition(snapshot, status):
     return generate_latest(registry).decode()
 
 
-def serve(address, port, snapshot_and_status):
-    """Serve /metrics, probing the nodes on every scrape; returns the server (shutdown() stops it)."""
-    from prometheus_client import CollectorRegistry, start_http_server
+def serve(address, port, snapshot_and_status, cache_seconds=1.0):
+    """Serve /metrics; scrapes within cache_seconds share one probe of the nodes. Returns the server
+    (stop() ends it)."""
+    from prometheus_client import CollectorRegistry
+
+    from dbdeck.httpserve import serve_metrics
+
+    from .health import Shared
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ReplicationCollector(snapshot_and_status))
-    result = start_http_server(port, addr=address, registry=registry)
-    return result[0] if isinstance(result, tuple) else result
+    registry.register(ReplicationCollector(Shared(snapshot_and_status, cache_seconds).get))
+    return serve_metrics(registry, (address, port), name="replication metrics")

@@ -21,7 +21,12 @@ def parse_size(value):
     if not match:
         raise ValueError(f"expected a size such as 16MB or 512kB, got {value!r}")
     number, unit = match.groups()
-    return int(float(number) * _UNITS[(unit or "").lower()])
+    from decimal import Decimal
+
+    size = int(Decimal(number) * _UNITS[(unit or "").lower()])  # exact: a float would overflow on 400 digits
+    if size >= 2**63:
+        raise ValueError(f"{value!r} is too large (at most 8 EB)")
+    return size
 
 
 def plain_name(value):

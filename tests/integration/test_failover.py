@@ -106,10 +106,15 @@ def _freeze(pair):
     return pids
 
 
-def _start_monitor(pair, *args):
+def _start_monitor(pair, *args, open_files=None):
+    """auto-failover in the background; open_files: its descriptor limit (systemd's default for a unit
+    without LimitNOFILE is 1024)."""
+    import resource
+
     log = open(pair.base / "monitor.log", "w")
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))) if open_files else None
     process = subprocess.Popen([str(BIN / "auto-failover"), "--config", str(pair.config), *args],
-                               stdout=log, stderr=subprocess.STDOUT)
+                               stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit)
     assert wait_for(lambda: "monitoring primary" in (pair.base / "monitor.log").read_text(), timeout=20), \
         (pair.base / "monitor.log").read_text()
     return process

@@ -4,6 +4,7 @@ routed by auto-failover's health checks: clients keep the same address across a 
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -86,7 +87,8 @@ def test_writes_follow_the_primary_through_haproxy_across_kill_9_and_switchover(
     finally:
         exporter.send_signal(signal.SIGTERM)
         assert exporter.wait(timeout=30) == 0, exporter.stderr.read()
-    monitor = _start_monitor(pair)
+    # with the descriptors a unit without LimitNOFILE gets: 1,200 idle clients below must not starve it
+    monitor = _start_monitor(pair, open_files=1024)
     haproxy = _start_haproxy(pair, cfg)
     writer = watch = None
     # beside auto-failover, the exporter serves its metrics and leaves the health ports to the monitor
@@ -118,10 +120,17 @@ def test_writes_follow_the_primary_through_haproxy_across_kill_9_and_switchover(
         writer, watch = Writer(pair, pause=0.002, ports=[proxy["write_port"]]), SplitBrainWatch(pair)
         writer.start(), watch.start()
         assert wait_for(lambda: len(writer.acknowledged) > 50, timeout=10)
+        # idle clients on both health ports, held through the failover: the monitor keeps its descriptors
+        # and HAProxy's checks keep their answers
+        idle = [socket.create_connection(("127.0.0.1", health_ports[name])) for name in ("alpha", "beta")
+                for _ in range(600)]
         killed_at = time.monotonic()
         os.kill(_postmaster_pid(pair, pair.primary.server.datadir), signal.SIGKILL)
         assert wait_for(lambda: any(t > killed_at + 0.2 for t in writer.acknowledged_at), timeout=30), \
             (pair.base / "monitor.log").read_text()
+        assert health(health_ports["beta"], "/primary")[0] == 200
+        for client in idle:
+            client.close()
         assert pair.sql(pair.beta_port, "SELECT pg_is_in_recovery()") == [(False,)]
         after_kill = [i for i, t in zip(writer.acknowledged, writer.acknowledged_at) if t > killed_at + 0.2]
         assert set(after_kill) <= _ids(pair, pair.beta_port), "writes through HAProxy went elsewhere than beta"
@@ -149,6 +158,8 @@ def test_writes_follow_the_primary_through_haproxy_across_kill_9_and_switchover(
     acknowledged = set(writer.acknowledged)
     assert len(acknowledged) > 200
     assert acknowledged <= _ids(pair, pair.alpha_port), "acknowledged commits lost"
+    log = (pair.base / "monitor.log").read_text()
+    assert "Traceback" not in log and "Too many open files" not in log, log[-3000:]
     # the health listeners closed with the monitor
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{health_ports['alpha']}/health", timeout=2)

@@ -8,7 +8,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted([*(ROOT / "core").rglob("*.py"), *(ROOT / "plugins").rglob("*.py")])
 # what plugins may use of the core: its public API. Not launch (console entry points) or pluginmanager.
-PUBLIC_CORE = {"app", "cli", "config", "endpoints", "errors", "events", "faults", "history", "hookspecs", "lock", "log",
+PUBLIC_CORE = {"app", "cli", "config", "endpoints", "errors", "events", "faults", "history", "hookspecs", "httpserve",
+               "lock", "log",
                "output", "quick", "run", "secrets", "state", "status", "__version__"}
 
 

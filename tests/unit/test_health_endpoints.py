@@ -42,7 +42,23 @@ def test_replica_lag_without_a_primary_is_what_it_has_not_replayed():
     assert answer("/replica", {"lag": "1000kB"}, alone, "b")[0] == 503
     assert answer("/primary", {}, alone, "a")[0] == 503
     code, body = answer("/health", {}, alone, "a")
-    assert code == 503 and body["state"] == "unreachable" and body["error"] == "connection refused"
+    assert code == 503 and body["state"] == "unreachable" and "does not answer" in body["error"]
+
+
+def test_an_unreachable_node_s_driver_error_is_never_in_an_answer():
+    """Health ports answer anyone: the driver's message names the admin user, host, port and database."""
+    error = 'connection to server at "10.0.0.9", port 5432 failed: FATAL: password authentication failed ' \
+            'for user "postgres" (database "crm")'
+    alone = Snapshot([NodeState("a", error=error), node("b", True)], [Standby("b", True)])
+    for path in ("/health", "/primary", "/replica", "/liveness", "/nope"):
+        text = str(answer(path, {}, alone, "a")[1])
+        assert "10.0.0.9" not in text and "postgres" not in text and "crm" not in text, (path, text)
+
+
+@pytest.mark.parametrize("value", ["", "lots", "9" * 400, "1e3", "-5"])
+def test_a_bad_lag_value_is_a_400_not_a_503(value):
+    code, body = answer("/replica", {"lag": value}, pair(), "b")
+    assert code == 400 and body["reason"].startswith("lag:"), body
 
 
 def test_read_only_sync_async_liveness_readiness():
