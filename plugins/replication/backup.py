@@ -23,7 +23,7 @@ from pathlib import Path
 
 from psycopg import sql
 
-from dbdeck import output
+from dbdeck import faults, output
 from dbdeck.errors import DbdeckError, Refused, UsageError
 from dbdeck.events import Event
 
@@ -380,6 +380,8 @@ def restore(pair, target, to_time=None, allow_primary=False, quiet=False):
     stamp = time.strftime("%Y%m%d%H%M%S")
     # Barman writes on this host; a node's copy then goes in through its driver
     workspace = place.directory or barman.home / f"restore-{place.node.name}-{stamp}"
+    if place.node and not pair.runner.dry_run:
+        _remove_leftovers(pair, barman, place.node.name)
     if pair.runner.dry_run:
         barman.run("recover", *_recover_options(to_time), barman.name, backup["backup_id"], workspace)
         if place.node:
@@ -401,6 +403,9 @@ def restore(pair, target, to_time=None, allow_primary=False, quiet=False):
             if place.primary:  # started, a new timeline from the restored moment: it needs a new base backup
                 barman.state.update("chain", pending_since=output.timestamp(),
                                     reason=f"the restore of {place.node.name}")
+                from .roles import record_primary
+
+                record_primary(pair, place.node.name, "pitr restore --allow-primary")
         else:
             _give_tree(workspace, place.os_user)
     except BaseException:
@@ -413,14 +418,30 @@ def restore(pair, target, to_time=None, allow_primary=False, quiet=False):
     if not quiet:
         pair.app.notify(Event("backup.restored", f"{barman.name} restored {what} into {place.describe()}",
                               details={"backup_id": backup["backup_id"], "target": place.describe()}))
-        start = (f"start {place.node.name} ({place.node.driver.describe()}): it replays WAL {what}, then accepts "
-                 f"writes; its previous files are in {kept} inside its data directory until you remove them"
+        start = (f"start {place.node.name} ({place.node.driver.describe()}): it replays WAL {what}, then "
+                 + ("accepts writes" if place.primary else
+                    "stays read-only there (a standby of nothing, never a second primary); to make it the "
+                    f"primary: promote-replica --fence --node {place.node.name} (stops the other, the write "
+                    f"endpoint follows), then rebuild-replica --node <the other>; to drop it: rebuild-replica "
+                    f"--node {place.node.name}")
+                 + f"; its previous files are in {kept} inside its data directory until you remove them"
                  if place.node else
                  f"start it with pg_ctl -D {place.directory} -o '-p PORT' start: it replays WAL {what}, then accepts "
                  f"writes")
         pair.say(start)
     return {"backup_id": backup["backup_id"], "target": place.describe(),
             "to_time": to_time.isoformat() if to_time else None, "kept_aside": kept}
+
+
+def _remove_leftovers(pair, barman, name):
+    """A restore into this node killed before its cleanup left its workspace and tar in Barman's home: the
+    whole database, taking disk space. The operator lock makes sure no other restore is running."""
+    for leftover in barman.home.glob(f"restore-{name}-*"):
+        pair.say(f"removing {leftover.name}, left by an interrupted restore", logging.WARNING)
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 _ASIDE = ".dbdeck-before-restore-"
@@ -451,12 +472,23 @@ def _into_node(pair, node, workspace, stamp):
     data = driver.data_dir
     aside = f"{_ASIDE}{stamp}"
     archive = workspace.with_name(workspace.name + ".tar")
+    control = workspace.with_name(workspace.name + ".control.tar")
     try:
-        pair.runner.run(["tar", "-C", workspace, "-cf", archive, "."], timeout=24 * 3600)
+        for path in (archive, control):  # the whole database and its secrets: readable by nobody else
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        # global/pg_control goes in last, on its own: until it is in place the directory cannot start at all,
+        # so a restore killed during the extraction never leaves a startable half (one that could come up as
+        # a primary)
+        pair.runner.run(["tar", "-C", workspace, "-cf", archive, "--exclude=./global/pg_control", "."],
+                        timeout=24 * 3600)
+        pair.runner.run(["tar", "-C", workspace, "-cf", control, "./global/pg_control"], timeout=600)
         driver.shell(MOVE_ASIDE, data, aside, offline=True)
         try:
             with open(archive, "rb") as stream:
                 driver.shell(_EXTRACT, data, aside, stdin=stream, offline=True, timeout=24 * 3600)
+            faults.point("restore.files-extracted")
+            with open(control, "rb") as stream:
+                driver.shell(_EXTRACT, data, aside, stdin=stream, offline=True, timeout=600)
         except BaseException:
             pair.say(f"restore into {node.name} failed: putting its previous files back", logging.ERROR)
             driver.shell(_PUT_BACK, data, aside, offline=True)
@@ -464,6 +496,7 @@ def _into_node(pair, node, workspace, stamp):
             raise
     finally:
         archive.unlink(missing_ok=True)
+        control.unlink(missing_ok=True)
     return aside
 
 
@@ -531,10 +564,17 @@ _RESTORED_SETTINGS = {"synchronous_standby_names": "", "primary_conninfo": "", "
 
 
 def _neutralise(directory, place):
+    """A restored copy stands alone. Restored into a node that is not the pair's primary, it also stays
+    read-only: a standby of nothing (standby.signal, no primary_conninfo) that replays to the target and
+    pauses there, so it never takes writes beside the primary; promote-replica --fence makes it the primary."""
     from .standby import setting_line
 
-    (directory / "standby.signal").unlink(missing_ok=True)
     settings = dict(_RESTORED_SETTINGS)
+    if place.node and not place.primary:
+        (directory / "standby.signal").write_text("")
+        settings["recovery_target_action"] = "pause"
+    else:
+        (directory / "standby.signal").unlink(missing_ok=True)
     if place.node:
         settings.update(place.node.config.settings)
     with open(directory / "postgresql.auto.conf", "a") as out:
@@ -842,7 +882,10 @@ def reserve_for_backups(pair, conn, where):
 def after_role_change(pair, new_primary):
     """Called by promote-replica, switchover and auto-failover once the new primary takes writes. Quick and
     never failing them: the new base backup is left to `pitr maintain` (each minute) so a failover is not
-    held up by a copy of the whole database."""
+    held up by a copy of the whole database. First, the record of which node is the primary (roles.py)."""
+    from .roles import record_primary
+
+    record_primary(pair, new_primary.name, "role change")
     try:
         barman = _set_up_barman(pair)
         if barman is None:

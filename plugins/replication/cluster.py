@@ -108,6 +108,7 @@ class Standby:
 class Snapshot:
     nodes: list
     standbys: list = field(default_factory=list)
+    recorded_primary: str | None = None  # the node dbdeck's last role change made the primary (roles.py)
 
     @property
     def primaries(self):
@@ -218,7 +219,8 @@ def evaluate(snapshot, thresholds):
     primaries = snapshot.primaries
     down = [n for n in snapshot.nodes if not n.reachable]
     if len(primaries) > 1:
-        add(CRITICAL, f"SPLIT-BRAIN: {len(primaries)} nodes accept writes: {split_brain_advice(primaries)}")
+        add(CRITICAL, f"SPLIT-BRAIN: {len(primaries)} nodes accept writes: "
+                      f"{split_brain_advice(primaries, snapshot.recorded_primary)}")
     elif not primaries:
         add(CRITICAL, "no primary: no reachable node accepts writes")
     for node in down:
@@ -258,16 +260,17 @@ def evaluate(snapshot, thresholds):
     return status, [text for _, text in problems]
 
 
-def split_brain_advice(primaries):
-    """Which primary is stale: the one on the older timeline (LSNs of different timelines do not compare)."""
+def split_brain_advice(primaries, recorded=None):
+    """Which primary to stop: every one but the node dbdeck last made the primary (its record), whatever the
+    timelines say (a restored copy promotes onto a newer timeline without being the pair's primary)."""
     where = ", ".join(f"{n.name} (timeline {n.timeline}, LSN {n.current_lsn})" for n in primaries)
-    timelines = sorted({n.timeline for n in primaries if n.timeline is not None})
-    if len(timelines) > 1:
-        stale = [n.name for n in primaries if n.timeline == timelines[0]]
-        return (f"{where}; {', '.join(stale)} is on the older timeline (the other was promoted from it): stop it "
-                f"now and rebuild it as a standby (rebuild-replica --node {stale[0]}) after saving anything "
-                f"written only there")
-    return f"{where}; stop the one that should not take writes now and rebuild it as a standby"
+    if recorded in {n.name for n in primaries}:
+        stale = [n.name for n in primaries if n.name != recorded]
+        return (f"{where}; {recorded} is the primary dbdeck's last role change made, so stop "
+                f"{', '.join(stale)} now and rebuild it as a standby (rebuild-replica --node {stale[0]}) after "
+                f"saving anything written only there")
+    return (f"{where}; dbdeck has no record of which is the primary: neither gets the write endpoint; stop the "
+            f"one that should not take writes now and rebuild it as a standby")
 
 
 def _check_synchronous(add, primary, standbys, wanted):

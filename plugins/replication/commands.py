@@ -258,21 +258,31 @@ def _confirm(app, yes, question):
 @click.command("promote-replica")
 @click.option("--node", metavar="NAME", help="The standby to promote (default: the only one).")
 @click.option("--force", is_flag=True, help="Promote even though the primary still answers (split-brain risk).")
+@click.option("--fence", is_flag=True,
+              help="Stop every other node that accepts writes first, then promote --node: e.g. a copy restored "
+                   "with `pitr restore` becomes the primary while the old one runs.")
 @click.option("--update-connections", is_flag=True,
               help="Also rewrite DATABASE_URL in replication.after_promote.env_files and restart its services.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask on a terminal (runs without one never ask).")
 @pass_app
-def promote_replica(app, node, force, update_connections, yes):
+def promote_replica(app, node, force, fence, update_connections, yes):
     """Emergency failover: promote the standby once the primary is down (seed's promote-replica.sh).
 
     Refuses while the primary still answers (unless --force, with a loud warning). Shows the standby's
     last received/replayed LSN, promotes it with pg_promote(), waits until it accepts writes, and prints
     what to change next. Logs to failover-YYYYMMDD-HHMMSS.log under replication.log_dir.
     """
+    from dbdeck.errors import UsageError
+
     from .promote import promote_replica as run
 
-    _confirm(app, yes, f"Promote {node or 'the standby'} to primary (the old primary must not come back as one)?")
+    if fence and not node:
+        raise UsageError("--fence needs --node NAME: the node that becomes the primary")
+    _confirm(app, yes, f"Promote {node or 'the standby'} to primary (the old primary must not come back as one)"
+                       + (", stopping every other node that accepts writes?" if fence else "?"))
     pair = _pair(app)
+    if fence and pair.patroni:
+        raise UsageError("--fence is for a native pair: under Patroni, promote-replica --force asks Patroni")
     with pair.operator_lock():
         with pair.run_log("failover"):
             if pair.patroni:
@@ -283,7 +293,7 @@ def promote_replica(app, node, force, update_connections, yes):
                     _notify(app, "failover.promoted",
                             f"Patroni failed over to {promoted} (promote-replica)")
             else:
-                run(pair, node, force, update_connections)
+                run(pair, node, force, update_connections, fence=fence)
 
 
 @click.command("rebuild-replica")

@@ -8,7 +8,8 @@ same for a native pair and a Patroni cluster.
 (not in recovery, not read-only), never from a belief such as "holds the leader lock": Patroni keeps
 answering 200 on /primary while its postmaster restarts, and HAProxy then sends clients to a dead port.
 The query assigns no transaction id, so a check neither writes WAL nor waits for a synchronous standby.
-Two writable nodes (a split brain) get 200 only for the one on the newer timeline, or for neither.
+Two writable nodes (a split brain) get 200 only for the one dbdeck last made the primary (roles.py), or for
+neither: never by timeline, since a restored copy promotes onto a newer one.
 """
 
 import json
@@ -34,14 +35,13 @@ PATHS = WRITABLE | REPLICA | READABLE | SYNC | ASYNC | ALWAYS | {"/health", "/re
 
 
 def leader(snapshot):
-    """The node writes should go to: the only writable one, else the writable one on the newest timeline."""
+    """The node writes should go to: the only writable one; of several, the one dbdeck's last role change
+    made the primary (never the newest timeline: a restored copy is on one); with no record, none."""
     writable = [n for n in snapshot.primaries if not n.read_only]
     if len(writable) == 1:
         return writable[0].name
-    timelines = sorted((n.timeline or 0, n.name) for n in writable)
-    if len(timelines) > 1 and timelines[-1][0] > timelines[-2][0]:
-        return timelines[-1][1]
-    return None
+    recorded = snapshot.recorded_primary
+    return recorded if recorded in {n.name for n in writable} else None
 
 
 def _lag(snapshot, name):
@@ -89,8 +89,9 @@ def answer(path, query, snapshot, name):
         if chosen == name:
             return result(True, "accepts writes")
         if role == "primary":
-            return result(False, "accepts writes, but so does another node: not routing writes to either"
-                          if chosen is None else f"{chosen} is on a newer timeline")
+            return result(False, "accepts writes, but so does another node and dbdeck has no record of which is "
+                          "the primary: not routing writes to either" if chosen is None else
+                          f"{chosen} is the primary dbdeck's last role change made")
         return result(False, f"not writable ({role or 'down'})")
     if path == "/readiness":
         streaming = role == "replica" and (node.wal_receiver or {}).get("status") == "streaming"

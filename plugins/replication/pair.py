@@ -36,7 +36,11 @@ class Pair:
         raise UsageError(f"no node named {name!r} (nodes: {', '.join(n.name for n in self.nodes)})")
 
     def probe(self, timeout=5):
-        return probe(self.nodes, timeout)
+        from .roles import recorded_primary
+
+        snapshot = probe(self.nodes, timeout)
+        snapshot.recorded_primary = recorded_primary(self)
+        return snapshot
 
     @property
     def patroni(self):

@@ -12,7 +12,7 @@ from dbdeck.state import write_atomic
 from . import synchronous
 
 
-def promote_replica(pair, node_name=None, force=False, update_connections=False):
+def promote_replica(pair, node_name=None, force=False, update_connections=False, fence=False):
     snapshot = pair.probe()
     standbys = [n for n in snapshot.nodes if n.reachable and n.in_recovery]
     if node_name:
@@ -34,6 +34,14 @@ def promote_replica(pair, node_name=None, force=False, update_connections=False)
     old_primaries = [n for n in pair.nodes if n.name != standby.name]
 
     live = [n for n in snapshot.primaries]
+    if live and fence:
+        from .standby import stop_node
+
+        for state in live:
+            pair.say(f"fencing {state.name}: it accepts writes, {standby.name} takes over; stopping it",
+                     logging.WARNING)
+            stop_node(pair, pair.node(state.name), "fast")
+        live = []
     if live and not force:
         raise Refused(f"primary {', '.join(n.name for n in live)} still answers and accepts writes: promoting "
                       f"{standby.name} now would make two writable primaries (split-brain). Stop the primary "

@@ -17,6 +17,7 @@ from dbdeck.events import Event
 
 from . import synchronous
 from .cluster import split_brain_advice
+from .roles import recorded_primary
 from .setup import read_password
 from .standby import MOVE_ASIDE, MOVE_UP, apply_node_settings, ensure_slot, follow, recover_interrupted
 
@@ -53,7 +54,8 @@ def choose_target(pair, snapshot, node_name):
             raise DbdeckError("more than one other primary; cannot tell which to copy from: " + _roles(snapshot))
         return target, pair.node(sources[0].name)
     if len(primaries) > 1:
-        raise Refused(f"split-brain: {split_brain_advice(primaries)}. Choose the node to throw away with --node")
+        advice = split_brain_advice(primaries, recorded_primary(pair))
+        raise Refused(f"split-brain: {advice}. Choose the node to throw away with --node")
     if not primaries:
         raise DbdeckError("no reachable primary to copy from: " + _roles(snapshot))
     others = [n for n in pair.nodes if n.name != primaries[0].name]

@@ -137,6 +137,9 @@ def setup_master(pair, primary_name=None, apply_settings=False):
         _ensure_synchronous(pair, conn, settings.synchronous_standby_names)
         checks = check_settings(conn)
         restart = _report_and_apply(pair, conn, checks, apply_settings)
+    from .roles import record_primary
+
+    record_primary(pair, name, "setup-master")
     blocking = [c for c in checks if not c.ok and c.blocking]
     if blocking and not pair.runner.dry_run:
         fix = "restart the primary" if apply_settings else "rerun with --apply-settings, then restart the primary"

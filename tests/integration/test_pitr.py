@@ -6,6 +6,8 @@ Every restore is started and its rows counted: a restore that only exits 0 prove
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import threading
 import time
@@ -155,17 +157,38 @@ def test_backup_restore_to_a_time_verify_and_bad_input(pitr_pair):
     # into a stopped node, through its driver: its files are kept aside inside its data directory
     pair.standby_server.stop()
     beta_before = sorted(p.name for p in pair.standby_server.datadir.iterdir())
+    # killed with -9 between the data files and global/pg_control: what is left cannot start at all
+    killed = pair.run("dbdeck", "pitr", "restore", "--latest", "--target", "beta", "--yes",
+                      env={"DBDECK_FAILPOINT": "restore.files-extracted"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert (pair.standby_server.datadir / "PG_VERSION").exists()
+    assert not (pair.standby_server.datadir / "global" / "pg_control").exists()
+    with pytest.raises(Exception):
+        pair.standby_server.start()
+    assert not pair.standby_server.is_running()
+    leftovers = sorted(pair.barman_home.glob("restore-beta-*"))
+    assert leftovers and all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in leftovers), \
+        [(p.name, oct(p.stat().st_mode)) for p in leftovers]
     into_node = _dbdeck(pair, "pitr", "restore", "--latest", "--target", "beta", "--yes", "--format", "json")
     assert into_node.returncode == 0, into_node.stdout + into_node.stderr
-    kept = _json(into_node)["kept_aside"]
-    assert sorted(p.name for p in (pair.standby_server.datadir / kept).iterdir()) == beta_before
-    assert not (pair.standby_server.datadir / "standby.signal").exists()
+    assert "left by an interrupted restore" in into_node.stderr + into_node.stdout
+    assert not list(pair.barman_home.glob("restore-beta-*")), "the interrupted restore's copies stay behind"
+    kept = pair.standby_server.datadir / _json(into_node)["kept_aside"]
+    assert kept.is_dir()  # what the killed run left
+    # beta's files from before, as the killed run kept them aside
+    first = [d for d in pair.standby_server.datadir.iterdir() if d.name.startswith(".dbdeck-before-restore-")
+             and d != kept]
+    assert len(first) == 1 and sorted(p.name for p in first[0].iterdir()) == beta_before
+    # restored into a node that is not the primary, the copy stays read-only: never a second primary
+    assert (pair.standby_server.datadir / "standby.signal").exists()
     pair.standby_server.start()
-    assert wait_for(lambda: _safe(lambda: pair.sql(pair.beta_port, "SELECT NOT pg_is_in_recovery()")[0][0]),
-                    timeout=60)
-    assert pair.sql(pair.beta_port, "SELECT count(*) FROM keep") == [(150,)], "--latest: every row"
+    assert wait_for(lambda: _safe(lambda: pair.sql(pair.beta_port, "SELECT count(*) FROM keep") == [(150,)]),
+                    timeout=60), "--latest: every row"
+    assert pair.sql(pair.beta_port, "SELECT pg_is_in_recovery()") == [(True,)]
     assert "dropped" not in {r[0] for r in pair.sql(pair.beta_port, "SELECT relname FROM pg_class")}
-    pair.standby_server.stop()  # one primary again: beta was a restored, stand-alone copy
+    code, report, _ = pair.check()
+    assert report["primary"] == "alpha" and not any("SPLIT-BRAIN" in p for p in report["problems"]), report
+    pair.standby_server.stop()  # beta was a restored, stand-alone copy
     primary = _dbdeck(pair, "pitr", "restore", "--latest", "--target", "alpha", "--yes")
     assert primary.returncode != 0 and "alpha is running" in primary.stderr, primary.stderr
 

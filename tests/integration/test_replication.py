@@ -153,7 +153,8 @@ def test_promote_refused_while_primary_up_then_failover_and_rebuild_old_primary(
     # the old primary comes back as a standby of the new one, with the rows written meanwhile
     pair.primary.server.start()
     split = pair.check()[1]["problems"][0]
-    assert split.startswith("SPLIT-BRAIN") and "alpha is on the older timeline" in split
+    assert split.startswith("SPLIT-BRAIN") and "beta is the primary dbdeck's last role change made, so stop alpha" \
+        in split, split
     refused = pair.run("rebuild-replica")
     assert refused.returncode == 1 and "--node alpha" in refused.stderr
     rebuilt = pair.run("rebuild-replica", "--node", "alpha")
@@ -278,3 +279,32 @@ def test_setup_master_apply_settings_reports_the_restart(workdir):
         assert after.returncode == 0 and "ok   wal_log_hints = on" in after.stdout, after.stdout
     finally:
         primary.server.destroy()
+
+
+def test_promote_with_fence_makes_a_standby_the_primary_in_one_command_and_the_record_follows(local_pair):
+    """Issue 29.1's last step: the one command that makes a copy (a restored one, say) the primary while the
+    old primary runs: --fence stops every other writable node first, and dbdeck's record of the primary
+    (which the write endpoint and check-replication go by) names the new one."""
+    pair = local_pair
+    pair.sql(pair.alpha_port, "CREATE TABLE fenced AS SELECT generate_series(1, 10) AS id")
+    record = Path(yaml.safe_load(pair.config.read_text())["dbdeck"]["state_dir"]) / "replication" / "primary.json"
+    assert json.loads(record.read_text())["primary"] == "alpha"  # setup-master recorded it
+    assert wait_for(lambda: pair.sql(pair.beta_port, "SELECT count(*) FROM fenced") == [(10,)], timeout=15)
+    no_node = pair.run("promote-replica", "--fence")
+    assert no_node.returncode == 2 and "--fence needs --node" in no_node.stderr, no_node.stderr
+    dry = pair.run("promote-replica", "--fence", "--node", "beta", "--dry-run")
+    assert dry.returncode == 0 and "fencing alpha" in dry.stdout + dry.stderr, dry.stdout + dry.stderr
+    assert pair.primary.server.is_running() and pair.sql(pair.beta_port, "SELECT pg_is_in_recovery()") == [(True,)]
+    assert json.loads(record.read_text())["primary"] == "alpha", "a dry run changed the record"
+
+    promoted = pair.run("promote-replica", "--fence", "--node", "beta")
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert not pair.primary.server.is_running(), "alpha was not fenced"
+    assert pair.sql(pair.beta_port, "SELECT pg_is_in_recovery()") == [(False,)]
+    assert json.loads(record.read_text())["primary"] == "beta"
+    assert "rebuild-replica" in promoted.stdout
+    rebuilt = pair.run("rebuild-replica", "--node", "alpha")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert pair.wait_healthy(timeout=30), pair.check()[1]
+    assert pair.check()[1]["primary"] == "beta"
+    assert pair.sql(pair.alpha_port, "SELECT pg_is_in_recovery(), count(*) FROM fenced") == [(True, 10)]

@@ -30,6 +30,19 @@ def _dbdeck(config, *args):
                           timeout=60)
 
 
+def _load_error(config):
+    """The configuration error a command would stop with, from the same loader, in this process (each case
+    through the CLI too would cost a process start; the end-to-end cases below do that)."""
+    from dbdeck.app import App
+    from dbdeck.errors import ConfigError
+
+    app = App()
+    app.config_path = str(config)
+    with pytest.raises(ConfigError) as refused:
+        app.config.section("replication")
+    return str(refused.value)
+
+
 def _renders(tmp_path, config):
     """Both renderers, each refused the same way: exit 2, one line naming the problem, nothing written."""
     out = tmp_path / "out"
@@ -43,14 +56,23 @@ def _renders(tmp_path, config):
     return [result.stderr for result in results]
 
 
-@pytest.mark.parametrize("name", ["../escape", "/abs", "a b", "pg1\n#", ".", "..", "pg1#x", "-x"])
-def test_a_node_name_that_is_no_plain_name_is_refused(tmp_path, name):
+def _nodes_named(name):
     node = {"endpoint": {"host": "10.0.0.1", "port": 5432, "user": "postgres", "password": "pw"},
             "data_dir": "/d", "health_port": 8008}
-    other = {**node, "endpoint": {**node["endpoint"], "host": "10.0.0.2"}}
-    for stderr in _renders(tmp_path, _config(tmp_path, nodes={name: node, "pg2": other})):
+    return {name: node, "pg2": {**node, "endpoint": {**node["endpoint"], "host": "10.0.0.2"}}}
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs"])
+def test_a_node_name_that_is_a_path_writes_nothing_anywhere(tmp_path, name):
+    for stderr in _renders(tmp_path, _config(tmp_path, nodes=_nodes_named(name))):
         assert "node name" in stderr and "letters, digits" in stderr
     assert not Path("/abs.yml").exists() and not (tmp_path / "escape.yml").exists()
+
+
+@pytest.mark.parametrize("name", ["a b", "pg1\n#", ".", "..", "pg1#x", "-x"])
+def test_a_node_name_that_is_no_plain_name_is_refused(tmp_path, name):
+    message = _load_error(_config(tmp_path, nodes=_nodes_named(name)))
+    assert "node name" in message and "letters, digits" in message and len(message.splitlines()) == 1
 
 
 @pytest.mark.parametrize("where, value, message", [
@@ -68,8 +90,12 @@ def test_a_node_address_that_would_change_a_generated_file_is_refused(tmp_path, 
     node = data["replication"]["nodes"]["pg1"]
     (node["endpoint"] if where == "host" else node)[where] = value
     config.write_text(yaml.safe_dump(data))
-    for stderr in _renders(tmp_path, config):
-        assert message in stderr and "pg1" in stderr, stderr
+    if where == "host" and "\n" in value:  # end to end: both renderers, exit 2, one line, nothing written
+        for stderr in _renders(tmp_path, config):
+            assert message in stderr and "pg1" in stderr, stderr
+        return
+    refused = _load_error(config)
+    assert message in refused and "pg1" in refused and len(refused.splitlines()) == 1, refused
 
 
 @pytest.mark.parametrize("section, key, value", [
@@ -81,10 +107,14 @@ def test_a_node_address_that_would_change_a_generated_file_is_refused(tmp_path, 
 ])
 def test_a_bind_or_check_address_that_would_change_haproxy_cfg_is_refused(tmp_path, section, key, value):
     config = _config(tmp_path, manager="native", **{section: {key: value}})
-    result = _dbdeck(config, "haproxy", "render", "--no-check", "-o", str(tmp_path / "haproxy.cfg"))
-    assert result.returncode == 2 and f"{section}.{key}" in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "haproxy.cfg").exists()
+    if section == "haproxy" and key == "bind" and "\n" in value:  # end to end
+        result = _dbdeck(config, "haproxy", "render", "--no-check", "-o", str(tmp_path / "haproxy.cfg"))
+        assert result.returncode == 2 and f"{section}.{key}" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "haproxy.cfg").exists()
+        return
+    refused = _load_error(config)
+    assert f"{section}.{key}" in refused and len(refused.splitlines()) == 1, refused
 
 
 def test_plain_names_and_addresses_render_and_every_server_is_checked(tmp_path):

@@ -78,10 +78,26 @@ def test_a_read_only_primary_gets_no_writes():
     assert answer("/primary", {}, snapshot, "a")[0] == 503
 
 
-def test_split_brain_routes_writes_to_the_newer_timeline_or_to_nobody():
-    newer = Snapshot([node("a", False, timeline=1), node("b", False, timeline=2)])
-    assert answer("/primary", {}, newer, "b")[0] == 200
-    code, body = answer("/primary", {}, newer, "a")
-    assert code == 503 and "b is on a newer timeline" in body["reason"]
-    same = Snapshot([node("a", False), node("b", False)])
-    assert [answer("/primary", {}, same, n)[0] for n in "ab"] == [503, 503]
+def test_split_brain_routes_writes_to_the_recorded_primary_never_by_timeline():
+    """Issue 29.1: a copy restored into b promotes onto timeline 2 while a (timeline 1) is the pair's
+    primary: the record of dbdeck's last role change decides, not the newer timeline."""
+    restored = Snapshot([node("a", False, timeline=1), node("b", False, timeline=2)], recorded_primary="a")
+    assert answer("/primary", {}, restored, "a")[0] == 200
+    code, body = answer("/primary", {}, restored, "b")
+    assert code == 503 and "a is the primary dbdeck's last role change made" in body["reason"]
+    failed_over = Snapshot([node("a", False, timeline=1), node("b", False, timeline=2)], recorded_primary="b")
+    assert [answer("/primary", {}, failed_over, n)[0] for n in "ab"] == [503, 200]
+    for unknown in (None, "c"):  # no record, or one naming neither: nobody gets writes
+        snapshot = Snapshot([node("a", False, timeline=1), node("b", False, timeline=2)], recorded_primary=unknown)
+        assert [answer("/primary", {}, snapshot, n)[0] for n in "ab"] == [503, 503]
+    alone = Snapshot([node("a", True), node("b", False, timeline=2)], recorded_primary="a")
+    assert answer("/primary", {}, alone, "b")[0] == 200, "the only writable node is the primary"
+
+
+def test_check_replication_tells_to_stop_the_unrecorded_primary():
+    from dbdeck.plugins.replication.cluster import split_brain_advice
+
+    a, b = node("a", False, timeline=1), node("b", False, timeline=2)
+    advice = split_brain_advice([a, b], "a")
+    assert "stop b now" in advice and "rebuild-replica --node b" in advice
+    assert "no record" in split_brain_advice([a, b], None)

@@ -59,12 +59,14 @@ def test_standby_down_no_standby_and_not_streaming_are_critical():
     assert status == CRITICAL and any("not streaming" in p for p in problems)
 
 
-def test_two_primaries_are_split_brain_and_the_older_timeline_is_named():
+def test_two_primaries_are_split_brain_and_the_one_not_recorded_is_named():
     newer = _primary()
     newer.name, newer.timeline = "b", 2
-    status, problems = evaluate(Snapshot([_primary(), newer]), Thresholds())
+    status, problems = evaluate(Snapshot([_primary(), newer], recorded_primary="a"), Thresholds())
     assert status == CRITICAL
-    assert problems[0].startswith("SPLIT-BRAIN") and "a is on the older timeline" in problems[0]
+    assert problems[0].startswith("SPLIT-BRAIN") and "so stop b now" in problems[0], problems[0]
+    status, problems = evaluate(Snapshot([_primary(), newer]), Thresholds())
+    assert status == CRITICAL and "no record of which is the primary" in problems[0]
 
 
 def test_no_primary_is_critical():
