@@ -98,6 +98,13 @@ def _replica_count(sql):
         return None
 
 
+def _safe(probe):
+    try:
+        return probe()
+    except Exception:
+        return False
+
+
 def _check(run):
     result = run("check-replication", "--format", "json")
     return result.returncode, json.loads(result.stdout)
@@ -213,9 +220,15 @@ def test_container_pair_backups_survive_a_failover_and_restore_into_a_stopped_co
         assert restored.returncode == 0, restored.stdout + restored.stderr
         subprocess.run(["docker", "start", PRIMARY], check=True, capture_output=True)
         assert wait_for(lambda: answers("CONECTA_PRIMARY_PORT"), timeout=60)
-        assert wait_for(lambda: sql("CONECTA_PRIMARY_PORT", "SELECT pg_is_in_recovery()") == [(False,)], timeout=60)
-        assert sql("CONECTA_PRIMARY_PORT", "SELECT count(*), max(id) FROM contatos") == [(900, 900)], \
+        # the old primary's node is not the pair's primary any more: the copy stays read-only, paused at the
+        # restored moment (issue 29.1: a restore never makes a second primary)
+        assert wait_for(lambda: _safe(lambda: sql("CONECTA_PRIMARY_PORT", "SELECT count(*), max(id) FROM contatos")
+                                      == [(900, 900)]), timeout=60), \
             "rows up to the moment after the failover: the WAL chain crossed the timeline switch"
+        assert sql("CONECTA_PRIMARY_PORT", "SELECT pg_is_in_recovery()") == [(True,)]
+        code, report = _check(run)
+        assert report["primary"] == "conecta-postgres-replica", report
+        assert not any("SPLIT-BRAIN" in problem for problem in report["problems"]), report
         subprocess.run(["docker", "stop", "-t", "10", PRIMARY], check=True, capture_output=True)
         maintained = run("dbdeck", "pitr", "maintain", "--format", "json")
         assert maintained.returncode == 0, maintained.stdout + maintained.stderr
