@@ -144,8 +144,10 @@ class Barman:
             raise DbdeckError(f"Barman is not set up yet ({self.config_file} missing): run `dbdeck pitr setup`")
         argv = ["barman", "-c", self.config_file, *(["-f", "json"] if as_json else []), *args]
         try:
+            # Barman's connections authenticate with its own pgpass: a PGPASSWORD in the caller's environment
+            # (an operator's shell, a CI job) would win over it, and libpq reads an empty one as unset
             result = self.runner.run(argv, as_user=self.os_user, check=check, timeout=timeout, read_only=read_only,
-                                     cwd="/")
+                                     cwd="/", env={"PGPASSWORD": ""})
         except FileNotFoundError:
             raise DbdeckError("barman is not installed (Debian: apt-get install barman)") from None
         if as_json and not result.dry_run:

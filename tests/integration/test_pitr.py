@@ -202,7 +202,8 @@ def test_backup_restore_to_a_time_verify_and_bad_input(pitr_pair):
     rows = {row["name"]: row for row in status if row["kind"] == "backup"}
     assert rows["pitr-verify"]["state"] == "ok" and rows["pitr-backup"]["state"] == "ok", rows
     assert rows["pitr-verify"]["metrics"]["dbdeck_backup_last_verified_timestamp_seconds"] > time.time() - 600
-    check = _dbdeck(pair, "pitr", "check")
+    # a PGPASSWORD in the caller's environment does not override Barman's pgpass (issue 29.3)
+    check = pair.run("dbdeck", "pitr", "check", env={"PGPASSWORD": "not-the-password"})
     assert check.returncode == 0, check.stdout + check.stderr
 
     # the primary lost: refused over it unless told, then restored with what Barman received last
