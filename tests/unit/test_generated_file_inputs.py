@@ -2,13 +2,12 @@
 when the configuration is loaded, so a hostile or mistyped name or address never reaches one: it is
 refused in one line, with exit 2, and nothing is written (no file, no generated secret)."""
 
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-BIN = Path(__file__).resolve().parents[2] / "bin"
+from .test_patroni_rules import _dbdeck
 
 
 def _config(tmp_path, manager="patroni", nodes=None, **replication):
@@ -23,11 +22,6 @@ def _config(tmp_path, manager="patroni", nodes=None, **replication):
     path = tmp_path / "dbdeck.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def _dbdeck(config, *args):
-    return subprocess.run([str(BIN / "dbdeck"), "--config", str(config), *args], capture_output=True, text=True,
-                          timeout=60)
 
 
 def _load_error(config):
