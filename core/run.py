@@ -54,6 +54,40 @@ def hold_termination() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
+class _StopsDeferred:
+    """While a program is being started, a Ctrl-C or SIGTERM waits until its pid is known and tracked.
+    Otherwise the stop could unwind us between the fork and the pid (the program is then stopped by
+    nobody), and dbdeck could even exit before the child had set its parent-death signal: a `sleep`,
+    `pg_dump`... running on for nobody, holding our output pipes open. Main thread only (the only one
+    signals reach); elsewhere this does nothing."""
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.arrived = []
+            self.previous = [signal.signal(signum, lambda signum, _: self.arrived.append(signum))
+                             for signum in self._SIGNALS]
+        return self
+
+    def __exit__(self, error_type, *_):
+        if not self.active:
+            return
+        for signum, handler in zip(self._SIGNALS, self.previous):
+            signal.signal(signum, handler)
+        if error_type is not None:  # nothing started: the stop can act at once
+            self.deliver()
+
+    def deliver(self):
+        """Raise what arrived meanwhile, to the handlers put back: call it where the started program is
+        stopped on the way out."""
+        if self.active:
+            arrived, self.arrived = dict.fromkeys(self.arrived), []
+            for signum in arrived:
+                signal.raise_signal(signum)
+
+
 def _track(pid):
     with _children_lock:
         _children.add(pid)
@@ -294,9 +328,11 @@ class Runner:
             kwargs["_err_to_out"] = True
             kwargs["_out"] = _tee(output) if echo else output
         try:
-            running = program(*tied[1:], _bg=True, _bg_exc=False, **kwargs)
-            _track(running.pid)
+            with _StopsDeferred() as stops:
+                running = program(*tied[1:], _bg=True, _bg_exc=False, **kwargs)
+                _track(running.pid)
             try:
+                stops.deliver()
                 done = running.wait()
             except (sh.TimeoutException, sh.SignalException, sh.ErrorReturnCode):
                 raise
@@ -354,15 +390,18 @@ class Runner:
                 last = index == len(prepared) - 1
                 error_file = tempfile.TemporaryFile()
                 error_files.append(error_file)
-                process = subprocess.Popen(
-                    _tied_to_us(argv, env), stdin=previous if previous is not None else subprocess.DEVNULL,
-                    stdout=(stdout if stdout is not None else subprocess.PIPE) if last else subprocess.PIPE,
-                    stderr=error_file, env={**os.environ, **env})
-                _track(process.pid)
+                tied = _tied_to_us(argv, env)
+                with _StopsDeferred() as stops:
+                    process = subprocess.Popen(
+                        tied, stdin=previous if previous is not None else subprocess.DEVNULL,
+                        stdout=(stdout if stdout is not None else subprocess.PIPE) if last else subprocess.PIPE,
+                        stderr=error_file, env={**os.environ, **env})
+                    _track(process.pid)
+                    processes.append(process)
+                stops.deliver()
                 if previous is not None:
                     previous.close()  # the next stage holds the read end now; EOF/SIGPIPE propagate
                 previous = process.stdout if not last else None
-                processes.append(process)
             deadline = time.monotonic() + timeout if timeout else None
             captured = b""
             if stdout is None:

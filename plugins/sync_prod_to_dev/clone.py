@@ -119,6 +119,19 @@ class Clone:
     def dev_probe(self):
         return str(self.maintenance.query(sql.SQL("SELECT ({}) AS probe").format(self.dev_probe_sql()))[0]["probe"])
 
+    def dev_content_sql(self):
+        """The fingerprint of dev itself, leaving out the excluded tables (dev's own, kept across syncs)."""
+        excluded = sql.SQL(", ").join(sql.Literal(table_pattern(t if "." in t else f"public.{t}"))
+                                      for t in self.settings.exclude_tables)
+        return probes.fingerprint_sql(excluded.as_string(None) if self.settings.exclude_tables else "")
+
+    def dev_content(self, dev_probe):
+        """dev's fingerprint (developers' writes, DDL, a dump restored into it, a restart all change it), or
+        None when dev is missing or closed."""
+        if not probes.dev_is_sound(dev_probe):
+            return None
+        return str(self.target.query("SELECT (" + self.dev_content_sql() + ") AS content")[0]["content"])
+
     def recipe(self):
         """A digest of everything that shapes dev besides prod's content: a change to any of it means
         the next run copies again even though prod is unchanged (new anonymisation rules must apply)."""
@@ -201,31 +214,34 @@ class Clone:
     def last_sync(self):
         return self.state.entry(self._state_key()) or None
 
-    def _record(self, prod_probe, recipe, dev_probe, seconds):
-        self.state.update(self._state_key(), prod=prod_probe, recipe=recipe, dev=dev_probe,
+    def _record(self, prod_probe, recipe, dev_probe, dev_content, seconds):
+        self.state.update(self._state_key(), prod=prod_probe, recipe=recipe, dev=dev_probe, dev_content=dev_content,
                           finished_at=output.timestamp(), seconds=round(seconds, 2),
                           source=self.source.describe(), target=self.target.describe())
 
-    def unchanged_since(self, last, prod_probe, recipe, dev_probe):
+    def unchanged_since(self, last, prod_probe, recipe, dev_probe, dev_content):
         """Why the last sync's copy is still current (None: copy): prod, recipe and dev all as it left them."""
         if not (self.settings.skip_unchanged and not self.force and last):
             return None
-        if (last.get("prod"), last.get("recipe"), last.get("dev")) != (prod_probe, recipe, dev_probe):
+        if (last.get("prod"), last.get("recipe"), last.get("dev"), last.get("dev_content")) != \
+                (prod_probe, recipe, dev_probe, dev_content):
             return None
         return last["finished_at"] if probes.dev_is_sound(dev_probe) else None
 
-    def offer_quick_answer(self, prod_probe, dev_probe, finished_at):
+    def offer_quick_answer(self, prod_probe, dev_probe, dev_content, finished_at):
         """Leave the probes and their answers for the next start of this command line (dbdeck.quick)."""
         from dbdeck import quick
 
-        if self.runner.dry_run or not self.settings.skip_unchanged or self.force or quick.pending() is None:
+        if (self.runner.dry_run or not self.settings.skip_unchanged or self.force or quick.pending() is None
+                or dev_content is None):
             return
         config = self.app.config
         env_files = [f for f in {**quick.pending()["files"], **config.sources}
                      if not config.path or f != str(config.path.absolute())]
         stamped = []
         for endpoint, query, expect in ((self.source, probes.PROD_PROBE, prod_probe),
-                                        (self.maintenance, self.dev_probe_sql().as_string(None), dev_probe)):
+                                        (self.maintenance, self.dev_probe_sql().as_string(None), dev_probe),
+                                        (self.target, self.dev_content_sql(), dev_content)):
             argv, env = endpoint.tool_invocation("psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c",
                                                  query)
             if argv[0] == "psql":
@@ -256,12 +272,13 @@ class Clone:
         if self._clean_leftovers(databases) and not self.runner.dry_run:
             dev_probe = self.dev_probe()
         recipe = self.recipe()
-        last_finished = self.unchanged_since(self.last_sync(), prod_probe, recipe, dev_probe)
+        dev_content = self.dev_content(dev_probe) if self.settings.skip_unchanged and not self.force else None
+        last_finished = self.unchanged_since(self.last_sync(), prod_probe, recipe, dev_probe, dev_content)
         if last_finished:
             self.say(probes.skip_line(last_finished))
-            self.offer_quick_answer(prod_probe, dev_probe, last_finished)
+            self.offer_quick_answer(prod_probe, dev_probe, dev_content, last_finished)
             return {"skipped": True, "last_sync": last_finished}
-        self._explain_copy(self.last_sync(), prod_probe, recipe, dev_probe)
+        self._explain_copy(self.last_sync(), prod_probe, recipe, dev_probe, dev_content)
 
         # only a run that dumps needs pg_dump; the unchanged case (most runs) spares the check
         self._check_client_tools(int(prod["version"]) // 10000)
@@ -281,9 +298,12 @@ class Clone:
         seconds = time.monotonic() - started
         size = None
         if not self.runner.dry_run:
+            # the copy's sessions are gone (renaming staging to dev waits for that), and a session flushes
+            # its write counters as it exits: dev's fingerprint is settled
             dev_probe = self.dev_probe()
-            self._record(prod_probe, recipe, dev_probe, seconds)
-            self.offer_quick_answer(prod_probe, dev_probe, self.last_sync()["finished_at"])
+            dev_content = self.dev_content(dev_probe)
+            self._record(prod_probe, recipe, dev_probe, dev_content, seconds)
+            self.offer_quick_answer(prod_probe, dev_probe, dev_content, self.last_sync()["finished_at"])
             size = self.maintenance.query(sql.SQL("SELECT pg_database_size({}) AS bytes").format(
                 sql.Literal(self.dev)))[0]["bytes"]
         self.say(f"sync complete in {seconds:.1f}s" + (f"; kept dev's own {', '.join(excluded)}" if excluded else ""))
@@ -308,7 +328,7 @@ class Clone:
                 transformers[name] = function
         anonymize.apply(staging, rules, salt, transformers, self.say)
 
-    def _explain_copy(self, last, prod_probe, recipe, dev_probe):
+    def _explain_copy(self, last, prod_probe, recipe, dev_probe, dev_content):
         """Say why this run copies when a previous sync exists (a user asking "why did it copy?")."""
         if not last or self.force or not self.settings.skip_unchanged:
             return
@@ -318,6 +338,12 @@ class Clone:
         elif last.get("dev") and last.get("dev") != dev_probe:
             self.say(f"{self.dev} is not the database the last sync produced (recreated, dropped or replaced): "
                      f"copying again")
+        elif last.get("dev") and last.get("dev_content") != dev_content:
+            self.say(f"{self.dev} changed since the last sync (writes, schema changes, a restore into it or a "
+                     f"restart of its server): copying again")
+        elif last.get("prod") != prod_probe:
+            self.say("prod changed since the last sync (writes, schema changes or a restart of its server): "
+                     "copying")
 
     def _clean_leftovers(self, databases):
         """Repair what an interrupted run left; whether anything was repaired."""

@@ -2,8 +2,10 @@
 
 A sync is skipped only when all of these still hold since the last one: prod's server and change
 fingerprint (PROD_PROBE), dev is the very database that sync produced, on the same server, accepting
-connections, with no staging/old leftovers (dev_probe), and the recipe (what shapes dev: anonymisation
-rules and salt, excluded tables, owner/privilege flags, dbdeck's version) is the same. The full path
+connections, with no staging/old leftovers (dev_probe), dev's own fingerprint (the same digest over
+dev, its excluded tables aside: a developer's write or DDL, a dump restored into it), and the recipe
+(what shapes dev: anonymisation rules and salt, excluded tables, owner/privilege flags, dbdeck's
+version) is the same. The full path
 (clone.py) compares the same probe answers; a quick answer runs them through psql, without importing
 click, pydantic or psycopg. Kept free of those imports on purpose.
 """
@@ -11,30 +13,75 @@ click, pydantic or psycopg. Kept free of those imports on purpose.
 import logging
 import time
 
-FINGERPRINT_SQL = """
-SELECT md5(
-  coalesce((SELECT string_agg(relid::text || ':' || n_tup_ins || ':' || n_tup_upd || ':' || n_tup_del, ','
-                              ORDER BY relid) FROM pg_stat_user_tables), '')
-  || '|' || coalesce((SELECT string_agg(relname || ':' || n_tup_ins || ':' || n_tup_upd || ':' || n_tup_del, ','
-                                        ORDER BY relname) FROM pg_stat_sys_tables
-                      WHERE relname IN ('pg_largeobject', 'pg_largeobject_metadata')), '')
-  || '|' || coalesce((SELECT string_agg(c.oid::text || ':' || c.xmin::text || ':' || c.relfilenode, ','
-                                        ORDER BY c.oid)
-                      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
-                        AND n.nspname NOT LIKE 'pg\\_toast%'), '')
-  || '|' || coalesce((SELECT string_agg(p.oid::text || ':' || p.xmin::text, ',' ORDER BY p.oid)
-                      FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')), '')
-  || '|' || coalesce((SELECT string_agg(schemaname || '.' || sequencename || ':' || coalesce(last_value::text, '-'),
-                                        ',' ORDER BY schemaname, sequencename) FROM pg_sequences), '')
-  || '|' || coalesce((SELECT stats_reset::text FROM pg_stat_database WHERE datname = current_database()), '')
-)
-"""
+# The schemas a database's own objects live in (not the system's, not a session's temporary ones).
+_OWN = ("nspname NOT IN ('pg_catalog', 'information_schema') AND nspname !~ '^pg_(toast|temp_|toast_temp_)'")
+
+# Every catalog that describes a database's own objects, as (catalog, row key, which rows). Each row's
+# xmin changes with any ALTER, RENAME, COMMENT, GRANT, VALIDATE... of it, and a created or dropped object
+# adds or removes rows, so any DDL changes the digest; VACUUM and ANALYZE update catalog rows in place
+# and leave it alone.
+_CATALOGS = [
+    ("pg_namespace", "oid::text", "oid IN (SELECT oid FROM own_ns)"),
+    ("pg_class", "oid::text || '/' || relfilenode", "relnamespace IN (SELECT oid FROM own_ns)"),
+    ("pg_attribute", "attrelid::text || '.' || attnum", "attrelid IN (SELECT oid FROM own_rel)"),
+    ("pg_attrdef", "oid::text", "adrelid IN (SELECT oid FROM own_rel)"),
+    ("pg_constraint", "oid::text", "connamespace IN (SELECT oid FROM own_ns)"),
+    ("pg_index", "indexrelid::text", "indrelid IN (SELECT oid FROM own_rel)"),
+    ("pg_trigger", "oid::text", "tgrelid IN (SELECT oid FROM own_rel)"),
+    ("pg_rewrite", "oid::text", "ev_class IN (SELECT oid FROM own_rel)"),
+    ("pg_policy", "oid::text", "polrelid IN (SELECT oid FROM own_rel)"),
+    ("pg_inherits", "inhrelid::text || '<' || inhparent", "inhrelid IN (SELECT oid FROM own_rel)"),
+    ("pg_sequence", "seqrelid::text", "seqrelid IN (SELECT oid FROM own_rel)"),
+    ("pg_type", "oid::text", "typnamespace IN (SELECT oid FROM own_ns)"),
+    ("pg_enum", "oid::text", "enumtypid IN (SELECT oid FROM pg_type WHERE typnamespace IN (SELECT oid FROM own_ns))"),
+    ("pg_proc", "oid::text", "pronamespace IN (SELECT oid FROM own_ns)"),
+    ("pg_operator", "oid::text", "oprnamespace IN (SELECT oid FROM own_ns)"),
+    ("pg_collation", "oid::text", "collnamespace IN (SELECT oid FROM own_ns)"),
+    ("pg_statistic_ext", "oid::text", "stxnamespace IN (SELECT oid FROM own_ns)"),
+    ("pg_extension", "oid::text", "true"),
+    ("pg_default_acl", "oid::text", "true"),
+    ("pg_event_trigger", "oid::text", "true"),
+    ("pg_publication", "oid::text", "true"),
+    ("pg_publication_rel", "oid::text", "true"),
+    # comments: on any object a user made (the first 16384 object ids are the system's own)
+    ("pg_description", "classoid::text || '.' || objoid || '.' || objsubid", "objoid >= 16384"),
+]
+
+
+def _catalog_digest(catalog, key, rows):
+    return (f"coalesce((SELECT md5(string_agg({key} || ':' || xmin::text, ',' ORDER BY {key})) FROM {catalog} "
+            f"WHERE {rows}), '')")
+
+
+def fingerprint_sql(excluded_literals=""):
+    """One md5 over a database's content counters, every catalog row of its own objects, its sequences'
+    positions and large objects, and when its server started and its statistics were reset: it changes
+    with any committed write or DDL there, and with a restart (a crash discards the counters, so a restart
+    cannot be told from no change). excluded_literals: SQL text literals naming tables left out (dev's own
+    tables, which dev keeps across syncs)."""
+    leave_out = (f" AND relid NOT IN (SELECT r FROM unnest(ARRAY[{excluded_literals}]::text[]) AS t(name), "
+                 f"to_regclass(name) AS r WHERE r IS NOT NULL)") if excluded_literals else ""
+    parts = [
+        "(SELECT string_agg(relid::text || ':' || n_tup_ins || ':' || n_tup_upd || ':' || n_tup_del, ',' "
+        f"ORDER BY relid) FROM pg_stat_all_tables WHERE relid IN (SELECT oid FROM own_rel){leave_out})",
+        "(SELECT string_agg(relname || ':' || n_tup_ins || ':' || n_tup_upd || ':' || n_tup_del, ',' "
+        "ORDER BY relname) FROM pg_stat_sys_tables WHERE relname IN ('pg_largeobject', 'pg_largeobject_metadata'))",
+        "(SELECT string_agg(schemaname || '.' || sequencename || ':' || coalesce(last_value::text, '-'), ',' "
+        "ORDER BY schemaname, sequencename) FROM pg_sequences)",
+        *(_catalog_digest(*entry) for entry in _CATALOGS),
+        "(SELECT stats_reset::text FROM pg_stat_database WHERE datname = current_database())",
+        "pg_postmaster_start_time()::text",
+    ]
+    return ("WITH own_ns AS (SELECT oid FROM pg_namespace WHERE " + _OWN + "), "
+            "own_rel AS (SELECT oid FROM pg_class WHERE relnamespace IN (SELECT oid FROM own_ns)) "
+            "SELECT md5(concat_ws('|', " + ", ".join(f"coalesce({p}, '')" for p in parts) + "))")
+
+
+FINGERPRINT_SQL = fingerprint_sql()
 
 # prod's server, database and content: one text value, the same through psycopg and psql
 PROD_PROBE = ("SELECT (SELECT system_identifier::text FROM pg_control_system()) || ':' || current_database() "
-              "|| ':' || (" + FINGERPRINT_SQL.strip() + ")")
+              "|| ':' || (" + FINGERPRINT_SQL + ")")
 
 DEV_PROBE_TEMPLATE = (
     "SELECT (SELECT system_identifier::text FROM pg_control_system()) || ':' || "

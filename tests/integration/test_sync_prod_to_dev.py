@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from dbdeck.plugins.sync_prod_to_dev.quick import PROD_PROBE
 from tests.conftest import BIN, _start_postgres, wait_for
 
 # its tests share module-scoped servers and build on each other's state: one worker runs them all, in order
@@ -653,3 +654,102 @@ def test_a_frozen_prod_mid_copy_fails_after_stall_timeout(clusters, tmp_path, pa
     names = {r["datname"] for r in dev.endpoint().query("SELECT datname FROM pg_database")}
     assert not any("__dbdeck_" in n for n in names)
     assert checksums(dev_ep) == before
+
+
+# Each is a change to prod that pg_dump carries to dev; none writes a row a counter would see.
+PROD_CHANGES = [
+    ("a column default", "ALTER TABLE items ALTER COLUMN label SET DEFAULT 'new'"),
+    ("a renamed column", "ALTER TABLE items RENAME COLUMN label TO title"),
+    ("NOT NULL", "ALTER TABLE items ALTER COLUMN title SET NOT NULL"),
+    ("a dropped column", "ALTER TABLE items DROP COLUMN weight"),
+    ("a comment", "COMMENT ON TABLE items IS 'the catalogue'"),
+    ("an enum type", "CREATE TYPE mood AS ENUM ('calm')"),
+    ("an enum value", "ALTER TYPE mood ADD VALUE 'busy'"),
+    ("a domain", "CREATE DOMAIN positive AS int CHECK (VALUE > 0)"),
+    ("a second trigger", "CREATE TRIGGER items_touched_again BEFORE UPDATE ON items FOR EACH ROW "
+                         "EXECUTE FUNCTION touch()"),
+    ("a validated constraint", "ALTER TABLE items VALIDATE CONSTRAINT items_id_check"),
+    ("a policy", "CREATE POLICY own_items ON items USING (true)"),
+]
+
+
+def test_every_change_to_prod_or_dev_makes_the_next_sync_copy_and_nothing_else_does(workdir, tmp_path):
+    prod = _start_postgres(workdir, "fingerprint-prod")
+    dev = _start_postgres(workdir, "fingerprint-dev")
+    try:
+        prod.server.psql("CREATE DATABASE shop;")
+        dev.server.psql("CREATE DATABASE shop_dev;")
+        prod_ep, dev_ep = prod.endpoint("shop"), dev.endpoint("shop_dev")
+        prod_ep.execute("CREATE TABLE items (id serial PRIMARY KEY, label text, weight int); "
+                        "ALTER TABLE items ADD CONSTRAINT items_id_check CHECK (id > 0) NOT VALID; "
+                        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END'; "
+                        "CREATE TRIGGER items_touched BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION touch(); "
+                        "CREATE TABLE notes (body text); "
+                        "INSERT INTO items (label, weight) SELECT 'i' || g, g FROM generate_series(1, 50) g")
+        config = write_config(tmp_path, prod, dev, extra="  exclude_tables: [notes]\n")
+        text = config.read_text().replace("crm_production", "shop").replace("crm_development", "shop_dev")
+        config.write_text(text)
+
+        def copies(why):
+            done = sync(config)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "nothing to do" not in done.stdout, f"{why}: skipped\n{done.stdout}"
+            return done.stdout
+
+        def skips(why):
+            done = sync(config)
+            assert done.returncode == 0 and "nothing to do" in done.stdout, f"{why}: copied\n{done.stdout}"
+
+        copies("first sync")
+        skips("nothing changed")
+
+        # the probe each run (and each quick answer) decides by, asked directly after each change
+        def probe():
+            return prod_ep.query("SELECT (" + PROD_PROBE + ") AS p")[0]["p"]
+
+        for what, statement in PROD_CHANGES:
+            before = probe()
+            prod_ep.execute(statement)
+            assert probe() != before, f"{what} left prod's fingerprint as it was"
+        before = probe()
+        for housekeeping in ("VACUUM ANALYZE items", "CREATE TEMP TABLE scratch (x int)"):
+            prod_ep.execute(housekeeping)
+        assert probe() == before, "VACUUM, ANALYZE or a temporary table were taken for a change"
+        assert "prod changed" in copies("all of those changes")
+        skips("nothing changed since the last change")
+        assert dev_ep.query("SELECT obj_description('items'::regclass) AS c")[0]["c"] == "the catalogue"
+        assert dev_ep.query("SELECT count(*) AS n FROM pg_policies WHERE policyname = 'own_items'")[0]["n"] == 1
+
+        # a committed update, then a crash: the counters it moved are gone with the crash
+        prod_ep.execute("UPDATE items SET title = 'after' WHERE id = 1")
+        prod.server.stop("immediate")
+        prod.server.start()
+        copies("a crash after an update")
+        assert dev_ep.query("SELECT title FROM items WHERE id = 1")[0]["title"] == "after"
+        skips("nothing changed after the crash's copy")
+
+        # dev's side: a developer's write, a developer's DDL, an older dump restored into dev in place
+        dev_ep.execute("INSERT INTO items (title) VALUES ('a developer was here')")
+        assert "shop_dev changed" in copies("a write to dev")
+        assert dev_ep.query("SELECT count(*) AS n FROM items WHERE title = 'a developer was here'")[0]["n"] == 0
+        dev_ep.execute("CREATE INDEX items_title ON items (title)")
+        copies("DDL in dev")
+        older = tmp_path / "older.dump"
+        dev_ep.run_tool("pg_dump", "-Fc", "-f", str(older), read_only=True)
+        prod_ep.execute("INSERT INTO items (title) VALUES ('newer')")
+        copies("a write to prod")
+        dev_ep.run_tool("pg_restore", "--clean", "--if-exists", "--no-owner", "-d", "shop_dev", str(older))
+        assert dev_ep.query("SELECT count(*) AS n FROM items WHERE title = 'newer'")[0]["n"] == 0
+        copies("an older dump restored into dev")
+        assert dev_ep.query("SELECT count(*) AS n FROM items WHERE title = 'newer'")[0]["n"] == 1
+        # dev keeps its own excluded tables: writing to one changes nothing a sync would bring
+        dev_ep.execute("INSERT INTO notes VALUES ('kept across syncs')")
+        skips("a write to an excluded table")
+        dev.server.stop()
+        dev.server.start()
+        copies("a restart of dev's server")
+        assert dev_ep.query("SELECT body FROM notes")[0]["body"] == "kept across syncs"
+        skips("nothing changed at the end")
+    finally:
+        prod.server.destroy()
+        dev.server.destroy()

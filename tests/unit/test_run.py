@@ -111,3 +111,52 @@ def test_pipeline_to_file_and_dry_run(tmp_path):
 def test_pipeline_timeout_kills_every_stage():
     with pytest.raises(CommandTimeout):
         Runner().pipeline([(["sleep", "10"], {}), (["cat"], {})], timeout=0.3)
+
+
+STOP_WHILE_STARTING = r"""
+import os, signal, subprocess, sys, time
+import sh
+from dbdeck.run import Runner
+
+# the stop arrives after the fork, before the runner learned the pid: the narrowest window there is
+original = sh.Command.__call__
+def call_then_stop(self, *args, **kwargs):
+    started = original(self, *args, **kwargs)
+    print(started.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGINT if sys.argv[2] == "int" else signal.SIGTERM)
+    return started
+sh.Command.__call__ = call_then_stop
+
+def terminated(*_):
+    raise SystemExit(143)
+signal.signal(signal.SIGTERM, terminated)
+try:
+    Runner().%s
+except (KeyboardInterrupt, SystemExit) as exc:
+    print("stopped", type(exc).__name__, flush=True)
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["int", "term"])
+def test_a_stop_arriving_while_a_program_starts_stops_that_program_too(signal_name):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = STOP_WHILE_STARTING % 'run(["sleep", "60"], timeout=120)'
+    done = subprocess.run([sys.executable, "-c", script, "x", signal_name], capture_output=True, text=True,
+                          timeout=60)
+    pid_line, said = done.stdout.splitlines()[:2]
+    assert said.startswith("stopped"), done.stdout + done.stderr
+    pid = int(pid_line)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the program started as the stop arrived runs on")
