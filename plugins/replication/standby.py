@@ -32,6 +32,12 @@ mv "$conf.dbdeck" "$conf"
 touch "$data/standby.signal"
 '''
 
+# Both moves below name the subdirectory in $data/.dbdeck-moving while they run: killed half-way, they
+# leave the files split between the two places, and the next run moves that subdirectory back up
+# (recover_interrupted), which reunites them whichever way the move was going.
+_MARK_MOVE = ('''printf '%s\\n' "$2" > "$data/.dbdeck-moving.new"; '''
+              '''mv "$data/.dbdeck-moving.new" "$data/.dbdeck-moving"''')
+
 # $1 data directory, $2 the subdirectory to move everything into. PG_VERSION goes first: without it
 # nothing starts on the data directory (pg_ctl, a container, a systemd unit), whatever else is still
 # there; standby.signal goes last. A data directory that is a mount point stays one.
@@ -39,6 +45,7 @@ MOVE_ASIDE = r'''set -eu
 data=$1; aside="$data/$2"
 mkdir -p "$data"; chmod 700 "$data"
 mkdir -m 700 "$aside"
+''' + _MARK_MOVE + r'''
 if [ -e "$data/PG_VERSION" ]; then mv "$data/PG_VERSION" "$aside/"; fi
 for entry in "$data"/* "$data"/.[!.]* "$data"/..?*; do
     [ -e "$entry" ] || [ -L "$entry" ] || continue
@@ -46,12 +53,14 @@ for entry in "$data"/* "$data"/.[!.]* "$data"/..?*; do
     mv "$entry" "$aside/"
 done
 if [ -e "$data/standby.signal" ]; then mv "$data/standby.signal" "$aside/"; fi
+rm -f "$data/.dbdeck-moving"
 '''
 # $1 data directory, $2 the subdirectory to move back up: standby.signal first, PG_VERSION last. A
 # .dbdeck-* directory inside it came with a copy of the other node's files (pg_basebackup and pg_rewind
 # copy what they find): it is that node's business, not this one's.
 MOVE_UP = r'''set -eu
 data=$1; aside="$data/$2"
+''' + _MARK_MOVE + r'''
 if [ -e "$aside/standby.signal" ]; then mv "$aside/standby.signal" "$data/"; fi
 for entry in "$aside"/* "$aside"/.[!.]* "$aside"/..?*; do
     [ -e "$entry" ] || [ -L "$entry" ] || continue
@@ -63,6 +72,7 @@ for entry in "$aside"/* "$aside"/.[!.]* "$aside"/..?*; do
 done
 if [ -e "$aside/PG_VERSION" ]; then mv "$aside/PG_VERSION" "$data/"; fi
 rmdir "$aside"
+rm -f "$data/.dbdeck-moving"
 '''
 # $1 data directory: the subdirectories an interrupted rewind or rebuild left, newest first, each with
 # whether it holds a data directory (PG_VERSION); then whether the data directory itself has one.
@@ -206,6 +216,7 @@ def recover_interrupted(pair, node):
     """Put back a data directory that a killed rewind or rebuild left in a subdirectory (with standby.signal:
     the caller makes it follow the primary next), and drop the copies nobody needs any more."""
     data = node.driver.data_dir
+    _reunite_split_move(pair, node)
     output = node.driver.shell(_LEFTOVERS, data, offline=True, read_only=True).stdout
     entries = [line.split(" ", 1) for line in output.splitlines() if " " in line]
     has_current = ["current", "PG_VERSION"] in entries
@@ -224,6 +235,24 @@ def recover_interrupted(pair, node):
         elif kind == "data":
             pair.say(f"{node.name}: {data}/{name} is a copy an earlier run kept; delete it once you are sure you "
                      f"do not need it", logging.WARNING)
+
+
+def _reunite_split_move(pair, node):
+    """A move between the data directory and one of its subdirectories that was killed half-way: finish
+    it upwards (an interrupted move aside is undone, an interrupted move up completed; either way every
+    file is in exactly one of the two places, so nothing collides and nothing is lost)."""
+    data = node.driver.data_dir
+    marked = node.driver.shell('cat "$1/.dbdeck-moving" 2>/dev/null || true', data, offline=True,
+                               read_only=True).stdout.strip()
+    if not re.fullmatch(r"\.dbdeck-[A-Za-z0-9_-]+", marked or ""):
+        return
+    present = node.driver.shell('test -d "$1/$2" && echo yes || true', data, marked, offline=True,
+                                read_only=True).stdout.strip() == "yes"
+    if present:
+        pair.say(f"{node.name}: a run killed while moving files between {data} and {data}/{marked} left them "
+                 f"split; moving them all into {data}", logging.WARNING)
+        node.driver.shell(MOVE_UP, data, marked, offline=True)
+    node.driver.shell('rm -f "$1/.dbdeck-moving"', data, offline=True)
 
 
 def rewind(pair, node, source):

@@ -271,3 +271,60 @@ def test_a_second_daemon_says_it_is_already_running(local_pair):
         assert wait_for(lambda: not (pair.base / "af.pid").exists(), timeout=20)
     stopped = pair.run("dbdeck", "status", "--format", "prometheus")
     assert 'dbdeck_service_up{service="auto-failover"} 0.0' in stopped.stdout
+
+
+_KILLING_MV = """#!/bin/sh
+/bin/mv "$@"
+count=$(($(cat "$MOVES") + 1)); echo "$count" > "$MOVES"
+if [ "$count" -ge "$KILL_AFTER" ]; then kill -9 "$PPID"; fi
+"""
+
+
+def _move(script, data, name, kill_after=None):
+    """Run one of the move scripts as rebuild and rejoin do (as the data directory's owner); with kill_after,
+    kill -9 its shell right after that many renames (a kill in the middle of the move, which no failpoint
+    between steps reaches)."""
+    import pwd
+
+    owner = pwd.getpwuid(data.stat().st_uid).pw_name
+    env = dict(os.environ)
+    if kill_after:
+        fake = data.parent / "killing-mv"
+        fake.mkdir(exist_ok=True)
+        (fake / "mv").write_text(_KILLING_MV)
+        (fake / "moves").write_text("0")
+        subprocess.run(["chown", "-R", owner, str(fake)], check=True)
+        (fake / "mv").chmod(0o755)
+        env.update(PATH=f"{fake}:{env['PATH']}", MOVES=str(fake / "moves"), KILL_AFTER=str(kill_after))
+    as_owner = ["runuser", "-u", owner, "--"] if os.geteuid() == 0 else []
+    return subprocess.run([*as_owner, "sh", "-c", script, "sh", str(data), name], env=env,
+                          capture_output=True).returncode
+
+
+@pytest.mark.parametrize("direction", ["aside", "up"])
+def test_files_split_by_a_move_killed_half_way_are_reunited_by_the_next_run(local_pair, direction):
+    from dbdeck.plugins.replication.standby import MOVE_ASIDE, MOVE_UP
+
+    pair = local_pair
+    assert pair.wait_healthy(timeout=30), pair.check()[1]
+    pair.sql(pair.alpha_port, "CREATE TABLE kept (id int); INSERT INTO kept VALUES (1)")
+    assert wait_for(lambda: _safe(lambda: pair.sql(pair.beta_port, "SELECT id FROM kept") == [(1,)]), timeout=20)
+    server = pair.standby_server
+    data = Path(server.datadir)
+    server.stop()
+    if direction == "aside":  # rebuild or rejoin moving the node's files out of the way
+        assert _move(MOVE_ASIDE, data, ".dbdeck-old-1", kill_after=5) == 128 + signal.SIGKILL
+    else:  # rebuild moving its finished copy into place, the old files kept aside
+        assert _move(MOVE_ASIDE, data, ".dbdeck-old-1") == 0
+        subprocess.run(["cp", "-a", str(data / ".dbdeck-old-1"), str(data / ".dbdeck-new-1")], check=True)
+        assert _move(MOVE_UP, data, ".dbdeck-new-1", kill_after=5) == 128 + signal.SIGKILL
+    assert not (data / "PG_VERSION").exists() and any(p.name in ("base", "global", "pg_wal") for p in data.iterdir())
+
+    rejoined = pair.run("rebuild-replica", "--rejoin", "--node", "beta")
+    assert rejoined.returncode == 0, rejoined.stdout + rejoined.stderr
+    said = rejoined.stdout + rejoined.stderr
+    assert "left them split; moving them all into" in said, said
+    assert "pg_basebackup" not in said, "the files were not reunited: the rejoin had to copy them all"
+    assert not [p for p in data.glob("*/*") if p.name == p.parent.name], "a directory was moved into its namesake"
+    assert wait_for(lambda: _safe(lambda: pair.sql(pair.beta_port, "SELECT id FROM kept") == [(1,)]), timeout=20)
+    assert _recovery(pair, pair.beta_port) is True
