@@ -58,8 +58,14 @@ class _StopsDeferred:
     """While a program is being started, a Ctrl-C or SIGTERM waits until its pid is known and tracked.
     Otherwise the stop could unwind us between the fork and the pid (the program is then stopped by
     nobody), and dbdeck could even exit before the child had set its parent-death signal: a `sleep`,
-    `pg_dump`... running on for nobody, holding our output pipes open. Main thread only (the only one
-    signals reach); elsewhere this does nothing."""
+    `pg_dump`... running on for nobody, holding our output pipes open.
+
+    The program also starts with both signals deliverable: a child inherits the signal mask of the thread
+    that forks it, and once hold_termination() blocked SIGTERM, every program started after it (a server,
+    a receiver) could never be stopped by one. A SIGTERM being held stays held: it is caught here while
+    unblocked, and raised again once the mask is back, which leaves it pending.
+
+    Main thread only (the only one Python lets set handlers); elsewhere this does nothing."""
 
     _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -69,11 +75,13 @@ class _StopsDeferred:
             self.arrived = []
             self.previous = [signal.signal(signum, lambda signum, _: self.arrived.append(signum))
                              for signum in self._SIGNALS]
+            self.mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, self._SIGNALS)
         return self
 
     def __exit__(self, error_type, *_):
         if not self.active:
             return
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
         for signum, handler in zip(self._SIGNALS, self.previous):
             signal.signal(signum, handler)
         if error_type is not None:  # nothing started: the stop can act at once
@@ -81,7 +89,7 @@ class _StopsDeferred:
 
     def deliver(self):
         """Raise what arrived meanwhile, to the handlers put back: call it where the started program is
-        stopped on the way out."""
+        stopped on the way out. (A blocked signal stays pending: held, as it was.)"""
         if self.active:
             arrived, self.arrived = dict.fromkeys(self.arrived), []
             for signum in arrived:
@@ -281,9 +289,11 @@ class Runner:
                     secrets.register(value)
             log.debug("probing: %s", printable(argv, env))
             try:
-                started.append((argv, subprocess.Popen(argv, env={**os.environ, **(env or {})},
-                                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                                       stderr=subprocess.PIPE)))
+                with _StopsDeferred() as stops:
+                    started.append((argv, subprocess.Popen(argv, env={**os.environ, **(env or {})},
+                                                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                           stderr=subprocess.PIPE)))
+                stops.deliver()
             except FileNotFoundError:
                 started.append((argv, None))
         deadline = time.monotonic() + timeout
@@ -450,9 +460,12 @@ class Runner:
         except CommandFailed:
             errors.close()
             raise
-        popen = subprocess.Popen(tied, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
-                                 env={**os.environ, **(env or {})})
-        return Session(argv, env, popen, errors)
+        with _StopsDeferred() as stops:
+            popen = subprocess.Popen(tied, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                                     env={**os.environ, **(env or {})})
+        session = Session(argv, env, popen, errors)
+        stops.deliver()
+        return session
 
     def start_daemon(self, argv: Sequence[Any], *, log_path: str | Path | None = None,
                      env: Mapping[str, str] | None = None, as_user: str | None = None,
@@ -471,9 +484,11 @@ class Runner:
         try:
             out = open(log_path, "ab") if log_path else None
             try:
-                popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT if out else None,
-                                         env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
+                with _StopsDeferred() as stops:
+                    popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                             stderr=subprocess.STDOUT if out else None,
+                                             env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
+                stops.deliver()  # a daemon is meant to outlive us: it is not stopped with us
             finally:
                 if out:
                     out.close()

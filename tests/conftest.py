@@ -117,6 +117,19 @@ def runner():
     return Runner()
 
 
+@pytest.fixture(autouse=True)
+def _signals_deliverable_after_each_test():
+    """A command run in-process ends by blocking SIGTERM (hold_termination), as a real run does just before
+    it exits. In a test worker that block would outlive the test: every program a later test starts
+    itself would inherit it, and a SIGTERM the test sends it would never arrive."""
+    yield
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
 def endpoint(name, port, password, database, kind="postgresql", user=None, runner=None, **extra):
     config = EndpointConfig(kind=kind, host="127.0.0.1", port=port, password=password, database=database,
                             user=user or ("postgres" if kind == "postgresql" else "dbdeck"), **extra)

@@ -4,15 +4,27 @@ proven in use, or the old one put back everywhere.
 Where the secret lives: the password file, the role's SCRAM verifier on the primary (replicated to the
 standbys), each standby's primary_conninfo, and Barman's pgpass file. A standby's WAL receiver restarts
 with the new conninfo on reload (PostgreSQL 13+), so nothing is rebuilt or restarted.
+
+A rotation is journalled (<state_dir>/replication/rotation.json, no secret in it) from its first change
+to its last: a run killed in between leaves the journal, and the next rotation first puts the password
+file's secret (the new one, or the old one if the kill came before it was written) everywhere, proves it
+in use, and only then rotates again. check-replication reports the journal, and any standby or Barman
+whose configured secret no longer matches the role's.
 """
 
+import base64
+import hashlib
+import hmac
+import json
 import logging
+import os
+import re
 import secrets as token
 import time
 
 from psycopg import sql
 
-from dbdeck import faults, secrets
+from dbdeck import faults, output, secrets
 from dbdeck.errors import DbdeckError, Refused
 from dbdeck.state import write_atomic
 
@@ -24,6 +36,53 @@ log = logging.getLogger("dbdeck.replication")
 _RECEIVER_PID = "SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'"
 
 
+def journal_file(pair):
+    return pair.app.config.state_dir / "replication" / "rotation.json"
+
+
+def interrupted_rotation(pair):
+    """When an unfinished rotation started (its journal), or None."""
+    try:
+        return json.loads(journal_file(pair).read_text()).get("started_at", "?")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _begin(pair):
+    path = journal_file(pair)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({"started_at": output.timestamp(), "pid": os.getpid()}) + "\n")
+
+
+def _end(pair):
+    journal_file(pair).unlink(missing_ok=True)
+
+
+def _finish_interrupted(pair, primary, standbys, barman):
+    """An earlier rotation was killed half-way: the password file holds whichever secret it wrote last; put
+    that one everywhere (each step is idempotent) and prove it in use before anything else."""
+    started = interrupted_rotation(pair)
+    if started is None:
+        return
+    pair.say(f"a rotation started at {started} did not finish: putting the password in {password_file(pair)} "
+             f"everywhere first", logging.WARNING)
+    if pair.runner.dry_run:
+        pair.say("would put it on the role, in each standby's primary_conninfo and Barman's pgpass, then prove it")
+        return
+    current = read_password(pair)
+    receivers_before = {n.name: _receiver_pid(n) for n in standbys}
+    began = time.time()
+    _put_everywhere(pair, primary, standbys, barman, current, "current")
+    # a standby whose conninfo already had this secret keeps its connection: end it on the primary's side,
+    # so that its reconnection proves the secret
+    with primary.connect() as conn, primary.endpoint.driver_errors("reconnecting the standbys"):
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE application_name = ANY(%s)",
+                     ([n.name for n in standbys],))
+    _prove(pair, primary, standbys, barman, receivers_before, began)
+    _end(pair)
+    pair.say("the interrupted rotation is finished: one password everywhere")
+
+
 def rotate(pair):
     snapshot = pair.probe()
     if len(snapshot.primaries) != 1:
@@ -31,6 +90,8 @@ def rotate(pair):
                       ", ".join(f"{n.name}: {n.role}" for n in snapshot.nodes))
     primary = pair.node(snapshot.primaries[0].name)
     standbys = [pair.node(n.name) for n in snapshot.nodes if n.name != primary.name]
+    barman = _barman(pair)
+    _finish_interrupted(pair, primary, standbys, barman)
     not_streaming = [n.name for n in standbys if not pair.is_streaming(n, primary)]
     if not_streaming:
         raise Refused(f"{', '.join(not_streaming)} is not streaming from {primary.name}: fix replication first "
@@ -39,7 +100,6 @@ def rotate(pair):
     new = token.token_urlsafe(24)
     secrets.register(new)
     user = pair.settings.replication_user
-    barman = _barman(pair)
     if pair.runner.dry_run:
         pair.say(f"would write a new password to {password_file(pair)} (mode 0600)")
         pair.say(f"would execute on {primary.name}: ALTER ROLE {user} PASSWORD '***' (SCRAM verifier only)")
@@ -51,6 +111,7 @@ def rotate(pair):
 
     receivers_before = {n.name: _receiver_pid(n) for n in standbys}
     started = time.time()
+    _begin(pair)
     try:
         _put_everywhere(pair, primary, standbys, barman, new, "new")
         _prove(pair, primary, standbys, barman, receivers_before, started)
@@ -58,7 +119,9 @@ def rotate(pair):
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         pair.say(f"rotation failed ({reason}): putting the old password back everywhere", logging.ERROR)
         _put_everywhere(pair, primary, standbys, barman, old, "old")
+        _end(pair)
         raise
+    _end(pair)
     pair.say(f"{user}: new password in use; standbys {', '.join(n.name for n in standbys)} stream with it"
              + (", Barman's receiver too" if barman else ""))
     return {"streaming": [n.name for n in standbys], "barman": bool(barman), "password_file": str(password_file(pair))}
@@ -123,3 +186,77 @@ def _prove(pair, primary, standbys, barman, receivers_before, started):
 
         pair.wait_for(barman_connected, "Barman's WAL receiver to reconnect with the new password", timeout=90)
         pair.say("Barman's WAL receiver: streaming again with the new password")
+
+
+def password_matches(password, verifier, user):
+    """Whether password logs in against a role's stored verifier (SCRAM-SHA-256 or md5); None when the
+    verifier is of neither kind."""
+    scram = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$]+)\$([^:]+):(.+)", verifier or "")
+    if scram:
+        iterations, salt, stored_key = int(scram[1]), base64.b64decode(scram[2]), base64.b64decode(scram[3])
+        salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+        client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+        return hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key)
+    if re.fullmatch(r"md5[0-9a-f]{32}", verifier or ""):
+        return hmac.compare_digest("md5" + hashlib.md5((password + user).encode()).hexdigest(), verifier)
+    return None
+
+
+def _pgpass_password(path, user):
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = re.split(r"(?<!\\):", line, maxsplit=4)
+        if len(fields) == 5 and fields[3].replace("\\:", ":").replace("\\\\", "\\") in (user, "*"):
+            return fields[4].replace("\\:", ":").replace("\\\\", "\\")
+    return None
+
+
+def secret_problems(pair, snapshot):
+    """[(level, text)]: an unfinished rotation, and each standby (or Barman) whose configured replication
+    password no longer matches the role's, so that its next reconnection will fail while it streams now."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from .cluster import WARNING
+
+    problems = []
+    started = interrupted_rotation(pair)
+    if started:
+        problems.append((WARNING, f"a rotate-replication-password started at {started} did not finish: run it "
+                                  f"again (it finishes that one first)"))
+    if len(snapshot.primaries) != 1:
+        return problems
+    user = pair.settings.replication_user
+    primary = pair.node(snapshot.primaries[0].name)
+    try:
+        with primary.connect(timeout=5) as conn:
+            row = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (user,)).fetchone()
+    except Exception:  # not a superuser, or the primary just went away: nothing to compare against
+        return problems
+    verifier = row[0] if row else None
+    configured = []
+    for state in snapshot.nodes:
+        if not (state.reachable and state.in_recovery):
+            continue
+        try:
+            with pair.node(state.name).connect(timeout=5) as conn:
+                row = conn.execute("SELECT setting FROM pg_settings WHERE name = 'primary_conninfo'").fetchone()
+            password = conninfo_to_dict(row[0]).get("password") if row and row[0] else None
+        except Exception:
+            continue
+        if password is not None:
+            configured.append((state.name, password))
+    barman = _barman(pair)
+    if barman is not None:
+        password = _pgpass_password(barman.passfile, user)
+        if password is not None:
+            configured.append(("Barman's WAL receiver", password))
+    for who, password in configured:
+        secrets.register(password)
+        if password_matches(password, verifier, user) is False:
+            problems.append((WARNING, f"{who}: the replication password it is configured with no longer logs in "
+                                      f"as {user}; it streams now, but its next reconnection will fail: run "
+                                      f"rotate-replication-password (it puts one password everywhere)"))
+    return problems

@@ -11,7 +11,7 @@ from dbdeck import faults
 from dbdeck.errors import DbdeckError, Refused
 from dbdeck.events import Event
 
-from . import synchronous
+from . import handover, synchronous
 from .setup import read_password
 from .standby import checkpoint_lsn, drop_own_slot, ensure_slot, follow, rejoin, stop_node
 
@@ -71,6 +71,9 @@ def switchover(pair, max_lag_bytes, timeout):
              f"cannot follow)",
              f"synchronous_standby_names on {standby.name}: "
              f"'{synchronous.wanted(pair) if synchronous.wanted(pair) is not None else 'as it is'}'"]
+    if pair.settings.haproxy is not None and pair.settings.manager == "native":
+        steps.insert(1, f"wait until HAProxy's write port no longer routes to {primary.name}")
+        steps.append(f"wait until HAProxy's write port routes to {standby.name}, then return")
     if pair.runner.dry_run:
         pair.say("plan:\n  " + "\n  ".join(f"{i}. {s}" for i, s in enumerate(steps, 1)))
         return primary, standby
@@ -81,6 +84,7 @@ def switchover(pair, max_lag_bytes, timeout):
         conn.execute("SELECT pg_reload_conf()")
         conn.execute("CHECKPOINT")
     pair.say(f"{primary.name}: new transactions are read-only; checkpoint done")
+    handover.wait_unrouted(pair, primary)
     stop_node(pair, primary, "fast")
     state, lsn = checkpoint_lsn(pair, primary)
     pair.say(f"{primary.name} stopped ({state}); shutdown checkpoint at {lsn}")
@@ -122,6 +126,7 @@ def switchover(pair, max_lag_bytes, timeout):
         pair.say(f"{primary.name} does not stream from {standby.name}; rejoining it", logging.WARNING)
         rejoin(pair, primary, standby)
     synchronous.standby_streams(pair, standby)
+    handover.wait_routed(pair, standby)
     pair.say(f"switchover done: {standby.name} is the primary, {primary.name} streams from it")
     pair.app.notify(Event("switchover.done", f"switchover: {standby.name} primary, {primary.name} standby",
                           details={"primary": standby.name, "standby": primary.name}))
@@ -136,6 +141,7 @@ def _restart_old_primary(pair, primary):
     primary.driver.start()
     pair.wait_for(lambda: pair.accepts_writes(primary) or _reset_read_only(primary), f"{primary.name} to answer")
     _reset_read_only(primary)
+    handover.wait_routed(pair, primary)
 
 
 def _reset_read_only(primary):

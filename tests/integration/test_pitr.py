@@ -364,3 +364,27 @@ def test_rotate_the_replication_password_under_a_writer(pitr_pair):
     check = _dbdeck(pair, "pitr", "check", "--format", "json")
     assert _json(check)["checks"]["receive_wal_running"]["ok"], check.stdout
     assert os.environ.get("PGPASSWORD") != new
+
+    # killed right after the role took a new secret: the standby and Barman still have the one before, and
+    # stream on their open connections until they next reconnect
+    killed = pair.run("rotate-replication-password", env={"DBDECK_FAILPOINT": "rotate.role-altered"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    half = pair.password_file.read_text().strip()
+    assert half != new
+    checked = pair.run("check-replication")
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "did not finish" in checked.stdout and "beta: the replication password" in checked.stdout, checked.stdout
+    assert "Barman's WAL receiver: the replication password" in checked.stdout, checked.stdout
+    assert half not in checked.stdout + checked.stderr and new not in checked.stdout + checked.stderr
+    # beta reconnects, with the secret the role no longer has: it stops streaming (a plain rotation is refused
+    # now); the next rotation finishes the interrupted one first
+    pair.sql(pair.alpha_port, "SELECT pg_terminate_backend(pid) FROM pg_stat_replication WHERE application_name = 'beta'")
+    assert wait_for(lambda: "password authentication failed" in pair.standby_server.log_path.read_text(), timeout=30)
+    again = pair.run("rotate-replication-password")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "did not finish: putting the password in" in again.stderr, again.stderr
+    latest = pair.password_file.read_text().strip()
+    assert latest not in (new, half)
+    assert wait_for(lambda: pair.run("check-replication").returncode == 0, timeout=30), pair.check()
+    psycopg.connect(host="127.0.0.1", port=pair.alpha_port, user="replicator", password=latest,
+                    dbname="postgres").close()

@@ -160,3 +160,31 @@ def test_a_stop_arriving_while_a_program_starts_stops_that_program_too(signal_na
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the program started as the stop arrived runs on")
+
+
+def test_programs_started_after_termination_is_held_can_still_be_stopped(tmp_path):
+    """hold_termination() blocks SIGTERM for the rest of the run; a child inherits the signal mask, so
+    without care every program started after it (a server, a receiver, a daemon) ignores SIGTERM for good."""
+    import subprocess
+    import sys
+
+    # grep reads its own mask (a shell would not do: dash clears the mask it inherits)
+    script = r"""
+import sys, time
+from dbdeck.run import Runner, hold_termination
+hold_termination()
+runner = Runner()
+own = ["grep", "SigBlk", "/proc/self/status"]
+print(runner.run(own).stdout.split()[1])
+print(runner.pipeline([(own, None)]).stdout.split()[1])
+print(runner.probe([(own, None)])[0].stdout.split()[1])
+daemon = runner.start_daemon(own, log_path=sys.argv[1])
+time.sleep(1)
+print(open(sys.argv[1]).read().split()[1])
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "daemon")], capture_output=True, text=True,
+                          timeout=60)
+    masks = done.stdout.split()
+    assert len(masks) == 4, done.stdout + done.stderr
+    sigterm = 1 << (15 - 1)
+    assert all(int(mask, 16) & sigterm == 0 for mask in masks), masks
