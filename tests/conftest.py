@@ -117,6 +117,16 @@ def runner():
     return Runner()
 
 
+def default_signals():
+    """preexec_fn for a program a test stops with SIGINT/SIGTERM: both at their defaults and deliverable, as
+    a terminal's foreground job has them, whatever state the test worker is in."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 @pytest.fixture(autouse=True)
 def _signals_deliverable_after_each_test():
     """A command run in-process ends by blocking SIGTERM (hold_termination), as a real run does just before

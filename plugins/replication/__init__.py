@@ -110,8 +110,11 @@ def _backup_items(app):
              labels=labels, metrics={"dbdeck_backup_wal_chain_complete": 0 if any("hole" in p for p in hole) else 1,
                                      "dbdeck_backup_wal_streaming": 1 if receiver.get("streaming") else 0},
              data={"chain": chain, "receiver": receiver}),
-        Item(kind="backup", name="pitr-verify", state="stale" if verify_problems else "ok",
-             detail=verify_problems[0] if verify_problems else verified.get("summary", ""), last=verified.get("at"),
+        Item(kind="backup", name="pitr-verify",
+             state="stale" if verify_problems else "ok" if verified else "never",
+             detail=verify_problems[0] if verify_problems else verified.get("summary") or
+             "no restore verified yet: run `dbdeck pitr verify` (the scheduled job does, weekly by default)",
+             last=verified.get("at"),
              labels=labels,
              metrics={"dbdeck_backup_last_verified_timestamp_seconds": epoch(verified.get("last_success"))},
              data={"verify": verified}),

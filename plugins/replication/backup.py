@@ -333,6 +333,9 @@ def resolve_target(pair, target, allow_primary=False):
     if not directory.is_absolute():
         raise UsageError(f"--target {target!r}: give a node name ({', '.join(sorted(names))}) or an absolute "
                          f"directory")
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"--target {directory} is a file, not a directory: give a new or empty directory, or "
+                         f"a node name ({', '.join(sorted(names))})")
     if directory.exists() and any(directory.iterdir()):
         raise Refused(f"{directory} is not empty: a restore writes into a new or empty directory only")
     if not directory.parent.is_dir():
@@ -360,7 +363,15 @@ def parse_target_time(text):
     except ValueError:
         raise UsageError(f"--to-time {text!r}: expected ISO 8601, e.g. 2026-12-03T10:15:00+00:00") from None
     if value.tzinfo is None:
-        value = value.astimezone()  # the local time zone, as `date` prints it
+        # the local time zone, as `date` prints it; a wall-clock time the clocks skipped (spring forward) or
+        # showed twice (fall back) names no single moment, and guessing would restore the wrong hour
+        first, second = value.replace(fold=0).astimezone(), value.replace(fold=1).astimezone()
+        if first != second:
+            skipped = first.replace(tzinfo=None) != value and second.replace(tzinfo=None) != value
+            raise UsageError(f"--to-time {text!r}: the local clock {'skipped' if skipped else 'showed twice'} that "
+                             f"time (a daylight-saving change in {first.tzname()}/{second.tzname()}): give the offset, "
+                             f"e.g. {first.isoformat()} or {second.isoformat()}")
+        value = first
     if value > datetime.now(timezone.utc) + timedelta(seconds=1):
         raise Refused(f"--to-time {value.isoformat()} is in the future")
     return value
@@ -691,6 +702,7 @@ def verify(pair, keep=False):
             points.append(("point in time", oldest_end + (now - oldest_end) / 2))
         root = Path(settings.restore_dir or barman.home / "verify")
         root.mkdir(parents=True, exist_ok=True, mode=0o755)
+        _remove_verify_leftovers(pair, barman, root)
         for label, moment in points:
             steps.append(_verify_one(pair, barman, root, label, moment, keep))
     except DbdeckError as exc:
@@ -701,7 +713,7 @@ def verify(pair, keep=False):
     summary = (f"restore verified: {', '.join(s['label'] for s in steps if 'label' in s)} started, "
                f"pg_amcheck clean, {sum(len(s.get('checks', [])) for s in steps)} checks passed in {seconds}s")
     _record_verify(pair, barman, True, summary, seconds, steps)
-    pair.say(summary)
+    log.info(summary)  # printed once, by the command (as text or in its JSON)
     return {"ok": True, "summary": summary, "seconds": seconds, "steps": steps}
 
 
@@ -722,6 +734,7 @@ def _verify_one(pair, barman, root, label, moment, keep):
         except DbdeckError:
             raise DbdeckError(f"the restored copy ({label}) did not finish recovery: {cluster.log_tail()}") from None
         pair.say(f"{label}: the restored copy started and finished recovery on port {cluster.port}")
+        faults.point("verify.started")
         if barman.settings.amcheck:
             amcheck = pair.runner.run([bindir / "pg_amcheck", "--all", "--install-missing", "-h", cluster.socket_dir,
                                        "-p", cluster.port, "-U", "postgres", "--no-password"],
@@ -736,9 +749,39 @@ def _verify_one(pair, barman, root, label, moment, keep):
         return step
     finally:
         if keep:
+            (directory / _KEPT).touch()
             pair.say(f"kept the restored copy ({label}) running on {cluster.socket_dir} port {cluster.port}")
         else:
             cluster.stop_and_remove()
+
+
+_KEPT = ".dbdeck-kept"  # a copy `pitr verify --keep` left on purpose
+
+
+def _remove_verify_leftovers(pair, barman, root):
+    """The throwaway clusters a verify killed half-way left (still running, on a copy of the whole
+    database): stopped and removed, and said so. The pitr-verify lock rules out a verify still at work;
+    copies kept on purpose (--keep) are only named."""
+    for directory in sorted(root.glob(f"{barman.name}-*")):
+        if not directory.is_dir():
+            continue
+        if (directory / _KEPT).exists():
+            pair.say(f"{directory} is a restored copy an earlier `pitr verify --keep` left; stop it and remove it "
+                     f"when you are done with it")
+            continue
+        try:
+            lines = (directory / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            lines = []
+        if lines:
+            pair.runner.run([_bindir_from_config(barman) / "pg_ctl", "-D", directory, "-m", "immediate", "-w", "stop"],
+                            as_user="postgres" if os.geteuid() == 0 else None, check=False, timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
+        socket_dir = Path(lines[4]) if len(lines) > 4 else None
+        if socket_dir is not None and socket_dir.name.startswith("dbdeck-verify-"):
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        pair.say(f"removed {directory}, a throwaway copy an interrupted verify left"
+                 + (" (its server was still running: stopped first)" if lines else ""), logging.WARNING)
 
 
 def _bindir_from_config(barman):

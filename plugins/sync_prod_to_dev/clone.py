@@ -412,8 +412,24 @@ class Clone:
             sql.Literal(table_pattern(name))))
         return bool(rows and rows[0]["present"])
 
+    def _owned_sequences_of_excluded(self):
+        """pg_dump patterns for the sequences an excluded table owns in prod (serial and identity columns):
+        the excluded table's own dump brings them, so the main dump must leave them out (restoring them
+        twice fails with "relation ..._id_seq already exists")."""
+        if not self.settings.exclude_tables:
+            return []
+        names = [table_pattern(t if "." in t else f"public.{t}") for t in self.settings.exclude_tables]
+        rows = self.source.query(sql.SQL(
+            "SELECT n.nspname AS schema, s.relname AS name FROM pg_depend d "
+            "JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' JOIN pg_namespace n ON n.oid = s.relnamespace "
+            "WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass "
+            "AND d.deptype IN ('a', 'i') AND d.refobjid IN "
+            "(SELECT r FROM unnest(ARRAY[{}]::text[]) AS t(name), to_regclass(name) AS r WHERE r IS NOT NULL)"
+        ).format(sql.SQL(", ").join(sql.Literal(n) for n in names)))
+        return ['"' + r["schema"].replace('"', '""') + '"."' + r["name"].replace('"', '""') + '"' for r in rows]
+
     def _copy_prod(self, staging):
-        excluded = [table_pattern(t) for t in self.settings.exclude_tables]
+        excluded = [table_pattern(t) for t in self.settings.exclude_tables] + self._owned_sequences_of_excluded()
         dump = ["pg_dump", "-Fc", *self.dump_options, *(f"--exclude-table={p}" for p in excluded)]
         if self.settings.dump_dir:
             self.say(f"copying {self.source.database or 'prod'} into {self.staging} through a dump file")

@@ -59,15 +59,20 @@ def fingerprint_sql(excluded_literals=""):
     with any committed write or DDL there, and with a restart (a crash discards the counters, so a restart
     cannot be told from no change). excluded_literals: SQL text literals naming tables left out (dev's own
     tables, which dev keeps across syncs)."""
-    leave_out = (f" AND relid NOT IN (SELECT r FROM unnest(ARRAY[{excluded_literals}]::text[]) AS t(name), "
-                 f"to_regclass(name) AS r WHERE r IS NOT NULL)") if excluded_literals else ""
+    excluded = (f"(SELECT r FROM unnest(ARRAY[{excluded_literals}]::text[]) AS t(name), to_regclass(name) AS r "
+                f"WHERE r IS NOT NULL)")
+    leave_out = f" AND relid NOT IN {excluded}" if excluded_literals else ""
+    # an excluded table's serial/identity sequence moves with dev's own writes to it
+    sequences_left_out = (f" WHERE format('%I.%I', schemaname, sequencename)::regclass NOT IN (SELECT objid FROM "
+                          f"pg_depend WHERE classid = 'pg_class'::regclass AND deptype IN ('a', 'i') AND refobjid IN "
+                          f"{excluded})") if excluded_literals else ""
     parts = [
         "(SELECT string_agg(relid::text || ':' || n_tup_ins || ':' || n_tup_upd || ':' || n_tup_del, ',' "
         f"ORDER BY relid) FROM pg_stat_all_tables WHERE relid IN (SELECT oid FROM own_rel){leave_out})",
         "(SELECT string_agg(relname || ':' || n_tup_ins || ':' || n_tup_upd || ':' || n_tup_del, ',' "
         "ORDER BY relname) FROM pg_stat_sys_tables WHERE relname IN ('pg_largeobject', 'pg_largeobject_metadata'))",
         "(SELECT string_agg(schemaname || '.' || sequencename || ':' || coalesce(last_value::text, '-'), ',' "
-        "ORDER BY schemaname, sequencename) FROM pg_sequences)",
+        "ORDER BY schemaname, sequencename) FROM pg_sequences" + sequences_left_out + ")",
         *(_catalog_digest(*entry) for entry in _CATALOGS),
         "(SELECT stats_reset::text FROM pg_stat_database WHERE datname = current_database())",
         "pg_postmaster_start_time()::text",

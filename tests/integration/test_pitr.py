@@ -17,6 +17,8 @@ import psycopg
 import pytest
 import yaml
 
+from dbdeck.plugins.replication.nodes import files_in_use
+
 from ..conftest import require, wait_for
 from .test_failover import _safe
 
@@ -111,6 +113,10 @@ def test_backup_restore_to_a_time_verify_and_bad_input(pitr_pair):
     assert isinstance(listed["backups"][0]["size_bytes"], int) and listed["backups"][0]["size_bytes"] > 1_000_000
     text = _dbdeck(pair, "pitr", "list")
     assert "BACKUP" in text.stdout and "SIZE" in text.stdout and " MB" in text.stdout, text.stdout
+    # no restore verified yet: status says so rather than "ok"
+    status = _json(pair.run("dbdeck", "status", "--format", "json"))
+    never = {row["name"]: row for row in status if row["kind"] == "backup"}["pitr-verify"]
+    assert never["state"] == "never" and "no restore verified yet" in never["detail"], never
 
     pair.sql(pair.alpha_port, "CREATE TABLE keep (id int PRIMARY KEY); INSERT INTO keep SELECT generate_series(1, 100)")
     pair.sql(pair.alpha_port, "CREATE TABLE dropped (id int); INSERT INTO dropped VALUES (1)")
@@ -147,6 +153,12 @@ def test_backup_restore_to_a_time_verify_and_bad_input(pitr_pair):
     assert future.returncode != 0 and "in the future" in future.stderr, future.stderr
     in_use = _dbdeck(pair, "pitr", "restore", "--latest", "--target", target)
     assert in_use.returncode != 0 and "is not empty" in in_use.stderr, in_use.stderr
+    a_file = pair.base / "a-file"
+    a_file.write_text("not a data directory\n")
+    not_a_directory = _dbdeck(pair, "pitr", "restore", "--latest", "--target", a_file)
+    assert not_a_directory.returncode == 2 and "is a file, not a directory" in not_a_directory.stderr, \
+        not_a_directory.stderr
+    a_file.unlink()
     running = _dbdeck(pair, "pitr", "restore", "--latest", "--target", "beta")
     assert running.returncode != 0 and "beta is running" in running.stderr, running.stderr
     neither = _dbdeck(pair, "pitr", "restore", "--target", pair.base / "never")
@@ -192,8 +204,15 @@ def test_backup_restore_to_a_time_verify_and_bad_input(pitr_pair):
     primary = _dbdeck(pair, "pitr", "restore", "--latest", "--target", "alpha", "--yes")
     assert primary.returncode != 0 and "alpha is running" in primary.stderr, primary.stderr
 
+    # a verify killed with its throwaway copy running: the next one stops and removes it, and says so
+    killed = pair.run("dbdeck", "pitr", "verify", env={"DBDECK_FAILPOINT": "verify.started"}, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    left = [d for d in (pair.barman_home / "verify").iterdir()]
+    assert len(left) == 1 and (left[0] / "postmaster.pid").exists(), left
     verified = _dbdeck(pair, "pitr", "verify", "--format", "json", timeout=600)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert f"removed {left[0]}, a throwaway copy an interrupted verify left" in verified.stderr, verified.stderr
+    assert not files_in_use(left[0]), "the killed verify's server runs on"
     result = _json(verified)
     assert [s.get("label") for s in result["steps"][1:]] == ["latest", "point in time"], result
     assert result["steps"][1]["checks"][0]["value"] == 150

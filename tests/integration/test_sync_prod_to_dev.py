@@ -684,7 +684,7 @@ def test_every_change_to_prod_or_dev_makes_the_next_sync_copy_and_nothing_else_d
                         "ALTER TABLE items ADD CONSTRAINT items_id_check CHECK (id > 0) NOT VALID; "
                         "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END'; "
                         "CREATE TRIGGER items_touched BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION touch(); "
-                        "CREATE TABLE notes (body text); "
+                        "CREATE TABLE notes (id serial PRIMARY KEY, body text); "
                         "INSERT INTO items (label, weight) SELECT 'i' || g, g FROM generate_series(1, 50) g")
         config = write_config(tmp_path, prod, dev, extra="  exclude_tables: [notes]\n")
         text = config.read_text().replace("crm_production", "shop").replace("crm_development", "shop_dev")
@@ -742,14 +742,21 @@ def test_every_change_to_prod_or_dev_makes_the_next_sync_copy_and_nothing_else_d
         assert dev_ep.query("SELECT count(*) AS n FROM items WHERE title = 'newer'")[0]["n"] == 0
         copies("an older dump restored into dev")
         assert dev_ep.query("SELECT count(*) AS n FROM items WHERE title = 'newer'")[0]["n"] == 1
-        # dev keeps its own excluded tables: writing to one changes nothing a sync would bring
-        dev_ep.execute("INSERT INTO notes VALUES ('kept across syncs')")
+        # dev keeps its own excluded tables (a serial one here: its sequence is dev's too): writing to one
+        # changes nothing a sync would bring
+        dev_ep.execute("INSERT INTO notes (body) VALUES ('kept across syncs')")
         skips("a write to an excluded table")
         dev.server.stop()
         dev.server.start()
         copies("a restart of dev's server")
         assert dev_ep.query("SELECT body FROM notes")[0]["body"] == "kept across syncs"
         skips("nothing changed at the end")
+        # the excluded serial table through the dump-file path too
+        config.write_text(config.read_text().replace("  exclude_tables: [notes]\n",
+                                                      f"  exclude_tables: [notes]\n  dump_dir: {tmp_path}/dumps\n"))
+        through_file = sync(config, "--force")
+        assert through_file.returncode == 0, through_file.stdout + through_file.stderr
+        assert dev_ep.query("SELECT body FROM notes")[0]["body"] == "kept across syncs"
     finally:
         prod.server.destroy()
         dev.server.destroy()

@@ -5,6 +5,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.conftest import default_signals
+
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("psycopg", "pymysql", "pydantic", "yaml", "sh",
          "dbdeck.plugins.sandbox.sandbox", "dbdeck.plugins.sandbox.servers", "dbdeck.config", "dbdeck.endpoints")
@@ -278,7 +280,7 @@ def test_ctrl_c_and_sigterm_stop_the_program_and_exit_at_once(tmp_path):
     """)
     for signum, expected, said in ((signal.SIGINT, 130, "Interrupted."), (signal.SIGTERM, 143, "Terminated.")):
         process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
+                                   text=True, preexec_fn=default_signals)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and subprocess.run(["pgrep", "-P", str(process.pid)],
                                                              capture_output=True).returncode != 0:

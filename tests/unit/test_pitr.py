@@ -105,3 +105,21 @@ def test_one_size_and_duration_format():
     assert output.human_duration(59) == "59s"
     assert output.human_duration(3 * 3600 + 300) == "3h 05m"
     assert output.human_duration(2 * 86400 + 4 * 3600) == "2d 04h"
+
+
+@pytest.mark.parametrize("wall_clock, what", [("2026-03-29 01:30", "skipped"), ("2026-10-25 01:30", "showed twice")])
+def test_a_local_time_in_a_daylight_saving_change_is_refused_not_guessed(monkeypatch, wall_clock, what):
+    import time
+
+    from dbdeck.errors import UsageError
+    from dbdeck.plugins.replication.backup import parse_target_time
+
+    monkeypatch.setenv("TZ", "Europe/Lisbon")
+    time.tzset()
+    try:
+        with pytest.raises(UsageError, match=f"the local clock {what} that time"):
+            parse_target_time(wall_clock)
+        assert parse_target_time("2026-06-01 12:00").isoformat() == "2026-06-01T12:00:00+01:00"
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -6,6 +6,7 @@ import pytest
 from dbdeck import secrets
 from dbdeck.errors import CommandFailed, CommandTimeout
 from dbdeck.run import Runner, printable
+from tests.conftest import default_signals
 
 
 def test_runs_and_captures():
@@ -146,7 +147,7 @@ def test_a_stop_arriving_while_a_program_starts_stops_that_program_too(signal_na
 
     script = STOP_WHILE_STARTING % 'run(["sleep", "60"], timeout=120)'
     done = subprocess.run([sys.executable, "-c", script, "x", signal_name], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, preexec_fn=default_signals)
     pid_line, said = done.stdout.splitlines()[:2]
     assert said.startswith("stopped"), done.stdout + done.stderr
     pid = int(pid_line)
