@@ -72,9 +72,14 @@ def _wait(pair, condition, what, timeout):
 
 
 def _settings(pair):
+    """HAProxy's settings when it is in front of the pair (its stats port is set, or every node has the
+    health_port its checks need), else None: nothing to hand over."""
     if pair.settings.manager != "native":
         return None  # Patroni's own switchover hands its REST API's answers over
-    return pair.settings.haproxy
+    settings = pair.settings.haproxy
+    if settings.stats_port or all(node.config.health_port for node in pair.nodes):
+        return settings
+    return None
 
 
 def wait_unrouted(pair, node, timeout=15):
@@ -121,8 +126,21 @@ def wait_routed(pair, node, timeout=30):
         pair.say(f"HAProxy does not route writes to {node.name} after {timeout}s (stats: "
                  f"{write_port_servers(settings)}): check HAProxy and its health checks", logging.WARNING)
         return False
-    if not _wait(pair, lambda: _health_status(pair, node) == 200, f"{node.name}'s /primary to answer 200",
-                 timeout):
+    unanswered_since = [time.monotonic()]
+
+    def answers_200():
+        status = _health_status(pair, node)
+        if status is not None:
+            unanswered_since[0] = time.monotonic()
+        elif time.monotonic() - unanswered_since[0] > 5:
+            raise TimeoutError  # nothing answers HAProxy's checks: waiting longer changes nothing
+        return status == 200
+
+    try:
+        answered = _wait(pair, answers_200, f"{node.name}'s /primary to answer 200", timeout)
+    except TimeoutError:
+        answered = False
+    if not answered:
         pair.say(f"{node.name}'s /primary does not answer 200 (is auto-failover or check-replication --serve "
                  f"answering health checks?): HAProxy cannot route writes to it yet", logging.WARNING)
         return False

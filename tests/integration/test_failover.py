@@ -136,6 +136,7 @@ def test_switchover_twice_under_write_load_loses_nothing(local_pair):
     assert dry.returncode == 0 and "pre-checks passed" in dry.stdout and "plan:" in dry.stdout, dry.stderr
     first = pair.run("switchover")
     assert first.returncode == 0, first.stdout + first.stderr
+    assert "HAProxy" not in first.stdout + first.stderr, "no HAProxy is set up: nothing to hand over, no wait"
     assert _recovery(pair, pair.alpha_port) is True and _recovery(pair, pair.beta_port) is False
     # the new standby's timeline is the one it receives (its last restartpoint's would still be the old one)
     assert pair.wait_healthy(timeout=20), pair.check()[1]
