@@ -356,7 +356,8 @@ def switchover(app, max_lag, timeout, candidate, yes):
     Pre-checks (standby streaming, lag, slot, pg_rewind prerequisites), blocks new writes, checkpoints and
     shuts the primary down cleanly, waits until the standby replayed its shutdown checkpoint (else
     restarts the old primary and aborts), promotes, and turns the old primary into a streaming standby
-    of the new one (pg_rewind when needed). --dry-run runs the pre-checks and prints the plan.
+    of the new one (pg_rewind when needed). With HAProxy in front (replication.haproxy), it returns only
+    once HAProxy's write port routes to the new primary. --dry-run runs the pre-checks and prints the plan.
     Logs to switchover-YYYYMMDD-HHMMSS.log under replication.log_dir.
     """
     from .switchover import switchover as run
