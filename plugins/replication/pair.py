@@ -131,6 +131,13 @@ class Pair:
             handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "done", (), None))
 
     # --- waiting ---------------------------------------------------------------------------------
+    def record(self, name):
+        """<state_dir>/replication/<name>.json: what dbdeck keeps about the pair between runs (the primary it
+        made, the synchronous setting a switchover parked, an unfinished rotation)."""
+        from dbdeck.state import StateFile
+
+        return StateFile(self.app.config.state_dir / "replication" / f"{name}.json")
+
     def wait_for(self, check, what, timeout=None):
         timeout = timeout or self.settings.wait_timeout
         deadline = time.monotonic() + timeout

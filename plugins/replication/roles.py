@@ -7,30 +7,19 @@ newer timeline than the pair's primary without being the one the applications wr
 writable nodes and no record, neither gets writes.
 """
 
-import json
 import logging
 
 from dbdeck import output
-from dbdeck.state import write_atomic
 
 log = logging.getLogger("dbdeck.replication")
 
 
-def _record_file(pair):
-    return pair.app.config.state_dir / "replication" / "primary.json"
-
-
 def recorded_primary(pair):
-    try:
-        return json.loads(_record_file(pair).read_text()).get("primary")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return pair.record("primary").read().get("primary")
 
 
 def record_primary(pair, name, how):
     if pair.runner.dry_run:
         return
-    path = _record_file(pair)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps({"primary": name, "how": how, "at": output.timestamp()}) + "\n")
+    pair.record("primary").write({"primary": name, "how": how, "at": output.timestamp()})
     log.debug("recorded %s as the primary (%s)", name, how)

@@ -15,7 +15,6 @@ whose configured secret no longer matches the role's.
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import os
 import re
@@ -36,26 +35,18 @@ log = logging.getLogger("dbdeck.replication")
 _RECEIVER_PID = "SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'"
 
 
-def journal_file(pair):
-    return pair.app.config.state_dir / "replication" / "rotation.json"
-
-
 def interrupted_rotation(pair):
     """When an unfinished rotation started (its journal), or None."""
-    try:
-        return json.loads(journal_file(pair).read_text()).get("started_at", "?")
-    except (OSError, ValueError, AttributeError):
-        return None
+    journal = pair.record("rotation")
+    return journal.read().get("started_at", "?") if journal.path.exists() else None
 
 
 def _begin(pair):
-    path = journal_file(pair)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps({"started_at": output.timestamp(), "pid": os.getpid()}) + "\n")
+    pair.record("rotation").write({"started_at": output.timestamp(), "pid": os.getpid()})
 
 
 def _end(pair):
-    journal_file(pair).unlink(missing_ok=True)
+    pair.record("rotation").path.unlink(missing_ok=True)
 
 
 def _finish_interrupted(pair, primary, standbys, barman):

@@ -9,33 +9,21 @@ so whatever node is primary runs synchronously once a standby streams, after a s
 rejoin or a rebuild alike (copies of postgresql.auto.conf between nodes no longer decide it).
 """
 
-import json
 import logging
 
 from psycopg import sql
 
-from dbdeck.state import write_atomic
-
 log = logging.getLogger("dbdeck.replication")
 
 
-def _state_file(pair):
-    return pair.app.config.state_dir / "replication" / "synchronous_standby_names.json"
-
-
 def remembered(pair):
-    try:
-        return json.loads(_state_file(pair).read_text()).get("value")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return pair.record("synchronous_standby_names").read().get("value")
 
 
 def remember(pair, value):
     if pair.settings.synchronous_standby_names is not None or not value or pair.runner.dry_run:
         return
-    path = _state_file(pair)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps({"value": value}) + "\n")
+    pair.record("synchronous_standby_names").write({"value": value})
 
 
 def wanted(pair):
