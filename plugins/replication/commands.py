@@ -82,12 +82,6 @@ def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_l
             _serve(serve, snapshot_and_status, pair, timeout)
             return
         snapshot, status, problems, patroni = pair.assess(thresholds, timeout)
-        if not pair.patroni:  # Patroni keeps its own pgpass in step with the role
-            from .rotate import secret_problems
-
-            found = secret_problems(pair, snapshot)
-            status = max([status, *(level for level, _ in found)])
-            problems = problems + [text for _, text in found]
     except DbdeckError as exc:
         from dbdeck import secrets
 

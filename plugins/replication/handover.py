@@ -11,24 +11,16 @@ time its checks need to notice.
 
 import csv
 import io
-import ipaddress
 import logging
 import time
 import urllib.error
 import urllib.request
 
-from .haproxy import WRITE, _check_host
+from dbdeck.errors import DbdeckError
+
+from .haproxy import WRITE, bracketed, health_check_host, local_address
 
 log = logging.getLogger("dbdeck.replication")
-
-
-def _stats_host(settings):
-    try:
-        unspecified = ipaddress.ip_address(settings.bind).is_unspecified
-    except ValueError:
-        unspecified = False
-    host = "127.0.0.1" if unspecified else settings.bind
-    return f"[{host}]" if ":" in host else host
 
 
 def write_port_servers(settings, timeout=2.0):
@@ -36,7 +28,7 @@ def write_port_servers(settings, timeout=2.0):
     stats page (CSV); None when it has no stats port or does not answer."""
     if not settings.stats_port:
         return None
-    url = f"http://{_stats_host(settings)}:{settings.stats_port}/;csv"
+    url = f"http://{bracketed(local_address(settings.bind))}:{settings.stats_port}/;csv"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             text = response.read().decode("utf-8", "replace")
@@ -51,8 +43,7 @@ def _health_status(pair, node):
     """What HAProxy's check of this node's /primary gets now (an HTTP status), or None with no answer."""
     if not node.config.health_port:
         return None
-    host = _check_host(pair, node)
-    url = f"http://{f'[{host}]' if ':' in host else host}:{node.config.health_port}/primary"
+    url = f"http://{bracketed(health_check_host(pair, node))}:{node.config.health_port}/primary"
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status
@@ -63,12 +54,11 @@ def _health_status(pair, node):
 
 
 def _wait(pair, condition, what, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
+    """Whether condition came true within timeout (pair.wait_for, without the error)."""
+    try:
+        return bool(pair.wait_for(condition, what, timeout=timeout))
+    except DbdeckError:
+        return False
 
 
 def _settings(pair):

@@ -16,19 +16,22 @@ from .model import is_host
 WRITE, READ = "dbdeck_write", "dbdeck_read"
 
 
-def _check_host(pair, node):
+def health_check_host(pair, node):
     """Where HAProxy sends a node's health check: the node itself for Patroni's REST API, the host running
     dbdeck's health server for a native pair."""
     if pair.settings.manager == "patroni":
         return node.endpoint.host or "127.0.0.1"
     health = pair.settings.health
-    if health.address:
-        return health.address
+    return health.address or local_address(health.listen)
+
+
+def local_address(listen):
+    """Where a client on this host reaches a listener bound to listen (0.0.0.0 or :: mean any address)."""
     try:
-        unspecified = ipaddress.ip_address(health.listen).is_unspecified
+        unspecified = ipaddress.ip_address(listen).is_unspecified
     except ValueError:
         unspecified = False
-    return "127.0.0.1" if unspecified else health.listen
+    return "127.0.0.1" if unspecified else listen
 
 
 def _database_address(node):
@@ -40,10 +43,10 @@ def _database_address(node):
     if not host or not is_host(host):
         raise ConfigError(f"replication.nodes.{node.name}: HAProxy needs a TCP address: set endpoint.host (or "
                           f"app_address: HOST:PORT)")
-    return f"{_bracketed(host)}:{port}"
+    return f"{bracketed(host)}:{port}"
 
 
-def _bracketed(host):
+def bracketed(host):
     """HAProxy reads the last ':' of an address as the port's: an IPv6 address goes in brackets."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
@@ -61,7 +64,7 @@ def servers(pair):
                 else "the port auto-failover answers its health checks on")
         raise ConfigError(f"replication.nodes: {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no "
                           f"health_port: set it to {what}, e.g. 8008")
-    rows = [(n.name, _database_address(n), _check_host(pair, n), n.config.health_port) for n in pair.nodes]
+    rows = [(n.name, _database_address(n), health_check_host(pair, n), n.config.health_port) for n in pair.nodes]
     for name, _, check_host, _ in rows:
         if not is_host(check_host):
             raise ConfigError(f"replication.nodes.{name}: HAProxy checks its health port at {check_host!r}, which "
@@ -89,7 +92,7 @@ def _listen(name, bind, port, uri, rows, settings, balance):
              # a connection the server refuses marks it down at once, without waiting for the checks
              f"    default-server inter {interval}ms fastinter {max(100, interval // 2)}ms downinter {interval}ms "
              f"rise 1 fall 2 on-marked-down shutdown-sessions observe layer4 error-limit 1 on-error mark-down"]
-    lines += [f"    server {node} {address} check addr {_bracketed(check_host)} port {check_port}"
+    lines += [f"    server {node} {address} check addr {bracketed(check_host)} port {check_port}"
               for node, address, check_host, check_port in rows]
     return "\n".join(lines)
 

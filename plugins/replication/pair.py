@@ -65,8 +65,12 @@ class Pair:
 
         snapshot = self.probe(timeout)
         status, problems = evaluate(snapshot, thresholds)
-        if not self.patroni:
-            return snapshot, status, problems, None
+        if not self.patroni:  # Patroni keeps its own pgpass in step with the role
+            from .rotate import secret_problems
+
+            found = secret_problems(self, snapshot)
+            status = max([status, *(level for level, _ in found)])
+            return snapshot, status, problems + [text for _, text in found], None
         from .patroni import PatroniAPI, problems as patroni_problems
 
         try:

@@ -193,23 +193,12 @@ def password_matches(password, verifier, user):
     return None
 
 
-def _pgpass_password(path, user):
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = re.split(r"(?<!\\):", line, maxsplit=4)
-        if len(fields) == 5 and fields[3].replace("\\:", ":").replace("\\\\", "\\") in (user, "*"):
-            return fields[4].replace("\\:", ":").replace("\\\\", "\\")
-    return None
-
-
 def secret_problems(pair, snapshot):
     """[(level, text)]: an unfinished rotation, and each standby (or Barman) whose configured replication
     password no longer matches the role's, so that its next reconnection will fail while it streams now."""
     from psycopg.conninfo import conninfo_to_dict
 
+    from .barman import pgpass_password
     from .cluster import WARNING
 
     problems = []
@@ -241,7 +230,7 @@ def secret_problems(pair, snapshot):
             configured.append((state.name, password))
     barman = _barman(pair)
     if barman is not None:
-        password = _pgpass_password(barman.passfile, user)
+        password = pgpass_password(barman.passfile, user)
         if password is not None:
             configured.append(("Barman's WAL receiver", password))
     for who, password in configured:
