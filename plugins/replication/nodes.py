@@ -119,6 +119,27 @@ def postmaster_alive(data_dir):
     return not (state and state.group(1) in ("Z", "X"))
 
 
+def wait_until_reaped(data_dir, timeout):
+    """A killed postmaster stays a zombie until its parent reaps it (an init that reaps orphans late, a
+    container's slow PID 1), and a zombie still answers kill(pid, 0): PostgreSQL then refuses to start
+    ("lock file postmaster.pid already exists"). Wait for it to be gone; say who holds it if it stays."""
+    try:
+        pid = int(Path(data_dir, "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    deadline = time.monotonic() + timeout
+    while postmaster_alive(data_dir) is False and Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            try:
+                parent = re.search(r"^PPid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)
+            except (OSError, AttributeError):
+                parent = "?"
+            raise DbdeckError(f"the killed postmaster (pid {pid}) of {data_dir} is still a zombie after "
+                              f"{timeout} s: its parent (pid {parent}) has not reaped it, and PostgreSQL will not "
+                              f"start while that pid exists")
+        time.sleep(0.1)
+
+
 def files_in_use(data_dir):
     """Whether any process still works in the data directory (PostgreSQL's processes run in it): after a
     kill -9 of the postmaster its backends live on for a moment, and a server started meanwhile (or
@@ -157,6 +178,7 @@ class LocalDriver(HostFiles):
     def start(self, timeout=60):
         if not self.runner.dry_run:
             self._prepare_log_file()
+            wait_until_reaped(self.data_dir, timeout)
         self.runner.run([self.tool("pg_ctl"), "-D", self.data_dir, "-l", self.log_file, "-w", "-t", timeout,
                          "start"], as_user=self.os_user, timeout=timeout + 10)
 

@@ -4,6 +4,7 @@ continuously that two writable primaries never exist, and each scenario checks b
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -300,6 +301,57 @@ def test_divergent_old_primary_rejoins_through_pg_rewind(local_pair):
     assert _recovery(pair, pair.alpha_port) is True
     code, report, _ = pair.check()
     assert code == 0 and report["primary"] == "beta"
+
+
+# Starts a server with this process as the subreaper of its orphans, and reaps them only when told to: the
+# init of a container (or of this sandbox) that reaps late, which leaves a killed postmaster a zombie.
+_SLOW_REAPER = r"""
+import ctypes, os, subprocess, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)
+print("started", flush=True)
+sys.stdin.readline()
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+"""
+
+
+def test_a_killed_standby_whose_postmaster_is_not_reaped_yet_still_rejoins_through_pg_rewind(local_pair):
+    from dbdeck.plugins.replication.nodes import files_in_use
+
+    pair = local_pair
+    beta = pair.standby_server
+    beta.stop()
+    argv = [str(beta.bindir / "pg_ctl"), "-D", str(beta.datadir), "-l", str(beta.log_path), "-w", "start"]
+    if beta.os_user and os.geteuid() == 0:
+        argv = ["runuser", "-u", beta.os_user, "--", *argv]
+    reaper = subprocess.Popen([sys.executable, "-c", _SLOW_REAPER, *argv], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert reaper.stdout.readline().strip() == "started"
+        assert wait_for(pair.streams, timeout=30)
+        postmaster = _postmaster_pid(pair, beta.datadir)
+        os.kill(postmaster, signal.SIGKILL)
+        assert wait_for(lambda: "Z" in Path(f"/proc/{postmaster}/stat").read_text().split()[2], timeout=10)
+        assert wait_for(lambda: not files_in_use(beta.datadir), timeout=15)
+        rejoin = subprocess.Popen([str(BIN / "rebuild-replica"), "--config", str(pair.config), "--rejoin", "--node",
+                                   "beta"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert Path(f"/proc/{postmaster}").exists(), "the zombie was reaped early: nothing was tested"
+        reaper.stdin.write("reap\n")
+        reaper.stdin.flush()
+        out, err = rejoin.communicate(timeout=120)
+    finally:
+        if reaper.poll() is None:
+            reaper.stdin.write("reap\n")
+            reaper.stdin.close()
+            reaper.wait(timeout=30)
+    assert rejoin.returncode == 0, out + err
+    assert "rejoined as a standby of alpha (pg_rewind)" in out and "base backup" not in out + err, out + err
+    assert pair.wait_healthy(timeout=30)
 
 
 def test_daemon_mode_detaches_with_a_pid_file_and_stops_on_sigterm(local_pair):
