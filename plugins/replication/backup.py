@@ -456,14 +456,23 @@ def _remove_leftovers(pair, barman, name):
 
 
 _ASIDE = ".dbdeck-before-restore-"
-# $1 data directory, $2 the aside name: the restored files come out of the tar on stdin
-_EXTRACT = r'''set -eu
-data=$1
-tar -C "$data" -xf -
+# $1 the restored copy, $2 the data directory: every entry moves up (a rename when both are on one
+# filesystem: no copy at all), dotfiles too
+_MOVE_IN = r"""set -eu
+copy=$1; data=$2
+for entry in "$copy"/* "$copy"/.[!.]* "$copy"/..?*; do
+    [ -e "$entry" ] || [ -L "$entry" ] || continue
+    mv "$entry" "$data/"
+done
 chmod 700 "$data"
-'''
+"""
+# $1 data directory: the restored files come out of the tar on stdin
+_EXTRACT = r"""set -eu
+tar -C "$1" -xf -
+chmod 700 "$1"
+"""
 # $1 data directory, $2 the aside name: whatever the failed extraction left goes, the old files come back
-_PUT_BACK = r'''set -eu
+_PUT_BACK = r"""set -eu
 data=$1; aside=$2
 rm -f "$data/PG_VERSION"
 for entry in "$data"/* "$data"/.[!.]* "$data"/..?*; do
@@ -471,43 +480,47 @@ for entry in "$data"/* "$data"/.[!.]* "$data"/..?*; do
     case "${entry##*/}" in "$aside") continue;; esac
     rm -rf "$entry"
 done
-'''
+"""
 
 
 def _into_node(pair, node, workspace, stamp):
     """The restored copy into the stopped node's data directory, its current files moved into a
-    subdirectory first (put back if anything fails). Returns the subdirectory's name."""
+    subdirectory first (put back if anything fails). Returns the subdirectory's name.
+
+    global/pg_control goes in last, on its own: until it is in place the directory cannot start at all, so a
+    restore killed on the way never leaves a startable half (one that could come up as a primary). On this
+    host the files are renamed into place (the node's user owns them first); into a container they stream
+    through one tar pipe, never written twice."""
     from .standby import MOVE_ASIDE, MOVE_UP
 
     driver = node.driver
     data = driver.data_dir
     aside = f"{_ASIDE}{stamp}"
-    archive = workspace.with_name(workspace.name + ".tar")
-    control = workspace.with_name(workspace.name + ".control.tar")
+    control = workspace.with_name(workspace.name + ".control")
+    (control / "global").mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.rename(workspace / "global" / "pg_control", control / "global" / "pg_control")
+    if driver.files_on_this_host:
+        _give_tree(workspace, driver.os_user)
+        _give_tree(control, driver.os_user)
+    driver.shell(MOVE_ASIDE, data, aside, offline=True)
     try:
-        for path in (archive, control):  # the whole database and its secrets: readable by nobody else
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-        # global/pg_control goes in last, on its own: until it is in place the directory cannot start at all,
-        # so a restore killed during the extraction never leaves a startable half (one that could come up as
-        # a primary)
-        pair.runner.run(["tar", "-C", workspace, "-cf", archive, "--exclude=./global/pg_control", "."],
-                        timeout=24 * 3600)
-        pair.runner.run(["tar", "-C", workspace, "-cf", control, "./global/pg_control"], timeout=600)
-        driver.shell(MOVE_ASIDE, data, aside, offline=True)
-        try:
-            with open(archive, "rb") as stream:
-                driver.shell(_EXTRACT, data, aside, stdin=stream, offline=True, timeout=24 * 3600)
+        if driver.files_on_this_host:
+            driver.shell(_MOVE_IN, workspace, data, offline=True, timeout=24 * 3600)
             faults.point("restore.files-extracted")
-            with open(control, "rb") as stream:
-                driver.shell(_EXTRACT, data, aside, stdin=stream, offline=True, timeout=600)
-        except BaseException:
-            pair.say(f"restore into {node.name} failed: putting its previous files back", logging.ERROR)
-            driver.shell(_PUT_BACK, data, aside, offline=True)
-            driver.shell(MOVE_UP, data, aside, offline=True)
-            raise
+            driver.shell('mv "$1/global/pg_control" "$2/global/"', control, data, offline=True, timeout=600)
+        else:
+            pair.runner.pipeline([(["tar", "-C", workspace, "-cf", "-", "."], None),
+                                  (driver.shell_argv(_EXTRACT, data, offline=True), None)], timeout=24 * 3600)
+            faults.point("restore.files-extracted")
+            pair.runner.pipeline([(["tar", "-C", control, "-cf", "-", "./global/pg_control"], None),
+                                  (driver.shell_argv(_EXTRACT, data, offline=True), None)], timeout=600)
+    except BaseException:
+        pair.say(f"restore into {node.name} failed: putting its previous files back", logging.ERROR)
+        driver.shell(_PUT_BACK, data, aside, offline=True)
+        driver.shell(MOVE_UP, data, aside, offline=True)
+        raise
     finally:
-        archive.unlink(missing_ok=True)
-        control.unlink(missing_ok=True)
+        shutil.rmtree(control, ignore_errors=True)
     return aside
 
 

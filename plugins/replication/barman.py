@@ -13,12 +13,13 @@ import json
 import logging
 import os
 import pwd
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from dbdeck.errors import ConfigError, DbdeckError
 from dbdeck.state import StateFile, write_atomic
+
+from .pgpass import pgpass_line
 
 log = logging.getLogger("dbdeck.replication")
 
@@ -201,25 +202,6 @@ class Barman:
         """The segment pg_receivewal is writing (name.partial), or None."""
         found = sorted((self.data / self.name / "streaming").glob("*.partial"))
         return found[-1] if found else None
-
-
-def pgpass_line(host, port, user, password):
-    escape = lambda value: str(value).replace("\\", "\\\\").replace(":", "\\:")  # noqa: E731
-    return ":".join(escape(v) for v in (host, port, "*", user, password)) + "\n"
-
-
-def pgpass_password(path, user):
-    """The password a pgpass file (as pgpass_line writes them) holds for user, or None."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    unescape = lambda value: value.replace("\\:", ":").replace("\\\\", "\\")  # noqa: E731
-    for line in lines:
-        fields = re.split(r"(?<!\\):", line, maxsplit=4)
-        if len(fields) == 5 and unescape(fields[3]) in (user, "*"):
-            return unescape(fields[4])
-    return None
 
 
 def parse_time(value):

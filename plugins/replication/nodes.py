@@ -6,6 +6,8 @@ Drivers share one interface:
                                       offline=True works while the server is stopped (docker: a helper
                                       container with the node's volumes and network)
   tool(name)                          the path of a PostgreSQL program to run through shell()
+  files_on_this_host                  whether shell() sees this host's files (local, systemd); when not
+                                      (docker), shell_argv() gives the command line for a pipeline stage
 All of it goes through the core Runner, so --dry-run prints instead of running.
 """
 
@@ -86,6 +88,8 @@ def _host_bindir(configured):
 
 class HostFiles:
     """shell() and tool() for drivers whose data directory is on this host."""
+
+    files_on_this_host = True
 
     def shell(self, script, *args, env=None, offline=False, stdin=None, read_only=False, timeout=None,
               passthrough=False):
@@ -231,6 +235,8 @@ class SystemdDriver(HostFiles):
 class DockerDriver:
     """A server that is a container's main process; its data directory is inside the container."""
 
+    files_on_this_host = False
+
     def __init__(self, name, config, runner):
         self.name, self.config, self.runner = name, config, runner
         self.container = config.container
@@ -284,17 +290,19 @@ class DockerDriver:
 
     def shell(self, script, *args, env=None, offline=False, stdin=None, read_only=False, timeout=None,
               passthrough=False):
+        return self.runner.run(self.shell_argv(script, *args, env=env, offline=offline), env=env, stdin=stdin,
+                               read_only=read_only, timeout=timeout, passthrough=passthrough)
+
+    def shell_argv(self, script, *args, env=None, offline=False):
+        """The command line of shell(), for a stage of a Runner pipeline (its env goes with the stage)."""
         forwarded = [flag for name in sorted(env or {}) for flag in ("-e", name)]
         if offline:
             info = self._inspect()
-            argv = ["docker", "run", "--rm", "-i", "--volumes-from", self.container,
+            return ["docker", "run", "--rm", "-i", "--volumes-from", self.container,
                     "--network", info["HostConfig"].get("NetworkMode") or "default", "-u", self.os_user,
                     *forwarded, "--entrypoint", "sh", info["Config"]["Image"], "-c", script, "sh", *map(str, args)]
-        else:
-            argv = ["docker", "exec", "-i", "-u", self.os_user, *forwarded, self.container,
-                    "sh", "-c", script, "sh", *map(str, args)]
-        return self.runner.run(argv, env=env, stdin=stdin, read_only=read_only, timeout=timeout,
-                               passthrough=passthrough)
+        return ["docker", "exec", "-i", "-u", self.os_user, *forwarded, self.container,
+                "sh", "-c", script, "sh", *map(str, args)]
 
     def tool(self, name):
         return name  # on the image's PATH

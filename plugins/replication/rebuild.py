@@ -106,12 +106,14 @@ def rebuild_replica(pair, node_name=None):
         progress = sys.stderr.isatty()
         pair.say(f"pg_basebackup from {primary.name} into {new}")
         driver.shell('exec "$@"', driver.tool("pg_basebackup"), "-h", host, "-p", port,
-                     "-U", settings.replication_user, "-D", new, "-R", "-X", "stream", "-c", "fast",
+                     "-U", settings.replication_user, "-D", new, "-X", "stream", "-c", "fast",
                      "-S", settings.slot, "--no-password", *(["-P"] if progress else []),
                      env={"PGPASSWORD": password}, offline=True, timeout=24 * 3600, passthrough=progress)
         faults.point("basebackup.copied")
         driver.shell(_CARRY_CONFIG, data, stamp, *settings.keep_config_files, offline=True)
         apply_node_settings(target, new)
+        # not pg_basebackup -R: it would write the password into primary_conninfo
+        follow(pair, target, primary, new)
         driver.shell(MOVE_UP, data, new_name, offline=True)
         faults.point("basebackup.moved-in")
     except BaseException as exc:

@@ -198,8 +198,8 @@ def secret_problems(pair, snapshot):
     password no longer matches the role's, so that its next reconnection will fail while it streams now."""
     from psycopg.conninfo import conninfo_to_dict
 
-    from .barman import pgpass_password
     from .cluster import WARNING
+    from .pgpass import password_in, pgpass_password
 
     problems = []
     started = interrupted_rotation(pair)
@@ -223,9 +223,19 @@ def secret_problems(pair, snapshot):
         try:
             with pair.node(state.name).connect(timeout=5) as conn:
                 row = conn.execute("SELECT setting FROM pg_settings WHERE name = 'primary_conninfo'").fetchone()
-            password = conninfo_to_dict(row[0]).get("password") if row and row[0] else None
+                options = conninfo_to_dict(row[0]) if row and row[0] else {}
+                password = options.get("password")
+                if password is None and options.get("passfile"):
+                    # pg_read_file takes a path relative to the data directory, as the WAL receiver does
+                    text = conn.execute("SELECT pg_read_file(%s)", (options["passfile"],)).fetchone()[0]
+                    password = password_in(text, user)
         except Exception:
             continue
+        if options.get("password") is not None:
+            secrets.register(options["password"])
+            problems.append((WARNING, f"{state.name}: the replication password is in its primary_conninfo (so in "
+                                      f"its server log on reload and in its base backups): run "
+                                      f"rotate-replication-password, which moves it into a passfile"))
         if password is not None:
             configured.append((state.name, password))
     barman = _barman(pair)

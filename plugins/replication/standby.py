@@ -9,20 +9,35 @@ work in a subdirectory, and files move back with standby.signal first and PG_VER
 
 import logging
 import re
+import secrets
 import time
 
 from dbdeck import faults
 from dbdeck.errors import CommandFailed, DbdeckError
 
 from . import synchronous
-from .setup import ensure_slot as ensure_slot_on_connection, read_password
+from .pgpass import pgpass_line
+from .setup import ensure_slot as ensure_slot_on_connection, password_file, read_password
 
-# $1 directory; stdin: the primary_conninfo/primary_slot_name lines. The password is in the conninfo, so
-# the file stays private. default_transaction_read_only is dropped: switchover sets it to block writes on
+# The replication password is in a pgpass file that primary_conninfo names (passfile=), as Patroni does, never
+# in the conninfo itself: PostgreSQL prints a changed primary_conninfo in its log on reload, and
+# postgresql.auto.conf goes into every base backup of the node (a promoted standby's backups would carry
+# each secret it ever had). The file is in pg_replslot/, whose contents pg_basebackup (so Barman) and
+# pg_rewind leave out and where PostgreSQL takes only directories as slots. Its path is relative to the data
+# directory, the WAL receiver's working directory, so it holds wherever dbdeck moves the files. Each write
+# has a new name: the conninfo then changes, and a reload restarts the WAL receiver with the new password.
+PASSFILE_PATTERN = "pg_replslot/dbdeck-replication-*.pgpass"
+
+# $1 directory, $2 the passfile (relative to it); stdin: its pgpass line, then the primary_conninfo and
+# primary_slot_name lines. default_transaction_read_only is dropped: switchover sets it to block writes on
 # the old primary, and it must not follow the node into a later promotion; pg_rewind's temporary
-# restore_command (marked) goes too.
+# restore_command (marked) goes too. Older passfiles go once the conninfo names the new one.
 _FOLLOW = r'''set -eu
-data=$1; conf="$data/postgresql.auto.conf"
+data=$1; passfile=$2; conf="$data/postgresql.auto.conf"
+IFS= read -r secret
+mkdir -p "$data/pg_replslot"
+(umask 077; printf '%s\n' "$secret" > "$data/$passfile.new")
+mv "$data/$passfile.new" "$data/$passfile"
 touch "$conf"
 ours='^[[:space:]]*(primary_conninfo|primary_slot_name|default_transaction_read_only)[[:space:]]*='
 grep -vE "$ours|# dbdeck-rewind$" "$conf" > "$conf.dbdeck" || true
@@ -30,6 +45,9 @@ cat >> "$conf.dbdeck"
 chmod 600 "$conf.dbdeck"
 mv "$conf.dbdeck" "$conf"
 touch "$data/standby.signal"
+for old in "$data"/pg_replslot/dbdeck-replication-*.pgpass; do
+    [ "$old" = "$data/$passfile" ] || rm -f "$old"
+done
 '''
 
 # Both moves below name the subdirectory in $data/.dbdeck-moving while they run: killed half-way, they
@@ -113,15 +131,20 @@ def follow(pair, node, primary, directory=None):
     """Make the stopped `node` start as a standby streaming from `primary` (through the slot).
     `directory` is where its files are now (default: its data directory)."""
     password = read_password(pair)
+    user = pair.settings.replication_user
+    if "\n" in password or "\r" in password:
+        raise DbdeckError(f"the replication password in {password_file(pair)} has a line break: a pgpass file "
+                          f"cannot hold it (rotate-replication-password writes a new one)")
+    passfile = PASSFILE_PATTERN.replace("*", secrets.token_hex(6))
     host, port = primary.replication_address
     conninfo = " ".join(f"{k}={_quote_conninfo(v)}" for k, v in (
-        ("host", host), ("port", port), ("user", pair.settings.replication_user), ("password", password),
-        ("application_name", node.name)))
-    lines = (f"primary_conninfo = {_quote_setting(conninfo)}\n"
-             f"primary_slot_name = {_quote_setting(pair.settings.slot)}\n")
+        ("host", host), ("port", port), ("user", user), ("passfile", passfile), ("application_name", node.name)))
+    lines = (pgpass_line("*", "*", user, password)
+             + f"primary_conninfo = {_quote_setting(conninfo)}\n"
+             + f"primary_slot_name = {_quote_setting(pair.settings.slot)}\n")
     pair.say(f"{node.name}: standby.signal + primary_conninfo -> {primary.name} ({host}:{port}), "
-             f"slot {pair.settings.slot}")
-    node.driver.shell(_FOLLOW, directory or node.driver.data_dir, stdin=lines, offline=True)
+             f"slot {pair.settings.slot}, password in {passfile}")
+    node.driver.shell(_FOLLOW, directory or node.driver.data_dir, passfile, stdin=lines, offline=True)
 
 
 def ensure_slot(pair, primary):

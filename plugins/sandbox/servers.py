@@ -219,16 +219,30 @@ class PostgresServer:
                          stdin=sql).stdout
 
     def make_standby(self, datadir, port, replication_user, replication_password, slot=None, socket_dir=None):
-        """Clone this server with pg_basebackup -R into a new standby (not started)."""
+        """Clone this server with pg_basebackup into a new standby (not started). Its password goes in a
+        passfile where dbdeck's replication commands keep theirs, not in primary_conninfo (pg_basebackup -R
+        would put it there, so in the server log on reload and in every base backup of the standby)."""
         standby = PostgresServer(datadir, port, self.runner, self.os_user, socket_dir, self.superuser)
         give_to(standby.datadir, self.os_user, 0o700)
         give_to(standby.socket_dir, self.os_user, 0o700)
         argv = [self._tool("pg_basebackup"), "-h", "127.0.0.1", "-p", self.port, "-U", replication_user,
-                "-D", standby.datadir, "-R", "-X", "stream", "-c", "fast", "--no-sync"]
+                "-D", standby.datadir, "-X", "stream", "-c", "fast", "--no-sync"]
         if slot:
             argv += ["-S", slot]
         self._run(argv, env={"PGPASSWORD": replication_password}, timeout=300)
-        standby.configure({"port": port, "unix_socket_directories": f"'{standby.socket_dir}'"})
+        passfile = "pg_replslot/dbdeck-replication-sandbox.pgpass"
+        escaped = replication_password.replace("\\", "\\\\").replace(":", "\\:")
+        for name, text, mode in ((passfile, f"*:*:*:{replication_user}:{escaped}\n", 0o600),
+                                 ("standby.signal", "", 0o600)):
+            path = standby.datadir / name
+            path.write_text(text)
+            os.chmod(path, mode)
+            if self.os_user:
+                entry = pwd.getpwnam(self.os_user)
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        conninfo = f"host=127.0.0.1 port={self.port} user={replication_user} passfile={passfile}"
+        standby.configure({"port": port, "unix_socket_directories": f"'{standby.socket_dir}'",
+                           "primary_conninfo": f"'{conninfo}'", **({"primary_slot_name": f"'{slot}'"} if slot else {})})
         return standby
 
     def destroy(self):

@@ -167,7 +167,8 @@ def readme_pair_template(workdir):
 
 
 _PORT_LINE = re.compile(r"^(\s*port\s*=\s*)'?(\d+)'?", re.M)
-_CONNINFO_PORT = re.compile(r"\bport=(\d+)")
+_CONNINFO_PORT = re.compile(r"\bport=((?:'')?)(\d+)((?:'')?)")  # -R writes port=N, dbdeck port=''N''
+
 
 
 def copy_pair(template, base):
@@ -181,7 +182,8 @@ def copy_pair(template, base):
     def rewrite(path):
         text = path.read_text().replace(old_base, new_base)
         text = _PORT_LINE.sub(lambda m: f"{m.group(1)}{ports.get(int(m.group(2)), m.group(2))}", text)
-        text = _CONNINFO_PORT.sub(lambda m: f"port={ports.get(int(m.group(1)), m.group(1))}", text)
+        text = _CONNINFO_PORT.sub(lambda m: f"port={m.group(1)}{ports.get(int(m.group(2)), m.group(2))}{m.group(3)}",
+                                  text)
         path.write_text(text)
 
     for node in ("alpha", "beta"):

@@ -370,6 +370,11 @@ def test_rotate_the_replication_password_under_a_writer(pitr_pair):
     for text in (rotated.stdout, rotated.stderr, *(p.read_text() for p in pair.log_dir.glob("*.log"))):
         assert new not in text and old not in text
     assert new not in pair.primary.server.log_path.read_text()
+    # the standby's secret is in its passfile: not in the conninfo its log prints on reload, not in its
+    # postgresql.auto.conf (which base backups copy)
+    for text in (pair.standby_server.log_path.read_text(), (pair.standby_server.datadir / "postgresql.auto.conf").read_text(),
+                 pair.sql(pair.beta_port, "SHOW primary_conninfo")[0][0]):
+        assert new not in text and old not in text
     assert max(gaps, default=0) < 10, gaps  # one reconnect, not an outage
     assert written, "the writer wrote"
     lsn = pair.sql(pair.alpha_port, "SELECT pg_current_wal_lsn()::text")[0][0]

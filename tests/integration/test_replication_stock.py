@@ -328,3 +328,55 @@ def test_files_split_by_a_move_killed_half_way_are_reunited_by_the_next_run(loca
     assert not [p for p in data.glob("*/*") if p.name == p.parent.name], "a directory was moved into its namesake"
     assert wait_for(lambda: _safe(lambda: pair.sql(pair.beta_port, "SELECT id FROM kept") == [(1,)]), timeout=20)
     assert _recovery(pair, pair.beta_port) is True
+
+
+def _base_backup_bytes(pair, port):
+    """A base backup of the node at port, as one tar stream (what Barman and rebuild-replica copy)."""
+    result = subprocess.run([str(pair.standby_server.bindir / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(port),
+                             "-U", "postgres", "-D", "-", "-Ft", "-X", "fetch", "-c", "fast"],
+                            capture_output=True, env={**os.environ, "PGPASSWORD": pair.primary.password}, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout
+
+
+def test_the_replication_password_is_in_no_conninfo_server_log_or_base_backup(local_pair):
+    pair = local_pair
+    first = pair.password_file.read_text().strip()
+    conninfo = pair.sql(pair.beta_port, "SHOW primary_conninfo")[0][0]
+    assert "passfile='pg_replslot/dbdeck-replication-" in conninfo and first not in conninfo, conninfo
+    assert first not in (pair.standby_server.datadir / "postgresql.auto.conf").read_text()
+    assert pair.check()[0] == 0
+
+    # a standby built by hand (pg_basebackup -R) has the password in its conninfo: check-replication says so,
+    # without showing it
+    pair.sql(pair.beta_port, f"ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port={pair.alpha_port} "
+                             f"user=replicator password={first} application_name=beta'")
+    pair.sql(pair.beta_port, "SELECT pg_reload_conf()")
+    assert wait_for(pair.streams, timeout=30)
+    code, report, result = pair.check()
+    assert code == 1 and any("beta: the replication password is in its primary_conninfo" in problem
+                             for problem in report["problems"]), report
+    assert first not in result.stdout + result.stderr
+
+    # the rotation moves it into a passfile: no secret in the conninfo, the logs or postgresql.auto.conf
+    rotated = pair.run("rotate-replication-password")
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    second = pair.password_file.read_text().strip()
+    assert second != first and pair.check()[0] == 0
+    assert len(list((pair.standby_server.datadir / "pg_replslot").glob("dbdeck-replication-*.pgpass"))) == 1
+    for text in (pair.sql(pair.beta_port, "SHOW primary_conninfo")[0][0],
+                 (pair.standby_server.datadir / "postgresql.auto.conf").read_text(),
+                 pair.standby_server.log_path.read_text(), pair.primary.server.log_path.read_text()):
+        assert second not in text
+    assert first not in (pair.standby_server.datadir / "postgresql.auto.conf").read_text()
+
+    # promoted, the ex-standby's base backups (Barman's, a rebuild's) carry no secret; the demoted primary
+    # follows it with a passfile too, and neither log shows the password
+    switched = pair.run("switchover")
+    assert switched.returncode == 0, switched.stdout + switched.stderr
+    assert _recovery(pair, pair.beta_port) is False and pair.wait_healthy(timeout=30)
+    backup = _base_backup_bytes(pair, pair.beta_port)
+    assert b"PG_VERSION" in backup and second.encode() not in backup and first.encode() not in backup
+    assert second not in pair.sql(pair.alpha_port, "SHOW primary_conninfo")[0][0]
+    for log in (pair.standby_server.log_path, pair.primary.server.log_path):
+        assert second not in log.read_text()

@@ -9,7 +9,8 @@ from dbdeck import output
 from dbdeck.config import ConfigError
 from dbdeck.errors import Refused, UsageError
 from dbdeck.plugins.replication import backup
-from dbdeck.plugins.replication.barman import Barman, pgpass_line
+from dbdeck.plugins.replication.barman import Barman
+from dbdeck.plugins.replication.pgpass import pgpass_line
 from dbdeck.plugins.replication.model import Backup, Replication
 from dbdeck.run import Runner
 
