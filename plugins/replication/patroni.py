@@ -506,7 +506,7 @@ def migrate(pair, snapshot):
     from psycopg import sql
 
     from .setup import ensure_role, ensure_secret
-    from .standby import stop_node
+    from .standby import PASSFILE_PATTERN, stop_node
 
     primary = pair.node(snapshot.primary.name)
     patroni = pair.settings.patroni
@@ -534,4 +534,6 @@ def migrate(pair, snapshot):
     for node in pair.nodes:
         if node.name != primary.name:
             stop_node(pair, node, "fast")
+    for node in pair.nodes:  # Patroni keeps its own pgpass: dbdeck's copy of the secret goes
+        node.driver.shell(f'rm -f "$1"/{PASSFILE_PATTERN}', node.driver.data_dir, offline=True)
     return primary.name

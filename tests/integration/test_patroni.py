@@ -239,6 +239,8 @@ def test_native_pair_migrates_to_patroni_keeping_its_data(local_pair):
         assert migrated.returncode == 0, migrated.stdout + migrated.stderr
         assert "start Patroni on alpha first" in migrated.stdout
         assert not pair.primary.server.is_running() and not pair.standby_server.is_running()
+        # Patroni keeps its own pgpass: no copy of the replication password stays behind in beta's files
+        assert not list((pair.standby_server.datadir / "pg_replslot").glob("*.pgpass"))
         processes.append(start_patroni(out, "alpha", pair.base / "patroni-alpha.log"))
         assert wait_for(lambda: _writable(pair, "127.0.0.2", pair.alpha_port), timeout=60), \
             (pair.base / "patroni-alpha.log").read_text()[-3000:]
