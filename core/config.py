@@ -8,6 +8,8 @@ Each plugin declares its top-level section through the config_section hook: a py
 names the file, the line, the key and what was expected, and is raised before anything runs.
 """
 
+import functools
+import importlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -44,9 +46,20 @@ class ConfigSection:
     """
 
     name: str
-    model: type
+    model: type | str
     env: dict = field(default_factory=dict)
     description: str = ""
+
+    def model_class(self) -> type:
+        """The model, imported on first use when given as "package.module:Class": a command reads one or two
+        sections, and importing every plugin's model (pydantic builds each class) is much of a start-up."""
+        return _imported(self.model) if isinstance(self.model, str) else self.model
+
+
+@functools.lru_cache(maxsize=None)
+def _imported(reference):
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class EndpointConfig(Section):
@@ -157,8 +170,8 @@ class Config:
         self.path = path
         self.sources = dict(sources or {})  # {file: digest} of every file the settings were read from
         self._sections = sections
-        # {name: model} of the sections left to their defaults. Building a section's validator is most of a
-        # command's start-up; a command reads one or two sections, so the rest are never built.
+        # {name: ConfigSection} of the sections left to their defaults. Importing and building a section's model
+        # is much of a command's start-up; a command reads one or two sections, so the rest are never built.
         self._defaults = dict(defaults or {})
         self.endpoints = endpoints
         self._given = frozenset(given)
@@ -180,7 +193,7 @@ class Config:
 
     def section(self, name):
         if name in self._defaults:
-            self._sections[name] = self._defaults.pop(name).model_validate({})
+            self._sections[name] = self._defaults.pop(name).model_class().model_validate({})
         return self._sections[name]
 
     def sections(self):
@@ -271,14 +284,14 @@ def load(explicit=None, sections=(), environ=None):
             continue
         value = raw.get(name)
         if value in (None, {}) and name not in given:
-            validated[name], defaults[name] = None, spec.model  # all defaults, which cannot fail: built when read
+            validated[name], defaults[name] = None, spec  # all defaults, which cannot fail: built when read
             continue
         if value is None:
             value = {}
         if not isinstance(value, dict):
             problems.append(f"{where.at((name,))}: {name}: expected a mapping of settings, got {_kind(value)}")
             continue
-        validated[name] = checked(spec.model, value, (name,))
+        validated[name] = checked(spec.model_class(), value, (name,))
 
     endpoints_raw = raw.get("endpoints") or {}
     endpoints = {}
@@ -487,7 +500,7 @@ def _override_base(raw, spec, key_path, current):
         endpoint = (raw.get("endpoints") or {}).get(current)
         return copy.deepcopy(endpoint) if isinstance(endpoint, dict) else {}
     if current is None:
-        field = spec.model.model_fields.get(key_path[1])
+        field = spec.model_class().model_fields.get(key_path[1])
         default = getattr(field, "default", None)
         if isinstance(default, BaseModel):
             return default.model_dump(exclude_unset=True)

@@ -39,7 +39,9 @@ def config_section():
     """Return a ``dbdeck.config.ConfigSection`` (or a list of them) for this plugin's YAML section.
 
     The section's pydantic model gives defaults and validation (unknown keys are errors);
-    its ``env`` mapping lets the seeds' environment variables override keys in it.
+    its ``env`` mapping lets the seeds' environment variables override keys in it. Give the model as
+    ``"package.module:Class"`` to have it imported only when a command reads the section (every command
+    start calls this hook for every plugin).
     """
 
 

@@ -17,13 +17,6 @@ from pydantic import AfterValidator, Field, PositiveFloat, PositiveInt, field_va
 
 from dbdeck.config import Section
 
-SEED_ENVIRONMENT = {
-    "VPS_HOST": "server.host",
-    "VPS_USER": "server.user",
-    "VPS_PATH": "server.path",
-    "DEPLOY_SSH_KEY_FILE": "server.key_file",
-    "DEPLOY_KNOWN_HOSTS": "server.known_hosts",
-}
 
 # rsync never sends these, whatever a profile lists: secrets stay on the server, and dbdeck's own
 # state and the backups must survive a staging `--delete`.

@@ -10,13 +10,15 @@ def register_commands(cli):
     cli.add_command(local_sync)
 
 
+# the seed's environment variables -> keys of the section (known without importing the model)
+SEED_ENVIRONMENT = {"DATABASE_URL": "source.dsn", "LOCAL_SYNC_LANGUAGE": "language"}
+
+
 @hookimpl
 def config_section():
     from dbdeck.config import ConfigSection
 
-    from .model import SEED_ENVIRONMENT, LocalSync
-
-    return ConfigSection("local_sync", LocalSync, env=SEED_ENVIRONMENT,
+    return ConfigSection("local_sync", "dbdeck.plugins.local_sync.model:LocalSync", env=SEED_ENVIRONMENT,
                          description="main PostgreSQL -> tenant MySQL/MariaDB tables: instances, mappings")
 
 

@@ -10,7 +10,6 @@ from dbdeck.config import EndpointConfig, Section
 from .tables import BUILTIN_TABLES
 
 # The seed's application reads the main database from DATABASE_URL (Prisma's variable).
-SEED_ENVIRONMENT = {"DATABASE_URL": "source.dsn", "LOCAL_SYNC_LANGUAGE": "language"}
 
 INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MYSQL_IDENTIFIER_MAX = 64

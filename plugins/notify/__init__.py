@@ -20,9 +20,7 @@ SEVERITIES = ("info", "warning", "critical")
 def config_section():
     from dbdeck.config import ConfigSection
 
-    from .model import Notify
-
-    return ConfigSection("notify", Notify, env={"DBDECK_NOTIFY_WEBHOOK": "webhook_url"},
+    return ConfigSection("notify", "dbdeck.plugins.notify.model:Notify", env={"DBDECK_NOTIFY_WEBHOOK": "webhook_url"},
                          description="where events go: a webhook URL and/or a command (event JSON on stdin)")
 
 

@@ -20,9 +20,7 @@ def register_commands(cli):
 def config_section():
     from dbdeck.config import ConfigSection
 
-    from .model import Replication
-
-    return ConfigSection("replication", Replication,
+    return ConfigSection("replication", "dbdeck.plugins.replication.model:Replication",
                          description="streaming replication pair: nodes, drivers, replication user, slot, lag limits")
 
 

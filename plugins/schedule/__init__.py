@@ -15,12 +15,12 @@ def register_commands(cli):
 def config_section():
     from dbdeck.config import ConfigSection
 
-    from .model import SchedulerSettings, Schedules
-
     return [
-        ConfigSection("scheduler", SchedulerSettings, env={"SYNC_CRON_INTERVAL": "sync_cron_interval"},
+        ConfigSection("scheduler", "dbdeck.plugins.schedule.model:SchedulerSettings",
+                      env={"SYNC_CRON_INTERVAL": "sync_cron_interval"},
                       description="how scheduled jobs are installed (cron or systemd) and where run state is kept"),
-        ConfigSection("schedules", Schedules, description="job name -> command and timing"),
+        ConfigSection("schedules", "dbdeck.plugins.schedule.model:Schedules",
+                      description="job name -> command and timing"),
     ]
 
 

@@ -10,13 +10,15 @@ def register_commands(cli):
     cli.add_command(sync_databases)
 
 
+# the seed's environment variables -> keys of the section (known without importing the model)
+SEED_ENVIRONMENT = {"DATABASE_URL": "local.dsn", "EXTERNAL_DB_URL": "external.dsn"}
+
+
 @hookimpl
 def config_section():
     from dbdeck.config import ConfigSection
 
-    from .model import SEED_ENVIRONMENT, SyncDatabases
-
-    return ConfigSection("sync_databases", SyncDatabases, env=SEED_ENVIRONMENT,
+    return ConfigSection("sync_databases", "dbdeck.plugins.sync_databases.model:SyncDatabases", env=SEED_ENVIRONMENT,
                          description="bidirectional sync: local and external databases, tables, batches")
 
 

@@ -4,8 +4,6 @@ from pydantic import field_validator
 
 from dbdeck.config import EndpointConfig, Section
 
-SEED_ENVIRONMENT = {"DATABASE_URL": "local.dsn", "EXTERNAL_DB_URL": "external.dsn"}
-
 
 class TableSpec(Section):
     """One synced table: its name (optionally schema.table), primary key columns, timestamp column."""

@@ -10,13 +10,25 @@ def register_commands(cli):
     cli.add_command(sync_prod_to_dev)
 
 
+# the seed's environment variables -> keys of the section (known without importing the model)
+SEED_ENVIRONMENT = {
+    "PROD_DB_CONTAINER": "source.container",
+    "PROD_DATABASE": "source.database",
+    "PROD_DB_USER": "source.user",
+    "DEV_DB_CONTAINER": "target.container",
+    "DEV_DATABASE": "target.database",
+    "DEV_DB_USER": "target.user",
+    "EXCLUDE_TABLES": "exclude_tables",
+    "ANONYMIZE_SALT": "anonymize_salt",
+}
+
+
 @hookimpl
 def config_section():
     from dbdeck.config import ConfigSection
 
-    from .model import SEED_ENVIRONMENT, SyncProdToDev
-
-    return ConfigSection("sync_prod_to_dev", SyncProdToDev, env=SEED_ENVIRONMENT,
+    return ConfigSection("sync_prod_to_dev", "dbdeck.plugins.sync_prod_to_dev.model:SyncProdToDev",
+                         env=SEED_ENVIRONMENT,
                          description="prod -> dev clone: source, target, excluded tables, logs, dumps")
 
 

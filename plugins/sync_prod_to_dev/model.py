@@ -7,17 +7,6 @@ from pydantic import NonNegativeInt, SecretStr, field_validator
 
 from dbdeck.config import EndpointConfig, Section
 
-SEED_ENVIRONMENT = {
-    "PROD_DB_CONTAINER": "source.container",
-    "PROD_DATABASE": "source.database",
-    "PROD_DB_USER": "source.user",
-    "DEV_DB_CONTAINER": "target.container",
-    "DEV_DATABASE": "target.database",
-    "DEV_DB_USER": "target.user",
-    "EXCLUDE_TABLES": "exclude_tables",
-    "ANONYMIZE_SALT": "anonymize_salt",
-}
-
 
 class SyncProdToDev(Section):
     """Copy prod into dev: a fresh staging database beside dev, swapped in by rename."""

@@ -10,13 +10,19 @@ def register_commands(cli):
     cli.add_command(webhook_relay)
 
 
+# the seed's environment variables -> keys of the section (known without importing the model)
+SEED_ENVIRONMENT = {
+    "REPLICATE_WEBHOOKS_TO_DEV": "mirror_enabled",
+    "DEV_WEBHOOK_URL": "mirror",
+    "DEV_WEBHOOK_TIMEOUT": "mirror_timeout_ms",
+}
+
+
 @hookimpl
 def config_section():
     from dbdeck.config import ConfigSection
 
-    from .model import SEED_ENVIRONMENT, WebhookRelay
-
-    return ConfigSection("webhook_relay", WebhookRelay, env=SEED_ENVIRONMENT,
+    return ConfigSection("webhook_relay", "dbdeck.plugins.webhook_relay.model:WebhookRelay", env=SEED_ENVIRONMENT,
                          description="webhook relay: listen address, primary URL, dev mirror URL and timeout")
 
 

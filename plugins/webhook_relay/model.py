@@ -6,12 +6,6 @@ from pydantic import field_validator
 
 from dbdeck.config import Section
 
-SEED_ENVIRONMENT = {
-    "REPLICATE_WEBHOOKS_TO_DEV": "mirror_enabled",
-    "DEV_WEBHOOK_URL": "mirror",
-    "DEV_WEBHOOK_TIMEOUT": "mirror_timeout_ms",
-}
-
 
 def check_url(value):
     if value is None:

@@ -55,7 +55,7 @@ def test_every_shipped_section_is_valid_with_its_defaults_alone(tmp_path):
     cfg = config.load(False, specs, environ={})
     assert set(cfg.sections()) >= {spec.name for spec in specs}
     for spec in specs:
-        assert isinstance(cfg.section(spec.name), spec.model)
+        assert isinstance(cfg.section(spec.name), spec.model_class())
 
 
 def test_search_order_explicit_then_env_then_cwd(tmp_path, monkeypatch):
@@ -184,7 +184,8 @@ def test_empty_file_means_defaults(tmp_path):
 
 
 def test_a_seed_variable_overrides_one_field_of_an_endpoint_never_the_whole_endpoint(tmp_path):
-    from dbdeck.plugins.sync_prod_to_dev.model import SEED_ENVIRONMENT, SyncProdToDev
+    from dbdeck.plugins.sync_prod_to_dev import SEED_ENVIRONMENT
+    from dbdeck.plugins.sync_prod_to_dev.model import SyncProdToDev
 
     spec = ConfigSection("sync_prod_to_dev", SyncProdToDev, env=SEED_ENVIRONMENT)
     path = write(tmp_path, "endpoints:\n  prod: {host: db.internal, port: 5433, user: app, database: crm,"

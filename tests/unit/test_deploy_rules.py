@@ -13,13 +13,14 @@ from dbdeck.plugins.deploy.operations import _previous_version
 from dbdeck.plugins.deploy.server import Server, backup_path, describe_holder
 from dbdeck.plugins.deploy.target import LocalTarget, SshTarget
 from dbdeck.config import ConfigSection
+from dbdeck.plugins.deploy import SEED_ENVIRONMENT
 from dbdeck.run import Result, Runner
 
 
 def _config(tmp_path, text, environ=None):
     path = tmp_path / "dbdeck.yaml"
     path.write_text(text)
-    return load(str(path), [ConfigSection("deploy", model.Deploy, env=model.SEED_ENVIRONMENT)], environ=environ or {})
+    return load(str(path), [ConfigSection("deploy", model.Deploy, env=SEED_ENVIRONMENT)], environ=environ or {})
 
 
 def test_yaml_profile_is_merged_over_the_seed_profile(tmp_path):
