@@ -33,6 +33,8 @@ class App:
         self._config: Config | None = None
         self._runner: Runner | None = None
         self._manager: Any = None
+        # plugins whose "must not raise" hook raised during this command (pluginmanager.call_guarded)
+        self.hook_failures: list[Any] = []
 
     @property
     def plugin_manager(self) -> Any:
@@ -94,7 +96,21 @@ class App:
                 history.append(config, event)
             except OSError as exc:  # a full disk must not turn a done failover into a failed command
                 log.warning("could not add the event to the history journal: %s", exc)
-        self.plugin_manager.hook.notify(event=event, config=config)
+        # one plugin failing to deliver does not stop the others, nor turn the command's own outcome
+        before = len(self.hook_failures)
+        self.guarded_hook("notify", event=event, config=config)
+        for failure in self.hook_failures[before:]:
+            log.warning("%s (event %s not delivered there)", failure.message, event.kind)
+
+    def guarded_hook(self, name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """[(plugin, answer), ...] of every plugin's `name` hook, called one by one so that one that raises
+        costs only its own answer: its failure is logged at debug level and kept in self.hook_failures (each
+        with .plugin and a one-line .message) for the command to show and to set its exit code."""
+        from .pluginmanager import call_guarded
+
+        answers, failures = call_guarded(self.plugin_manager, name, **kwargs)
+        self.hook_failures.extend(failures)
+        return answers
 
     def record_result(self, name: str, kind: str, ok: bool, summary: str, seconds: float | None = None,
                       **details: Any) -> None:

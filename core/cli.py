@@ -230,11 +230,18 @@ def history_command(app, since, kinds):
         since_ts = history.parse_since(since) if since else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    extra = [entry for found in app.plugin_manager.hook.history_entries(app=app) for entry in found or []]
+    before = len(app.hook_failures)
+    found = app.guarded_hook("history_entries", app=app)
+    failures = app.hook_failures[before:]
+    for failure in failures:
+        log.error("%s: its events are missing below", failure.message)
+    extra = [entry for _, entries in found for entry in entries or []]
     entries = history.read(app.config, since_ts, kinds, extra)
     app.emit(entries, lambda: "\n".join(f"{e['at']}  {e['severity']:<8} {e['kind']:<24} {e['message']}"
                                         for e in entries)
              or "no events recorded" + (" in that period" if since else ""))
+    if failures:
+        sys.exit(EXIT_FAILED)
 
 
 def build_cli():

@@ -55,8 +55,9 @@ def scheduled_jobs(config):
 @hookspec
 def status_report(app):
     """Return a list of ``dbdeck.status.Item`` rows for `dbdeck status`: this plugin's scheduled jobs,
-    services (alive?), verdicts. Must be quick and must not raise: an unreachable server is a row whose
-    state is ``failing``, with the reason in ``detail``.
+    services (alive?), verdicts. Must be quick and should not raise: an unreachable server is a row whose
+    state is ``failing``, with the reason in ``detail``. (If it raises anyway, `dbdeck status` shows one
+    failing row naming the plugin and its error, and the other plugins' rows.)
     """
 
 

@@ -97,3 +97,44 @@ def describe(manager):
             "hooks": hooks,
         })
     return rows
+
+
+class HookFailure:
+    """One plugin's hook implementation that raised: which plugin, which hook, and the error in one line."""
+
+    def __init__(self, plugin, hook, error):
+        self.plugin, self.hook, self.error = plugin, hook, error
+
+    @property
+    def message(self):
+        from . import secrets
+
+        first = (str(self.error).strip().splitlines() or [""])[0]
+        text = f"plugin {self.plugin}: its {self.hook} hook failed: {type(self.error).__name__}: {first}"
+        return secrets.mask(text.rstrip(": "))
+
+    def __repr__(self):
+        return f"HookFailure({self.message!r})"
+
+
+def call_guarded(manager, name, **kwargs):
+    """Call every plugin's implementation of hook `name` one by one, as pluggy would (same order), so that
+    one that raises cannot take the others' answers down. Returns ([(plugin name, result), ...],
+    [HookFailure, ...]). For the hooks documented as "must not raise": a third-party plugin may."""
+    caller = getattr(manager.hook, name)
+    results, failures = [], []
+    for impl in reversed(caller.get_hookimpls()):
+        try:
+            result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+        except Exception as exc:  # noqa: BLE001 - whatever a plugin raises becomes its own failure row
+            failure = HookFailure(_short_name(impl.plugin_name), name, exc)
+            log.debug("%s", failure.message, exc_info=True)
+            failures.append(failure)
+            continue
+        if result is not None:
+            results.append((_short_name(impl.plugin_name), result))
+    return results, failures
+
+
+def _short_name(plugin_name):
+    return plugin_name.rsplit(".", 1)[-1] if plugin_name in hookspecs.DEFAULT_PLUGINS else plugin_name

@@ -44,7 +44,7 @@ class Item:
     detail: str = ""
     last: str | None = None    # when it last ran / started (ISO 8601)
     next: str | None = None    # next scheduled run (ISO 8601), for jobs
-    labels: dict = field(default_factory=dict)   # Prometheus labels, e.g. {"job": "sync-prod-to-dev"}
+    labels: dict = field(default_factory=dict)   # Prometheus labels, e.g. {"dbdeck_job": "sync-prod-to-dev"}
     metrics: dict = field(default_factory=dict)  # metric name -> value (see METRIC_HELP)
     data: dict = field(default_factory=dict)     # anything else, for --format json
 
@@ -134,10 +134,14 @@ def service_items(app, lock_prefix):
 
 
 def collect(app):
-    """Every row: plugins' (status_report hook) then recorded results."""
-    items = []
-    for contributed in app.plugin_manager.hook.status_report(app=app):
-        items.extend(contributed or ())
+    """Every row: plugins' (status_report hook) then recorded results. A plugin whose hook raises is one
+    failing row naming it; the other plugins' rows still come."""
+    before = len(app.hook_failures)
+    contributed = app.guarded_hook("status_report", app=app)
+    items = [item for _, rows in contributed for item in rows or ()]
+    items.extend(Item(kind="plugin", name=failure.plugin, state="failing", detail=failure.message)
+                 for failure in app.hook_failures[before:] if failure.hook == "status_report")
+    del app.hook_failures[before:]  # they are rows now (and `status --serve` collects on every scrape)
     items.extend(result_items(app.config))
     return items
 
@@ -182,18 +186,24 @@ class MetricsCollector:
         items = self.gather()
         families = {}
         for item in items:
+            labels = {_OWN_LABEL.get(key, key): value for key, value in item.labels.items()}
             for name, value in item.metrics.items():
                 if value is None:
                     continue
                 family = families.get(name)
                 if family is None:
                     family = families[name] = GaugeMetricFamily(name, METRIC_HELP.get(name, name),
-                                                                labels=list(item.labels))
-                family.add_metric([str(v) for v in item.labels.values()], float(value))
+                                                                labels=list(labels))
+                family.add_metric([str(v) for v in labels.values()], float(value))
         problems = GaugeMetricFamily("dbdeck_status_problems", METRIC_HELP["dbdeck_status_problems"])
         problems.add_metric([], sum(1 for i in items if i.problem))
         yield from families.values()
         yield problems
+
+
+# Prometheus owns these two labels (the scrape job and target) and renames a scraped one to exported_job /
+# exported_instance, so alerts would name the scrape job: a plugin's label of that name gets dbdeck_ in front
+_OWN_LABEL = {"job": "dbdeck_job", "instance": "dbdeck_instance"}
 
 
 def render_prometheus(gather):

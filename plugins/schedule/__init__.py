@@ -36,4 +36,11 @@ def status_report(app):
         from dbdeck.status import Item
 
         return [Item(kind="job", name="(schedules)", state="failing", detail=str(exc).splitlines()[0])]
-    return job_items(app, worth_showing(app, jobs), _backend(app, None))
+    return job_items(app, worth_showing(app, jobs), _backend(app, None)) + _hook_failure_items(app)
+
+
+def _hook_failure_items(app):
+    from dbdeck.status import Item
+
+    failed = {failure.message: failure.plugin for failure in app.hook_failures if failure.hook == "scheduled_jobs"}
+    return [Item(kind="plugin", name=plugin, state="failing", detail=message) for message, plugin in failed.items()]

@@ -116,7 +116,7 @@ def status(app, names, backend, systemd_root):
         return "\n".join(lines)
 
     app.emit(rows, text)
-    if any(i.problem for i in items):
+    if any(i.problem for i in items) or app.hook_failures:
         sys.exit(1)
 
 

@@ -1,5 +1,6 @@
 """Jobs as configured (plus plugins' defaults), how a job is invoked, and its run state."""
 
+import logging
 from pathlib import Path
 
 from dbdeck.errors import ConfigError, UsageError
@@ -8,6 +9,7 @@ from dbdeck.state import StateFile
 
 from .model import TIMING_KEYS, Job
 
+log = logging.getLogger("dbdeck.schedule")
 STATE_FILE = "schedule-state.json"
 SYNC_JOB = "sync-prod-to-dev"
 
@@ -17,7 +19,11 @@ def default_jobs(app):
     from dbdeck.config import validate_model
 
     jobs = {}
-    for offered in app.plugin_manager.hook.scheduled_jobs(config=app.config):
+    before = len(app.hook_failures)
+    offers = app.guarded_hook("scheduled_jobs", config=app.config)
+    for failure in app.hook_failures[before:]:  # that plugin's jobs are missing; the others' still run
+        log.error("%s: its default jobs are left out", failure.message)
+    for _, offered in offers:
         for spec in offered or ():
             spec = dict(spec)
             name = spec.pop("name")

@@ -60,7 +60,7 @@ def job_item(app, name, job, installed, last, holder):
     if exit_code is not None:
         metrics["dbdeck_job_last_exit_code"] = exit_code
     return Item(kind="job", name=name, state=state, detail=detail, last=last.get("last_start"),
-                next=iso(upcoming[0]) if upcoming else None, labels={"job": name}, metrics=metrics,
+                next=iso(upcoming[0]) if upcoming else None, labels={"dbdeck_job": name}, metrics=metrics,
                 data={"timing": job.timing(), "command": job.command, "enabled": job.enabled,
                       "installed": installed, "running_pid": running_pid, "last_start": last.get("last_start"),
                       "last_end": last.get("last_end"), "last_exit_code": exit_code,

@@ -327,3 +327,90 @@ def test_a_dry_run_in_json_keeps_stdout_to_the_one_document(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["dry_run"] is True
     assert "[dry-run] would write" in done.stderr and not (tmp_path / "cron").exists()
+
+
+_BROKEN_PLUGIN = textwrap.dedent('''
+    from dbdeck.hookspecs import hookimpl
+
+    @hookimpl
+    def status_report(app):
+        raise RuntimeError("status exploded")
+
+    @hookimpl
+    def scheduled_jobs(config):
+        raise RuntimeError("jobs exploded")
+
+    @hookimpl
+    def history_entries(app):
+        raise KeyError("history exploded")
+
+    @hookimpl
+    def notify(event, config):
+        raise RuntimeError("notify exploded")
+''')
+
+
+def _install_broken_plugin(tmp_path):
+    """A third-party plugin as an outside author ships one: a module and a dist-info with the entry point."""
+    site = tmp_path / "site"
+    (site / "dbdeck_broken").mkdir(parents=True)
+    (site / "dbdeck_broken" / "__init__.py").write_text(_BROKEN_PLUGIN)
+    dist = site / "dbdeck_broken-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dbdeck-broken\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[dbdeck.plugins]\nbroken = dbdeck_broken\n")
+    config = tmp_path / "dbdeck.yaml"
+    config.write_text(json.dumps({"dbdeck": {"state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run")},
+                                  "scheduler": {"state_dir": str(tmp_path / "scheduler")},
+                                  "schedules": {"nightly": {"command": ["true"], "every": "1h"}}}))
+    return {"PYTHONPATH": str(site)}, config
+
+
+def test_a_plugin_whose_hooks_raise_is_one_row_and_the_others_still_answer(tmp_path):
+    env, config = _install_broken_plugin(tmp_path)
+    status = run("--config", str(config), "status", "--format", "json", env=env)
+    assert status.returncode == 1, status.stdout + status.stderr
+    rows = json.loads(status.stdout)
+    failing = {row["detail"] for row in rows if row["kind"] == "plugin" and row["name"] == "dbdeck_broken"}
+    assert failing == {"plugin dbdeck_broken: its status_report hook failed: RuntimeError: status exploded",
+                       "plugin dbdeck_broken: its scheduled_jobs hook failed: RuntimeError: jobs exploded"}, rows
+    assert [row["name"] for row in rows if row["kind"] == "job"] == ["nightly"], rows
+    assert "Traceback" not in status.stderr
+
+    listed = run("--config", str(config), "schedule", "status", env=env)
+    assert listed.returncode == 1 and "nightly" in listed.stdout, listed.stdout + listed.stderr
+    assert "plugin dbdeck_broken: its scheduled_jobs hook failed" in listed.stderr
+
+    history = run("--config", str(config), "history", "--format", "json", env=env)
+    assert history.returncode == 1 and json.loads(history.stdout) == [], history.stdout + history.stderr
+    assert "plugin dbdeck_broken: its history_entries hook failed: KeyError: 'history exploded'" in history.stderr
+    assert len([line for line in history.stderr.splitlines() if "dbdeck_broken" in line]) == 1
+
+    # without it, the same host is healthy: the failures above were the plugin's alone
+    assert run("--config", str(config), "status", "--format", "json").returncode == 0
+
+
+def test_a_notify_hook_that_raises_does_not_stop_the_other_deliveries(tmp_path, caplog):
+    import logging
+    import types
+
+    from dbdeck.app import App
+    from dbdeck.events import Event
+    from dbdeck.pluginmanager import make_manager
+
+    broken = types.ModuleType("dbdeck_broken")
+    exec(_BROKEN_PLUGIN, broken.__dict__)
+    delivered = tmp_path / "delivered.json"
+    config = tmp_path / "dbdeck.yaml"
+    config.write_text(json.dumps({"dbdeck": {"state_dir": str(tmp_path / "state")},
+                                  "notify": {"command": ["sh", "-c", f"cat > {delivered}"]}}))
+    app = App()
+    app.config_path = str(config)
+    app._manager = make_manager(load_entry_points=False)
+    app._manager.register(broken, name="dbdeck_broken")
+    with caplog.at_level(logging.WARNING):
+        app.notify(Event("deploy.rolled_back", "staging rolled back", severity="warning"))
+    assert json.loads(delivered.read_text())["kind"] == "deploy.rolled_back"  # the built-in plugin delivered
+    assert [r.getMessage() for r in caplog.records if "dbdeck_broken" in r.getMessage()] == [
+        "plugin dbdeck_broken: its notify hook failed: RuntimeError: notify exploded "
+        "(event deploy.rolled_back not delivered there)"]

@@ -49,7 +49,7 @@ def test_a_dry_run_writes_no_history(tmp_path):
 
 
 ROWS = [Item("job", "sync-prod-to-dev", "ok", "exit 0 in 0.2s", last="2026-12-02T10:00:00+0000",
-             next="2026-12-02T10:05:00+0000", labels={"job": "sync-prod-to-dev"},
+             next="2026-12-02T10:05:00+0000", labels={"dbdeck_job": "sync-prod-to-dev"},
              metrics={"dbdeck_job_last_exit_code": 0, "dbdeck_job_running": 0}),
         Item("service", "auto-failover", "dead", "pid 4 ended", labels={"service": "auto-failover"},
              metrics={"dbdeck_service_up": 0})]
@@ -69,6 +69,16 @@ def test_prometheus_exposition_parses_with_the_exporter_names():
     assert families["dbdeck_service_up"].samples[0].labels == {"service": "auto-failover"}
     assert families["dbdeck_job_last_exit_code"].samples[0].value == 0
     assert families["dbdeck_status_problems"].samples[0].value == 1
+
+
+def test_no_exposed_label_is_one_prometheus_owns():
+    """A scrape renames a target's own job/instance labels to exported_*: a plugin's gets dbdeck_ instead."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rows = [Item("job", "x", "ok", labels={"job": "x", "instance": "acme"}, metrics={"dbdeck_job_running": 0})]
+    families = {f.name: f for f in text_string_to_metric_families(render_prometheus(lambda: rows + ROWS))}
+    labels = [set(sample.labels) for family in families.values() for sample in family.samples]
+    assert {"dbdeck_job", "dbdeck_instance"} in labels and not any(s & {"job", "instance"} for s in labels)
 
 
 @pytest.mark.parametrize("fmt", ["json", "prometheus", "text"])
