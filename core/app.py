@@ -7,8 +7,6 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import click
-
 from . import secrets
 from .errors import DbdeckError
 
@@ -60,8 +58,11 @@ class App:
         if self._runner is None:
             from .run import Runner
 
-            # with --format json stdout carries only the JSON document: dry-run lines go to stderr
-            self._runner = Runner(dry_run=self.dry_run, echo=lambda line: click.echo(line, err=self.format == "json"))
+            from . import output
+
+            # with --format json stdout carries only the JSON document: dry-run lines are steps (stderr)
+            self._runner = Runner(dry_run=self.dry_run,
+                                  echo=lambda line: output.step(line) if self.format == "json" else output.line(line))
         return self._runner
 
     def endpoint(self, ref: str | dict | EndpointConfig, key: str = "endpoint") -> Endpoint:
@@ -130,6 +131,6 @@ class App:
 
         if self.format == "json":
             # masked value by value: masking the JSON text could swallow a closing quote
-            output.line(json.dumps(secrets.mask_values(data), indent=2, default=str, sort_keys=False))
+            output.document(json.dumps(secrets.mask_values(data), indent=2, default=str, sort_keys=False))
         else:
             output.line(secrets.mask(text() if callable(text) else (text if text is not None else str(data))))

@@ -209,6 +209,10 @@ def status_command(app, output_format, output, serve):
         from .state import write_atomic
 
         write_atomic(output, text, mode=0o644)
+    elif output_format == "json":
+        from .output import document
+
+        document(text.rstrip("\n"))
     else:
         click.echo(text, nl=False)
     if any(i.problem for i in items):
@@ -260,14 +264,24 @@ def run_command(command, args=None, prog_name=None):
         sys.stdout, sys.stderr = output.TimestampedLines(sys.stdout), output.TimestampedLines(sys.stderr)
     log_module.setup(0)
     _stop_cleanly_on_sigterm()
-    json_errors = _asks_for_json(sys.argv[1:] if args is None else args)
-    if json_errors:
-        sys.stdout = _CountingStdout(sys.stdout)
-    code = _run_mapping_errors(command, args, prog_name)
-    if json_errors and code not in (0, None) and not sys.stdout.written:
-        # --format json promises one document on stdout, failures included
-        output.line(json.dumps({"error": _last_error[0] if _last_error else f"exit status {code}",
-                                "exit_code": code}))
+    given = [str(a) for a in (sys.argv[1:] if args is None else args)]
+    gate = output.JsonStdout(sys.stdout) if _asks_for_json(given) else None
+    if gate is not None:
+        sys.stdout = gate
+    try:
+        code = _run_mapping_errors(command, args, prog_name)
+    finally:
+        if gate is not None:
+            sys.stdout = gate._stream
+    if gate is not None and not gate.written:
+        # --format json promises one document on stdout, whatever happened: a command that wrote none
+        # (a dry run, a set-up, a failure) gets one, with the messages it gave people
+        if code not in (0, None):
+            document = {"error": _last_error[0] if _last_error else f"exit status {code}", "exit_code": code}
+        else:
+            document = {"ok": True, "exit_code": 0, "dry_run": "--dry-run" in given or "-n" in given}
+        document["messages"] = [secrets.mask(text) for text in gate.messages]
+        output.document(json.dumps(document, indent=2))
     return code
 
 
@@ -277,21 +291,6 @@ _last_error: list[str] = []
 def _asks_for_json(args):
     args = [str(a) for a in args or ()]
     return "--format=json" in args or any(a == "--format" and b == "json" for a, b in zip(args, args[1:]))
-
-
-class _CountingStdout:
-    """sys.stdout that remembers whether anything was written (a command's own JSON document)."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self.written = 0
-
-    def write(self, text):
-        self.written += len(text)
-        return self._stream.write(text)
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
 
 
 def _say_error(line):
@@ -307,6 +306,11 @@ def _run_mapping_errors(command, args, prog_name):
             _hold_sigterm()
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except SystemExit as exc:  # a command's own sys.exit(N): the same exit, through the same JSON path
+        if isinstance(exc.code, str):
+            _say_error(exc.code)
+            return EXIT_FAILED
+        return exc.code or 0
     except click.ClickException as exc:
         exc.show()
         _last_error[:] = [exc.format_message()]

@@ -43,6 +43,54 @@ class TimestampedLines:
         return getattr(self._stream, name)
 
 
+class JsonStdout:
+    """sys.stdout while a command runs with --format json: stdout then carries exactly one JSON document.
+    The document goes through document(); anything else a command writes to stdout (a plugin's progress
+    line, a dry-run step) is a message: it goes to stderr and is kept, so that a command that produced no
+    document of its own still ends with one listing them (cli.run_command)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.written = 0
+        self.messages: list[str] = []
+
+    def write(self, text):
+        self.messages.extend(piece for piece in text.splitlines() if piece.strip())
+        return sys.stderr.write(text)
+
+    @property
+    def buffer(self):
+        """Where a program dbdeck runs with its output passed through writes: a message, so stderr."""
+        return sys.stderr.buffer
+
+    def write_document(self, text):
+        self.written += len(text)
+        self._stream.write(text)
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def document(text):
+    """Write the command's JSON document (one per run) to stdout."""
+    if isinstance(sys.stdout, JsonStdout):
+        try:
+            sys.stdout.write_document(text + "\n")
+        except (BrokenPipeError, ValueError, OSError):
+            _closed.add("stdout")
+        return
+    line(text)
+
+
+def step(text):
+    """A message for people (a dry-run step, what is being done) while --format json keeps stdout for the
+    document: stderr, and kept for the closing document."""
+    if isinstance(sys.stdout, JsonStdout):
+        sys.stdout.messages.append(text)
+    line(text, err=True)
+
+
 def line(text, err=False):
     """Write text and a newline to stdout (stderr with err=True); never raises."""
     stream = sys.stderr if err else sys.stdout

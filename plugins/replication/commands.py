@@ -7,6 +7,7 @@ import click
 
 from dbdeck.cli import pass_app
 from dbdeck.errors import UsageError
+from dbdeck.output import document as print_document
 from dbdeck.run import dbdeck_argv
 
 _UNKNOWN = 3
@@ -87,7 +88,8 @@ def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_l
 
         message = secrets.mask(str(exc))
         if output_format == "json":
-            click.echo(json.dumps({"status": "UNKNOWN", "exit_code": _UNKNOWN, "problems": [message]}, indent=2))
+            print_document(json.dumps({"status": "UNKNOWN", "exit_code": _UNKNOWN, "problems": [message]},
+                                      indent=2))
         else:
             click.echo(f"REPLICATION UNKNOWN - {message}")
         sys.exit(_UNKNOWN)
@@ -111,6 +113,8 @@ def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_l
         from dbdeck.state import write_atomic
 
         write_atomic(output, report)
+    elif output_format == "json":
+        print_document(report.rstrip("\n"))
     else:
         click.echo(report, nl=False)
     sys.exit(status)

@@ -232,8 +232,9 @@ class Clone:
         """Leave the probes and their answers for the next start of this command line (dbdeck.quick)."""
         from dbdeck import quick
 
+        # a --format json run is answered by the full path: the quick one prints its lines, not a document
         if (self.runner.dry_run or not self.settings.skip_unchanged or self.force or quick.pending() is None
-                or dev_content is None):
+                or dev_content is None or self.app.format == "json"):
             return
         config = self.app.config
         env_files = [f for f in {**quick.pending()["files"], **config.sources}
