@@ -125,6 +125,19 @@ class App:
         except OSError as exc:
             log.warning("could not record the result for dbdeck status: %s", exc)
 
+    def announce(self, service: str, **details: Any) -> None:
+        """A service's one result, written as it starts serving: with --format json the document saying what
+        it serves (its pid to stop it with); in text mode a line on stderr (stdout stays free)."""
+        import os
+
+        from . import output
+
+        if self.format == "json":
+            self.emit({"service": service, "pid": os.getpid(), **details})
+        else:
+            shown = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in details.items())
+            output.line(secrets.mask(f"{service}: {shown}"), err=True)
+
     def emit(self, data: Any, text: str | Callable[[], str] | None = None) -> None:
         """Print a result: JSON with --format json, otherwise text (a string or a callable)."""
         from . import output

@@ -194,8 +194,8 @@ def status_command(app, output_format, output, serve):
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
-        log.warning("serving dbdeck metrics on http://%s/metrics", serve)
-        status.serve_prometheus(gather, serve, stop)
+        status.serve_prometheus(gather, serve, stop, ready=lambda host, port: app.announce(
+            "dbdeck status metrics", serving=f"http://{host}:{port}/metrics"))
         return
     items = gather()
     if output_format == "prometheus":

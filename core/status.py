@@ -214,8 +214,9 @@ def render_prometheus(gather):
     return generate_latest(registry).decode()
 
 
-def serve_prometheus(gather, address, stop):
-    """Serve /metrics on address ([HOST]:PORT) until stop (a threading.Event) is set."""
+def serve_prometheus(gather, address, stop, ready=None):
+    """Serve /metrics on address ([HOST]:PORT) until stop (a threading.Event) is set; ready(host, port) is
+    called once it listens."""
     from prometheus_client import CollectorRegistry
 
     from .httpserve import parse_address, serve_metrics
@@ -226,6 +227,8 @@ def serve_prometheus(gather, address, stop):
         server = serve_metrics(registry, parse_address(address), name="status metrics")
     except OSError as exc:
         raise DbdeckError(f"cannot serve metrics on {address}: {exc.strerror}") from None
+    if ready is not None:
+        ready(*server.server_address[:2])
     try:
         stop.wait()
     finally:

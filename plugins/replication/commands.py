@@ -80,7 +80,7 @@ def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_l
             return snapshot, status
 
         if serve:
-            _serve(serve, snapshot_and_status, pair, timeout)
+            _serve(app, serve, snapshot_and_status, pair, timeout)
             return
         snapshot, status, problems, patroni = pair.assess(thresholds, timeout)
     except DbdeckError as exc:
@@ -120,7 +120,7 @@ def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_l
     sys.exit(status)
 
 
-def _serve(address, snapshot_and_status, pair, timeout):
+def _serve(app, address, snapshot_and_status, pair, timeout):
     import signal
     import threading
 
@@ -150,7 +150,9 @@ def _serve(address, snapshot_and_status, pair, timeout):
         if health:
             health.stop()
         raise DbdeckError(f"cannot serve metrics on {address}: {exc.strerror}") from None
-    click.echo(f"serving replication metrics on http://{host}:{port}/metrics", err=True)
+    bound_host, bound_port = server.server_address[:2]
+    app.announce("replication metrics", serving=f"http://{bound_host}:{bound_port}/metrics",
+                 **({"health_checks": health.describe()} if health else {}))
     stop.wait()
     server.stop()
     if health:

@@ -336,8 +336,11 @@ class Sandbox:
                     self.server(name, state).destroy()
                 except DbdeckError as exc:
                     progress(f"could not stop {name} cleanly: {exc}")
-            data_root = Path(state.get("data_root", ""))
-            if data_root.is_dir() and data_root != self.dir / "data":
+            # a state without data_root (written by an older dbdeck) must not make Path("") the current
+            # directory, and rmtree would empty it
+            data_root = Path(state["data_root"]) if state.get("data_root") else None
+            if data_root is not None and data_root.is_absolute() and data_root.is_dir() \
+                    and data_root != self.dir / "data":
                 shutil.rmtree(data_root, ignore_errors=True)
         if self.dir.exists():
             shutil.rmtree(self.dir)

@@ -138,3 +138,45 @@ def test_a_command_without_a_document_of_its_own_still_ends_with_one(tmp_path, a
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     json.loads(result.stdout)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("service", ["status", "check-replication", "webhook-relay"])
+def test_a_service_writes_one_document_saying_what_it_serves_then_serves(tmp_path, service):
+    import signal
+    import time
+    import urllib.request
+
+    config, _ = _config(tmp_path)
+    port = _free_port()
+    args = {"status": ["status", "--serve", f"127.0.0.1:{port}"],
+            "check-replication": ["check-replication", "--serve", f"127.0.0.1:{port}"],
+            "webhook-relay": ["webhook-relay", "--listen", f"127.0.0.1:{port}", "--primary", "http://127.0.0.1:9/",
+                              "--no-mirror"]}[service]
+    process = subprocess.Popen([str(ROOT / "bin" / "dbdeck"), "--config", str(config), "--format", "json", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        text, document, deadline = "", None, time.monotonic() + 30
+        while document is None and time.monotonic() < deadline and process.poll() is None:
+            text += process.stdout.readline()
+            try:
+                document = json.loads(text)
+            except ValueError:
+                continue
+        assert document is not None, (text, process.stderr.read() if process.poll() is not None else "")
+        assert document["pid"] == process.pid and str(port) in json.dumps(document), document
+        path = document.get("health", "/metrics")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            assert response.status == 200  # serving once it said so
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest, errors = process.communicate(timeout=30)
+    assert process.returncode == 0, errors
+    assert rest == "", f"a second document after the first: {rest!r}"
