@@ -132,4 +132,6 @@ def watch(app, instance):
     watcher = Watcher(make_sync(app, quiet=True), instance, report)
     watcher.install_signal_handlers()
     with app.lock("local-sync-watch" + (f".{instance}" if instance else "")):
+        if app.format == "json":
+            app.announce("local-sync watch", instances=instance or "all")
         watcher.run()

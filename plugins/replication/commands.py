@@ -426,7 +426,9 @@ def auto_failover(app, daemon, interval, failures, no_rejoin):
         process = app.runner.start_daemon(argv, log_path=log_file)
         if not app.dry_run:
             _wait_until_monitoring(app, process, log_file)
-        click.echo(f"auto-failover running in the background (pid {process.pid}); log {log_file}; pid file {pid_file}")
+        app.emit({"service": "auto-failover", "pid": process.pid, "log": str(log_file), "pid_file": str(pid_file),
+                  "background": True},
+                 f"auto-failover running in the background (pid {process.pid}); log {log_file}; pid file {pid_file}")
         return
     from .failover import Monitor
 
@@ -443,6 +445,10 @@ def auto_failover(app, daemon, interval, failures, no_rejoin):
         health = _health_servers(pair, settings.check_timeout)
         pair.say(f"auto-failover: checking every {monitor.interval:g}s, failover after {monitor.failures_needed} "
                  f"failed checks (timeout {monitor.timeout:g}s each)")
+        if app.format == "json":
+            app.announce("auto-failover", nodes=[node.name for node in pair.nodes], interval_seconds=monitor.interval,
+                         failures_needed=monitor.failures_needed, pid_file=str(pid_file),
+                         **({"health_checks": health.describe()} if health else {}))
         try:
             monitor.run(stop)
         finally:

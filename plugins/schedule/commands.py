@@ -142,9 +142,11 @@ def run(app, names, run_now, max_seconds):
             if job.enabled:
                 app.runner.say(f"would run {name} ({job.timing()}): {' '.join(job.command)}")
         return
-    finished = ForegroundScheduler(app, jobs).run(run_now=run_now, max_seconds=max_seconds)
-    if app.format == "json":
-        app.emit([{"job": n, "exit_code": s, "duration_s": round(d, 3)} for n, s, d in finished])
+    def ready():  # a service: its one document says what it runs; each run is a log line
+        if app.format == "json":
+            app.announce("schedule run", jobs={name: job.timing() for name, job in jobs.items() if job.enabled})
+
+    ForegroundScheduler(app, jobs).run(run_now=run_now, max_seconds=max_seconds, ready=ready)
 
 
 @schedule_group.command("exec")

@@ -96,9 +96,11 @@ class ForegroundScheduler:
                     log.warning("job %s: stopping pid %s", name, process.pid)
                     process.send_signal(signal.SIGTERM)
 
-    def run(self, run_now=False, max_seconds=None):
+    def run(self, run_now=False, max_seconds=None, ready=None):
         self.plan()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        if ready is not None:  # from here on a SIGTERM is a clean stop
+            ready()
         deadline = time.monotonic() + max_seconds if max_seconds else None
         log.info("scheduler: %d job(s): %s", len(self.scheduler.get_jobs()),
                  ", ".join(f"{n} ({j.timing()})" for n, j in self.jobs.items() if j.enabled))

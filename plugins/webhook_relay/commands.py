@@ -73,9 +73,6 @@ def webhook_relay(app, listen, primary, mirror, mirror_timeout_ms, no_mirror):
         raise UsageError(f"cannot listen on {settings.listen}: {exc.strerror or exc}") from None
     host, port = server.server_address[:2]
     log.info("%s; health at %s", plan.replace(f"{address[0]}:{address[1]}", f"{host}:{port}"), settings.health_path)
-    if app.format == "json":
-        app.announce("webhook-relay", listening=f"http://{host}:{port}", primary=settings.primary,
-                     mirror=settings.mirror if mirroring else None, health=settings.health_path)
 
     def stop(signum, _frame):
         log.info("webhook-relay stopping (signal %d)", signum)
@@ -84,6 +81,9 @@ def webhook_relay(app, listen, primary, mirror, mirror_timeout_ms, no_mirror):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     lock = app.lock(f"webhook-relay.{port}").acquire()  # for `dbdeck status`: alive while it holds this
+    if app.format == "json":  # once a SIGTERM is a clean stop
+        app.announce("webhook-relay", listening=f"http://{host}:{port}", primary=settings.primary,
+                     mirror=settings.mirror if mirroring else None, health=settings.health_path)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

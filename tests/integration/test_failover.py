@@ -1,6 +1,7 @@
 """Fault injection on real local pairs: a writer records every acknowledged commit, a watcher checks
 continuously that two writable primaries never exist, and each scenario checks both afterwards."""
 
+import json
 import os
 import signal
 import subprocess
@@ -401,3 +402,25 @@ def test_dry_run_monitor_says_what_it_would_do_and_changes_nothing(local_pair):
         _stop_monitor(monitor)
     assert _recovery(pair, pair.beta_port) is True
     assert not (Path(pair.primary.server.datadir) / "standby.signal").exists()
+
+
+def test_the_monitor_with_format_json_writes_one_document_saying_what_it_watches(local_pair):
+    pair = local_pair
+    process = subprocess.Popen([str(BIN / "auto-failover"), "--config", str(pair.config), "--format", "json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        text, document, deadline = "", None, time.monotonic() + 30
+        while document is None and time.monotonic() < deadline and process.poll() is None:
+            text += process.stdout.readline()
+            try:
+                document = json.loads(text)
+            except ValueError:
+                continue
+        assert document is not None, text
+        assert document["service"] == "auto-failover" and document["pid"] == process.pid, document
+        assert document["nodes"] == ["alpha", "beta"], document
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors
+    assert rest == "" and "monitoring primary alpha" in errors, (rest, errors)

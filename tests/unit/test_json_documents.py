@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # services run until stopped: they are checked elsewhere (their dry runs still serve)
-SERVICES = {"auto-failover", "local-sync watch", "schedule run", "webhook-relay"}
+SERVICES = {"auto-failover", "local-sync watch", "schedule run", "webhook-relay"}  # see the last test
 # commands that read no config file, so a broken one cannot fail them
 NO_CONFIG = {"plugins", "sandbox up", "sandbox down", "sandbox status"}
 
@@ -148,7 +148,7 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("service", ["status", "check-replication", "webhook-relay"])
+@pytest.mark.parametrize("service", ["status", "check-replication", "webhook-relay", "schedule run"])
 def test_a_service_writes_one_document_saying_what_it_serves_then_serves(tmp_path, service):
     import signal
     import time
@@ -159,7 +159,8 @@ def test_a_service_writes_one_document_saying_what_it_serves_then_serves(tmp_pat
     args = {"status": ["status", "--serve", f"127.0.0.1:{port}"],
             "check-replication": ["check-replication", "--serve", f"127.0.0.1:{port}"],
             "webhook-relay": ["webhook-relay", "--listen", f"127.0.0.1:{port}", "--primary", "http://127.0.0.1:9/",
-                              "--no-mirror"]}[service]
+                              "--no-mirror"],
+            "schedule run": ["schedule", "run"]}[service]
     process = subprocess.Popen([str(ROOT / "bin" / "dbdeck"), "--config", str(config), "--format", "json", *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
@@ -171,10 +172,14 @@ def test_a_service_writes_one_document_saying_what_it_serves_then_serves(tmp_pat
             except ValueError:
                 continue
         assert document is not None, (text, process.stderr.read() if process.poll() is not None else "")
-        assert document["pid"] == process.pid and str(port) in json.dumps(document), document
-        path = document.get("health", "/metrics")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            assert response.status == 200  # serving once it said so
+        assert document["pid"] == process.pid and document["service"], document
+        if service == "schedule run":
+            assert document["jobs"]["nightly"] == "every 1h", document
+        else:
+            assert str(port) in json.dumps(document), document
+            path = document.get("health", "/metrics")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+                assert response.status == 200  # serving once it said so
     finally:
         process.send_signal(signal.SIGTERM)
         rest, errors = process.communicate(timeout=30)
