@@ -109,8 +109,8 @@ def plugins_command(app):
     from .pluginmanager import describe
 
     rows = describe(app.plugin_manager)
-    app.emit(rows, lambda: "\n".join(f"{r['name']:<20} {r['version']:<10} {r['source']:<12} {', '.join(r['hooks'])}"
-                                      for r in rows))
+    app.emit(rows, lambda: output.table(rows, [("Plugin", "name"), ("Version", "version"), ("Source", "source"),
+                                               ("Hooks", lambda r: ", ".join(r["hooks"]))]))
 
 
 @root.group("config")
@@ -155,8 +155,9 @@ def endpoints_command(app, names):
         ok, detail = endpoint.ping()
         rows.append({"name": name, "kind": endpoint.kind, "role": endpoint.role, "target": endpoint.describe(),
                      "reachable": ok, "version" if ok else "error": detail})
-    app.emit(rows, lambda: "\n".join(
-        f"{'up  ' if r['reachable'] else 'DOWN'} {r['target']}  {r.get('version') or r.get('error')}" for r in rows))
+    columns = [("Endpoint", "name"), ("State", lambda r: "up" if r["reachable"] else "DOWN"), ("Target", "target"),
+               ("Version or error", lambda r: r.get("version") or r.get("error"))]
+    app.emit(rows, lambda: output.table(rows, columns))
     if not all(r["reachable"] for r in rows):
         sys.exit(EXIT_FAILED)
 

@@ -157,3 +157,21 @@ def render(renderable, width: int | None = None) -> str:
     Console(file=buffer, width=width or 200, highlight=False, force_terminal=colour, no_color=not colour,
             soft_wrap=False).print(renderable)
     return "\n".join(text.rstrip() for text in buffer.getvalue().splitlines())
+
+
+def table(rows, columns, title=None, width: int | None = None) -> str:
+    """Rows for people as a table with headers: columns is [(header, key)], key a dict key of each row or a
+    function of the row. Empty cells for missing values; colour rules as render()."""
+    from rich.table import Table
+
+    shown = Table(box=None, pad_edge=False, header_style="bold", title=title, title_justify="left",
+                  title_style="bold")
+    for header, _ in columns:
+        shown.add_column(header, overflow="fold")
+    for row in rows:
+        cells = []
+        for _, key in columns:
+            value = key(row) if callable(key) else row.get(key)
+            cells.append("" if value is None else str(value))
+        shown.add_row(*cells)
+    return render(shown, width)

@@ -108,7 +108,8 @@ def check_replication(app, output_format, warn_lag_bytes, crit_lag_bytes, warn_l
             document["patroni"] = patroni
         report = secrets.mask(json.dumps(document, indent=2, default=str)) + "\n"
     else:
-        report = _text_report(snapshot, status, problems, thresholds, patroni) + "\n"
+        addresses = {node.name: f"{node.endpoint.host or 'local'}:{node.endpoint.port or 5432}" for node in pair.nodes}
+        report = _text_report(snapshot, status, problems, thresholds, patroni, addresses) + "\n"
     if output:
         from dbdeck.state import write_atomic
 
@@ -170,7 +171,7 @@ def _health_servers(pair, timeout):
     return health
 
 
-def _text_report(snapshot, status, problems, thresholds, patroni=None):
+def _text_report(snapshot, status, problems, thresholds, patroni=None, addresses=None):
     from .cluster import STATUS_NAMES
     from .model import format_size
 
@@ -185,33 +186,36 @@ def _text_report(snapshot, status, problems, thresholds, patroni=None):
     perf = (f"lag_bytes={worst_bytes};{thresholds.warn_lag_bytes or ''};{thresholds.crit_lag_bytes or ''} "
             f"lag_seconds={worst_seconds};{thresholds.warn_lag_seconds or ''};{thresholds.crit_lag_seconds or ''}")
     lines = [f"REPLICATION {STATUS_NAMES[status]} - {summary} | {perf}"]
+    # then a table like `patronictl list`: one row per member, then the slots, then the other problems
+    from dbdeck.output import table
+
+    streaming = {s.name: s for s in snapshot.standbys if s.state is not None}
+    members = []
     for node in snapshot.nodes:
+        row = {"member": node.name, "host": (addresses or {}).get(node.name)}
+        standby = streaming.get(node.name)
         if not node.reachable:
-            lines.append(f"  {node.name:<28} DOWN     {node.error}")
-            continue
-        where = (f"lsn {node.current_lsn}" if not node.in_recovery
-                 else f"received {node.receive_lsn} replayed {node.replay_lsn}")
-        lines.append(f"  {node.name:<28} {node.role:<8} timeline {node.timeline}  {where}  "
-                     f"pg_is_in_recovery={'t' if node.in_recovery else 'f'}  PostgreSQL {node.version}")
-    for standby in snapshot.standbys:
-        if standby.state is None:
-            continue
-        lines.append(f"  standby {standby.name}: {standby.state} ({standby.sync_state}), lag "
-                     f"{format_size(standby.lag_bytes)} / "
-                     f"{'?' if standby.lag_seconds is None else f'{standby.lag_seconds:.1f}s'}; "
-                     f"sent {standby.sent_lsn} "
-                     f"write {standby.write_lsn} flush {standby.flush_lsn} replay {standby.replay_lsn}")
-    for node in snapshot.nodes:
-        if node.role != "primary":
-            continue
-        for slot in node.slots:
-            lines.append(f"  slot {slot['slot_name']} on {node.name}: {'active' if slot['active'] else 'INACTIVE'}, "
-                         f"retains {format_size(slot['retained_bytes'])}, wal_status {slot['wal_status']}, "
-                         "safe_wal_size " + (format_size(slot['safe_wal_size'])
-                                             if slot['safe_wal_size'] is not None else 'unlimited'))
-    for member in (patroni or {}).get("members", []):
-        lines.append(f"  patroni {member['name']}: {member.get('role')} {member.get('state')}, timeline "
-                     f"{member.get('timeline', '?')}" + (f", lag {member['lag']}" if "lag" in member else ""))
+            row.update(role="?", state="DOWN: " + str(node.error or "unreachable"))
+        elif node.in_recovery:
+            lag = f"{format_size(standby.lag_bytes)} / " + (
+                "?" if standby.lag_seconds is None else f"{standby.lag_seconds:.1f}s") if standby else "?"
+            row.update(role=node.role, state=f"{standby.state} ({standby.sync_state})" if standby else "not streaming",
+                       tl=node.timeline, lsn=f"received {node.receive_lsn}, replayed {node.replay_lsn}", lag=lag)
+        else:
+            row.update(role=node.role, state="accepting writes", tl=node.timeline, lsn=node.current_lsn)
+        members.append(row)
+    lines.append(table(members, [("Member", "member"), ("Host", "host"), ("Role", "role"), ("State", "state"),
+                                 ("TL", "tl"), ("LSN", "lsn"), ("Lag", "lag")]))
+    slots = [{"on": node.name, **slot} for node in snapshot.nodes if node.role == "primary" for slot in node.slots]
+    if slots:
+        lines.append(table(slots, [
+            ("Slot", "slot_name"), ("On", "on"), ("Active", lambda r: "yes" if r["active"] else "NO"),
+            ("Retains", lambda r: format_size(r["retained_bytes"])), ("WAL status", "wal_status"),
+            ("Safe WAL size",
+             lambda r: "unlimited" if r["safe_wal_size"] is None else format_size(r["safe_wal_size"]))]))
+    if (patroni or {}).get("members"):
+        lines.append(table(patroni["members"], [("Member", "name"), ("Role", "role"), ("State", "state"),
+                                                ("TL", "timeline"), ("Lag", "lag")], title="Patroni"))
     lines.extend(f"  ! {p}" for p in problems[1:])
     return "\n".join(lines)
 

@@ -288,6 +288,8 @@ class MariaDBServer:
         mariadbd = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
         argv = [mariadbd, "--no-defaults", f"--datadir={self.datadir}", f"--port={self.port}",
                 "--bind-address=127.0.0.1", f"--socket={self.socket}", f"--pid-file={self.pid_file}",
+                # its own temporary tables beside its socket: not in a $TMPDIR other programs share and clean
+                f"--tmpdir={self.run_dir}",
                 "--skip-name-resolve", "--innodb-buffer-pool-size=64M", "--innodb-flush-log-at-trx-commit=2",
                 "--character-set-server=utf8mb4", "--collation-server=utf8mb4_unicode_ci", *options]
         if self.os_user:

@@ -77,9 +77,28 @@ def _standby_has(pair, query, expected):
         return False
 
 
+def _table(text):
+    """The rows of check-replication's member table: header line first, split on runs of spaces."""
+    import re
+
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:3] == ["Member", "Host", "Role"])
+    return [re.split(r"\s{2,}", line.strip()) for line in lines[start:start + 3]]
+
+
 def test_check_is_critical_when_the_standby_is_down(local_pair):
     pair = local_pair
+    healthy = pair.run("check-replication", env={"NO_COLOR": "1"})
+    assert healthy.returncode == 0 and healthy.stdout.startswith("REPLICATION OK - "), healthy.stdout
+    header, alpha, beta = _table(healthy.stdout)
+    assert header == ["Member", "Host", "Role", "State", "TL", "LSN", "Lag"], header
+    assert alpha[:5] == ["alpha", f"127.0.0.1:{pair.alpha_port}", "primary", "accepting writes", "1"], alpha
+    assert beta[:5] == ["beta", f"127.0.0.1:{pair.beta_port}", "standby", "streaming (async)", "1"], beta
+    assert "\x1b[" not in healthy.stdout  # no colour off a terminal
     pair.standby_server.stop()
+    down = pair.run("check-replication")
+    assert down.returncode == 2 and _table(down.stdout)[2][:3] == ["beta", f"127.0.0.1:{pair.beta_port}", "?"]
+    assert "DOWN" in _table(down.stdout)[2][3]
     code, report, _ = pair.check()
     assert code == 2 and report["status"] == "CRITICAL"
     assert any("beta is down" in p for p in report["problems"])
