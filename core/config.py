@@ -235,7 +235,7 @@ def load(explicit=None, sections=(), environ=None):
     """Find, read, interpolate, override and validate. Raises ConfigError with file:line: key: problem."""
     environ = dict(os.environ if environ is None else environ)
     path = find_config_file(explicit, environ)
-    sources = {}
+    sources: dict[str, str] = {}
     raw, lines = _read_yaml(path, sources) if path else ({}, {})
     where = _Where(path, lines)
 
@@ -277,8 +277,8 @@ def load(explicit=None, sections=(), environ=None):
             problems.extend(str(exc).splitlines())
             return None
 
-    validated = {}
-    defaults = {}
+    validated: dict[str, Any] = {}
+    defaults: dict[str, ConfigSection] = {}
     for name, spec in all_sections.items():
         if spec is None:
             continue
@@ -338,12 +338,12 @@ class _Where:
 
 def _read_yaml(path, sources):
     try:
-        data = Path(path).read_bytes()
+        content = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-    sources[str(Path(path).absolute())] = quick.digest_bytes(data)
+    sources[str(Path(path).absolute())] = quick.digest_bytes(content)
     try:
-        text = data.decode()
+        text = content.decode()
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
@@ -364,7 +364,7 @@ def _read_yaml(path, sources):
         return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: expected a mapping of sections at the top level, got {_kind(data)}")
-    lines = {}
+    lines: dict[tuple, int] = {}
     _record_lines(node, (), lines)
     return data, lines
 
@@ -388,14 +388,14 @@ def _is_local_file_key(key):
 def _check_yaml_shape(root, path):
     """Refuse what YAML allows but a config never means: a key given twice in one mapping (the last one
     would win silently) and aliases that expand to more nodes than any config has (an alias bomb)."""
-    sizes = {}
+    sizes: dict[int, int] = {}
 
     def size(node):
         if id(node) in sizes:
             return sizes[id(node)]
         total = 1
         if isinstance(node, yaml.MappingNode):
-            seen = {}
+            seen: dict[Any, Any] = {}
             for key_node, value_node in node.value:
                 if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                     if key_node.value in seen:

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from typing import TextIO
 from pathlib import Path
 
 from . import secrets
@@ -58,7 +59,7 @@ class DailyFileHandler(_OneLineWriteErrors, logging.Handler):
         self.prefix = prefix
         self.mode = mode
         self._day = None
-        self._stream = None
+        self._stream: TextIO | None = None
 
     def path_for(self, day):
         return self.directory / f"{self.prefix}-{day}.log"
@@ -66,10 +67,12 @@ class DailyFileHandler(_OneLineWriteErrors, logging.Handler):
     def emit(self, record):
         try:
             day = time.strftime("%Y%m%d", time.localtime(record.created))
-            if day != self._day:
+            if day != self._day or self._stream is None:
                 self._open(day)
-            self._stream.write(self.format(record) + "\n")
-            self._stream.flush()
+            stream = self._stream
+            assert stream is not None
+            stream.write(self.format(record) + "\n")
+            stream.flush()
         except Exception:  # logging must never take the job down
             self.handleError(record)
 
@@ -98,7 +101,7 @@ def setup(verbosity=0):
         if getattr(handler, "_dbdeck_stderr", False):
             logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler._dbdeck_stderr = True
+    setattr(handler, "_dbdeck_stderr", True)  # ours, to be replaced by the next setup()
     handler.setFormatter(MaskingFormatter(_STDERR_FORMAT))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity >= 1 else logging.WARNING)

@@ -131,6 +131,8 @@ def _load(name):
     parts = name.split(".")[2:]
     path = Path(dbdeck.plugins.__path__[0]).joinpath(*parts[:-1], parts[-1] + ".py")
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {name} from {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

@@ -72,7 +72,7 @@ class _StopsDeferred:
     def __enter__(self):
         self.active = threading.current_thread() is threading.main_thread()
         if self.active:
-            self.arrived = []
+            self.arrived: list[int] = []
             self.previous = [signal.signal(signum, lambda signum, _: self.arrived.append(signum))
                              for signum in self._SIGNALS]
             self.mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, self._SIGNALS)
@@ -364,7 +364,8 @@ class Runner:
                 argv=argv, returncode=exc.exit_code, stderr=secrets.mask(stderr)) from None
         out = b"" if (stdout is not None or passthrough or output is not None) else (done.stdout or b"")
         result = Result(argv=argv, returncode=done.exit_code,
-                        stdout=out if binary else _decode(out), stderr=_decode(done.stderr))
+                        # binary=True: the caller asked for bytes
+                        stdout=out if binary else _decode(out), stderr=_decode(done.stderr))  # type: ignore[arg-type]
         if check and result.returncode != 0:
             raise CommandFailed(
                 f"exit status {result.returncode}: {printable(argv)}{_tail(result.stderr)}",

@@ -8,6 +8,7 @@ deploy, a backup) call App.record_result(), and those results appear here withou
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from . import output
 from .errors import DbdeckError
@@ -184,7 +185,7 @@ class MetricsCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         items = self.gather()
-        families = {}
+        families: dict[str, Any] = {}
         for item in items:
             labels = {_OWN_LABEL.get(key, key): value for key, value in item.labels.items()}
             for name, value in item.metrics.items():
