@@ -423,4 +423,4 @@ def test_the_monitor_with_format_json_writes_one_document_saying_what_it_watches
         process.send_signal(signal.SIGTERM)
         rest, errors = process.communicate(timeout=60)
     assert process.returncode == 0, errors
-    assert rest == "" and "monitoring primary alpha" in errors, (rest, errors)
+    assert rest == "" and "auto-failover stopped" in errors, (rest, errors)
