@@ -75,8 +75,8 @@ def test_patroni_cluster_from_render_through_switchover_failover_node_loss_and_r
     text = cluster.run("check-replication")
     assert text.returncode == 0 and text.stdout.startswith(f"REPLICATION OK - primary {leader}, 2 standby streaming |")
     # after our own member table, Patroni's view of the same members
-    assert re.search(r"^Patroni$", text.stdout, re.M) and re.search(r"^n1\s+leader\s+running\s+1\b", text.stdout, re.M), \
-        text.stdout
+    assert re.search(r"^Patroni$", text.stdout, re.M) and re.search(rf"^{leader}\s+leader\s+running\s+1\b",
+                                                                     text.stdout, re.M), text.stdout
     metrics = cluster.run("check-replication", "--format", "prometheus")
     assert metrics.returncode == 0 and "pg_replication_check_status 0.0" in metrics.stdout, metrics.stdout
     assert metrics.stdout.count("pg_up{") == 3 and "pg_replication_connected_standbys 2.0" in metrics.stdout
