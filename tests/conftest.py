@@ -378,6 +378,21 @@ def dbdeck_bin():
     return run
 
 
+def first_json_document(process, timeout=30.0):
+    """Read a service's stdout (text mode) line by line until it holds one whole JSON document; returns it,
+    or None when the process ended or the time ran out first."""
+    import json
+
+    text, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        text += process.stdout.readline()
+        try:
+            return json.loads(text)
+        except ValueError:
+            continue
+    return None
+
+
 def wait_for(check, timeout=10.0, pause=0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,7 +1,6 @@
 """Fault injection on real local pairs: a writer records every acknowledged commit, a watcher checks
 continuously that two writable primaries never exist, and each scenario checks both afterwards."""
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import psycopg
 import pytest
 import yaml
 
-from ..conftest import BIN, wait_for
+from ..conftest import BIN, first_json_document, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -409,14 +408,8 @@ def test_the_monitor_with_format_json_writes_one_document_saying_what_it_watches
     process = subprocess.Popen([str(BIN / "auto-failover"), "--config", str(pair.config), "--format", "json"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        text, document, deadline = "", None, time.monotonic() + 30
-        while document is None and time.monotonic() < deadline and process.poll() is None:
-            text += process.stdout.readline()
-            try:
-                document = json.loads(text)
-            except ValueError:
-                continue
-        assert document is not None, text
+        document = first_json_document(process)
+        assert document is not None, process.stderr.read() if process.poll() is not None else "no document"
         assert document["service"] == "auto-failover" and document["pid"] == process.pid, document
         assert document["nodes"] == ["alpha", "beta"], document
     finally:

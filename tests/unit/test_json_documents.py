@@ -9,12 +9,13 @@ this process (94 runs take a second, against 40 s of CPU as 94 processes); bin/d
 import contextlib
 import io
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import click
 import pytest
+
+from tests.conftest import first_json_document
 
 ROOT = Path(__file__).resolve().parents[2]
 # services run until stopped: they are checked elsewhere (their dry runs still serve)
@@ -151,7 +152,6 @@ def _free_port():
 @pytest.mark.parametrize("service", ["status", "check-replication", "webhook-relay", "schedule run"])
 def test_a_service_writes_one_document_saying_what_it_serves_then_serves(tmp_path, service):
     import signal
-    import time
     import urllib.request
 
     config, _ = _config(tmp_path)
@@ -164,14 +164,8 @@ def test_a_service_writes_one_document_saying_what_it_serves_then_serves(tmp_pat
     process = subprocess.Popen([str(ROOT / "bin" / "dbdeck"), "--config", str(config), "--format", "json", *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
-        text, document, deadline = "", None, time.monotonic() + 30
-        while document is None and time.monotonic() < deadline and process.poll() is None:
-            text += process.stdout.readline()
-            try:
-                document = json.loads(text)
-            except ValueError:
-                continue
-        assert document is not None, (text, process.stderr.read() if process.poll() is not None else "")
+        document = first_json_document(process)
+        assert document is not None, process.stderr.read() if process.poll() is not None else "no document"
         assert document["pid"] == process.pid and document["service"], document
         if service == "schedule run":
             assert document["jobs"]["nightly"] == "every 1h", document
